@@ -1,0 +1,35 @@
+"""Drop-in ``torch.nn`` modules for every normalization in the seeds."""
+
+from .activation import ACTIVATIONS, TLU, AffineTLU, NormActivation, make_activation
+from .batch import (
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    FilteredBatchNorm1d,
+    FilteredBatchNorm2d,
+    FilteredBatchNorm3d,
+)
+from .group import (
+    FilteredGroupNorm,
+    FilteredInstanceNorm1d,
+    FilteredInstanceNorm2d,
+    FilteredInstanceNorm3d,
+    FilteredLayerNorm,
+)
+from .response import (
+    FilterResponseNorm1d,
+    FilterResponseNorm2d,
+    FilterResponseNorm3d,
+    GroupFilterResponseNorm,
+    LayerFilterResponseNorm,
+)
+
+__all__ = [
+    "ACTIVATIONS", "TLU", "AffineTLU", "NormActivation", "make_activation",
+    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+    "FilteredBatchNorm1d", "FilteredBatchNorm2d", "FilteredBatchNorm3d",
+    "FilteredGroupNorm", "FilteredInstanceNorm1d", "FilteredInstanceNorm2d",
+    "FilteredInstanceNorm3d", "FilteredLayerNorm",
+    "FilterResponseNorm1d", "FilterResponseNorm2d", "FilterResponseNorm3d",
+    "GroupFilterResponseNorm", "LayerFilterResponseNorm",
+]

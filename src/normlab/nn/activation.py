@@ -1,0 +1,106 @@
+"""Learned-threshold activations from the FRN seed, usable after any normalization."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ._common import channel_view, check_positive_int
+
+__all__ = ["TLU", "AffineTLU", "NormActivation", "make_activation", "ACTIVATIONS"]
+
+
+def _check_channels(module: nn.Module, x: Tensor, num_features: int) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{type(module).__name__} expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 2 or x.shape[1] != num_features:
+        raise ValueError(
+            f"{type(module).__name__} was built for {num_features} channels at dim 1, got input "
+            f"of shape {tuple(x.shape)}"
+        )
+
+
+class TLU(nn.Module):
+    r"""Thresholded linear unit ``z = max(y, τ)`` with a learned per-channel τ (FRN seed eq. 3).
+
+    τ starts at 0 (so TLU starts as ReLU). Its gradient is eq. 4–5: the part of ``∂ℓ/∂z``
+    that ReLU would discard (where ``y < τ``) goes to τ.
+
+    Shape: ``(N, C, *)``. Example: ``nn.Sequential(nn.GroupNorm(8, 64), TLU(64))``.
+    """
+
+    def __init__(self, num_features: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_features = check_positive_int("num_features", num_features)
+        self.tau = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.tau)
+
+    def extra_repr(self) -> str:
+        return str(self.num_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_channels(self, x, self.num_features)
+        return F.tlu(x, channel_view(self.tau, x.dim()))
+
+
+class AffineTLU(nn.Module):
+    r"""Affine-TLU ``z = max(y, κ y + τ)`` (FRN seed §5, Table 5): PReLU and TLU combined.
+
+    κ and τ are learned per channel and start at 0 (ReLU at initialization).
+
+    Shape: ``(N, C, *)``.
+    """
+
+    def __init__(self, num_features: int, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_features = check_positive_int("num_features", num_features)
+        self.kappa = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+        self.tau = nn.Parameter(torch.zeros(num_features, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.kappa)
+        nn.init.zeros_(self.tau)
+
+    def extra_repr(self) -> str:
+        return str(self.num_features)
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check_channels(self, x, self.num_features)
+        nd = x.dim()
+        return F.affine_tlu(x, channel_view(self.kappa, nd), channel_view(self.tau, nd))
+
+
+ACTIVATIONS = ("tlu", "affine_tlu", "relu", "none")
+
+
+def make_activation(name: str | None, num_features: int, device=None, dtype=None) -> nn.Module | None:
+    """Build the activation a norm carries: ``"tlu"``, ``"affine_tlu"``, ``"relu"`` or ``"none"``."""
+    if name is None or name == "none":
+        return None
+    if name == "tlu":
+        return TLU(num_features, device=device, dtype=dtype)
+    if name == "affine_tlu":
+        return AffineTLU(num_features, device=device, dtype=dtype)
+    if name == "relu":
+        return nn.ReLU()
+    raise ValueError(f"activation must be one of {ACTIVATIONS} (or None), got {name!r}")
+
+
+class NormActivation(nn.Module):
+    """A normalization followed by an activation: ``act(norm(x))``.
+
+    What :func:`normlab.create_norm` returns for specs with ``act=...`` (e.g. ``"bn:act=tlu"``)
+    and :func:`normlab.create_norm_act` for ``conv → norm → ReLU`` blocks. The norm stays
+    reachable as ``.norm`` (for ``state_dict`` keys ``norm.weight``, ``act.tau``, ...).
+    """
+
+    def __init__(self, norm: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.norm = norm
+        self.act = act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.norm(x))

@@ -1,0 +1,309 @@
+"""Batch-dependent normalizations: filtered batch norm and batch renormalization.
+
+Both keep torch's buffer and parameter names (``weight``, ``bias``, ``running_mean``,
+``running_var``, ``num_batches_tracked``), so ``torch.nn.BatchNorm*d`` checkpoints load both
+ways, and both use exactly ``torch.nn.functional.batch_norm`` in eval mode: inference
+costs what BN costs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as TF
+from torch import Tensor, nn
+
+from .. import functional as F
+from ..kernels import normalize_affine
+from ._common import (
+    AffineMixin,
+    channel_view,
+    check_eps,
+    check_gaussian_consistent,
+    check_input,
+    check_momentum,
+    check_positive_int,
+    check_threshold,
+)
+
+__all__ = [
+    "FilteredBatchNorm1d",
+    "FilteredBatchNorm2d",
+    "FilteredBatchNorm3d",
+    "BatchRenorm1d",
+    "BatchRenorm2d",
+    "BatchRenorm3d",
+]
+
+
+class _BatchStatsNorm(AffineMixin, nn.Module):
+    """Shared state of the batch-statistics norms (signature of ``torch.nn.BatchNorm2d``)."""
+
+    _allowed_dims: tuple[int, ...] = ()
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 *, threshold: float | None = None, gaussian_consistent: bool = False,
+                 gamma_init: float = 1.0) -> None:
+        super().__init__()
+        self.num_features = check_positive_int("num_features", num_features)
+        self.eps = check_eps(eps)
+        self.momentum = check_momentum(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.threshold = check_threshold(threshold)
+        self.gaussian_consistent = check_gaussian_consistent(gaussian_consistent, self.threshold)
+        factory = {"device": device, "dtype": dtype}
+        self._make_affine(num_features, affine, gamma_init, device=device, dtype=dtype)
+        if self.track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked",
+                torch.tensor(0, dtype=torch.long, device=device),
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        self._reset_affine()
+
+    def extra_repr(self) -> str:
+        text = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"threshold={self.threshold}")
+        if self.gaussian_consistent:
+            text += ", gaussian_consistent=True"
+        return text
+
+    # -- helpers ---------------------------------------------------------------------
+    def _check(self, x: Tensor) -> None:
+        check_input(self, x, self._allowed_dims, self.num_features)
+        if self.training and x.numel() // x.shape[1] <= 1:
+            raise ValueError(
+                f"{type(self).__name__} needs more than 1 value per channel when training, "
+                f"got input of shape {tuple(x.shape)}; use a larger batch, eval() mode, or a "
+                f"per-sample norm (GroupNorm, FilterResponseNorm)"
+            )
+
+    def _averaging_factor(self) -> float:
+        """Advance ``num_batches_tracked`` and return the running-average factor (as torch)."""
+        if not (self.training and self.track_running_stats):
+            return 0.0
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
+    def _eval_forward(self, x: Tensor) -> Tensor:
+        return TF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                             False, 0.0, self.eps)
+
+    @staticmethod
+    def _stats_view(x: Tensor) -> Tensor:
+        """``(N, C, *)`` → ``(N, C, L)``; a view for contiguous and channels_last inputs."""
+        return x.reshape(x.shape[0], x.shape[1], -1)
+
+    @torch.no_grad()
+    def _update_running_stats(self, stats: F.Moments, factor: float) -> None:
+        """``running ← (1 − a) running + a · batch``, variance unbiased over the kept count M."""
+        if not self.track_running_stats:
+            return
+        mean = stats.mean.reshape(-1)
+        count = stats.count.reshape(-1).to(stats.var.dtype)
+        unbiased = stats.var.reshape(-1) * count / (count - 1).clamp_min(1)
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
+        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+
+
+class _FilteredBatchNorm(_BatchStatsNorm):
+    r"""Filtered batch normalization (filtered-BN seed, eq. 4–8).
+
+    Training: per channel, plain moments μ, σ² over ``(N, *spatial)``; mask
+    ``f = [|x − μ| / sqrt(σ² + ε) ≤ T]``; filtered moments
+    ``μ′ = Σ f x / M``, ``σ′² = Σ f (x − μ′)² / M`` with ``M = Σ f`` (eq. 6–7); then **every**
+    value is normalized, ``y = γ (x − μ′) / sqrt(σ′² + ε) + β`` (eq. 8). Running stats take
+    μ′ and the unbiased ``σ′² · M / (M − 1)``. Eval: the running stats, exactly as
+    ``torch.nn.BatchNorm*d``. ``threshold=None`` (or ``inf``) *is* ``torch.nn.BatchNorm*d``.
+
+    A channel whose filter would keep nothing (only possible for T < 1) uses its plain
+    moments. With ``gaussian_consistent=True`` the filtered variance is divided by
+    κ(T) = 1 − 2Tφ(T)/(2Φ(T) − 1) so that clean Gaussian input gets BN's statistics.
+
+    Args:
+        num_features: channels ``C``.
+        eps, momentum, affine, track_running_stats, device, dtype: as ``torch.nn.BatchNorm2d``
+            (``momentum=None``: cumulative average).
+        threshold: ``T_σ`` in standard deviations (keyword-only; default 2, the seed's usual
+            value); ``None`` disables filtering.
+        gaussian_consistent: divide the filtered variance by κ(T) (default off = the paper).
+        gamma_init: initial γ (revisiting-BN seed §3.2 suggests values below 1).
+
+    Example:
+        >>> norm = FilteredBatchNorm2d(64, threshold=3.0)
+        >>> y = norm(torch.randn(8, 64, 16, 16))
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 *, threshold: float | None = 2.0, gaussian_consistent: bool = False,
+                 gamma_init: float = 1.0) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         threshold=threshold, gaussian_consistent=gaussian_consistent,
+                         gamma_init=gamma_init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        if not self._uses_batch_stats():
+            return self._eval_forward(x)
+        factor = self._averaging_factor()
+        if self.threshold is None:
+            return TF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                                 True, factor, self.eps)
+        xv = self._stats_view(x)
+        y, stats = normalize_affine(
+            xv, channel_view(self.weight, 3), channel_view(self.bias, 3), (0, 2),
+            threshold=self.threshold, eps=self.eps, gaussian_consistent=self.gaussian_consistent,
+        )
+        self._update_running_stats(stats, factor)
+        return y.view(x.shape)
+
+
+class FilteredBatchNorm1d(_FilteredBatchNorm):
+    __doc__ = _FilteredBatchNorm.__doc__.replace("2d(64", "1d(64").replace(
+        "randn(8, 64, 16, 16)", "randn(8, 64)") + "\n    Shape: ``(N, C)`` or ``(N, C, L)``.\n"
+    _allowed_dims = (2, 3)
+
+
+class FilteredBatchNorm2d(_FilteredBatchNorm):
+    __doc__ = _FilteredBatchNorm.__doc__ + "\n    Shape: ``(N, C, H, W)``.\n"
+    _allowed_dims = (4,)
+
+
+class FilteredBatchNorm3d(_FilteredBatchNorm):
+    __doc__ = _FilteredBatchNorm.__doc__.replace("2d(64", "3d(64").replace(
+        "randn(8, 64, 16, 16)", "randn(8, 64, 4, 8, 8)") + "\n    Shape: ``(N, C, D, H, W)``.\n"
+    _allowed_dims = (5,)
+
+
+class _BatchRenorm(_BatchStatsNorm):
+    r"""Batch renormalization (Ioffe 2017), optionally with the filtered-BN robust filter.
+
+    Training: batch moments μ_B, σ_B = sqrt(σ²_B + ε) (filtered when ``threshold`` is set), and
+    ``r = clip(σ_B / σ, 1/r_max, r_max)``, ``d = clip((μ_B − μ) / σ, −d_max, d_max)`` from the
+    running ``μ``, ``σ = sqrt(running_var + ε)``; then
+    ``y = γ ((x − μ_B) / σ_B · r + d) + β`` with r and d treated as constants for the
+    gradient. Eval: the running stats, exactly like BN.
+
+    Warm-up (the paper's schedule): ``r_max`` stays 1 and ``d_max`` 0 (plain BN) for
+    ``renorm_start`` steps, then grow linearly to their final values at ``r_max_full_at`` and
+    ``d_max_full_at`` steps (counted by ``num_batches_tracked``; defaults 5k, 40k, 25k).
+
+    Args:
+        num_features, eps, momentum, affine, device, dtype: as ``torch.nn.BatchNorm2d``;
+            running statistics are required (``track_running_stats=True``).
+        r_max, d_max: final clipping limits (defaults 3 and 5).
+        renorm_start, r_max_full_at, d_max_full_at: warm-up schedule in training steps.
+        threshold, gaussian_consistent, gamma_init: as :class:`FilteredBatchNorm2d`
+            (default ``threshold=None``: plain batch renorm).
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.01,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
+                 *, r_max: float = 3.0, d_max: float = 5.0, renorm_start: int = 5000,
+                 r_max_full_at: int = 40000, d_max_full_at: int = 25000,
+                 threshold: float | None = None, gaussian_consistent: bool = False,
+                 gamma_init: float = 1.0) -> None:
+        if not track_running_stats:
+            raise ValueError(
+                "BatchRenorm needs running statistics (r and d are computed from them), got "
+                "track_running_stats=False; use FilteredBatchNorm with threshold=None instead"
+            )
+        for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+                raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
+        for name, value in (("renorm_start", renorm_start), ("r_max_full_at", r_max_full_at),
+                            ("d_max_full_at", d_max_full_at)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0 (training steps), got {value!r}")
+        if r_max_full_at < renorm_start or d_max_full_at < renorm_start:
+            raise ValueError(
+                f"r_max_full_at ({r_max_full_at}) and d_max_full_at ({d_max_full_at}) must be "
+                f">= renorm_start ({renorm_start})"
+            )
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         threshold=threshold, gaussian_consistent=gaussian_consistent,
+                         gamma_init=gamma_init)
+        self.r_max, self.d_max = float(r_max), float(d_max)
+        self.renorm_start = renorm_start
+        self.r_max_full_at, self.d_max_full_at = r_max_full_at, d_max_full_at
+
+    def extra_repr(self) -> str:
+        return (super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, "
+                f"renorm_start={self.renorm_start}")
+
+    def current_limits(self) -> tuple[float, float]:
+        """(r_max, d_max) in force at the current step of the warm-up schedule."""
+        step = int(self.num_batches_tracked)
+
+        def ramp(full_at: int) -> float:
+            if step <= self.renorm_start:
+                return 0.0
+            if full_at <= self.renorm_start:
+                return 1.0
+            return min(1.0, (step - self.renorm_start) / (full_at - self.renorm_start))
+
+        return 1.0 + (self.r_max - 1.0) * ramp(self.r_max_full_at), self.d_max * ramp(self.d_max_full_at)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check(x)
+        if not self.training:
+            return self._eval_forward(x)
+        factor = self._averaging_factor()
+        r_max, d_max = self.current_limits()
+        xv = self._stats_view(x)
+        with torch.no_grad():
+            batch = F.filtered_moments(xv, (0, 2), self.threshold, eps=self.eps,
+                                       gaussian_consistent=self.gaussian_consistent)
+            sigma_batch = (batch.var.reshape(-1) + self.eps).sqrt()
+            sigma_run = (self.running_var.to(sigma_batch.dtype) + self.eps).sqrt()
+            r = (sigma_batch / sigma_run).clamp(1.0 / r_max, r_max)
+            d = ((batch.mean.reshape(-1) - self.running_mean.to(sigma_batch.dtype)) / sigma_run)
+            d = d.clamp(-d_max, d_max)
+        weight = self.weight if self.weight is not None else torch.ones_like(r)
+        bias = self.bias if self.bias is not None else torch.zeros_like(r)
+        weight_eff = weight * r.to(weight.dtype)
+        bias_eff = bias + weight * d.to(weight.dtype)
+        y, stats = normalize_affine(
+            xv, channel_view(weight_eff, 3), channel_view(bias_eff, 3), (0, 2),
+            threshold=self.threshold, eps=self.eps, gaussian_consistent=self.gaussian_consistent,
+        )
+        self._update_running_stats(stats, factor)
+        return y.view(x.shape)
+
+
+class BatchRenorm1d(_BatchRenorm):
+    __doc__ = _BatchRenorm.__doc__ + "\n    Shape: ``(N, C)`` or ``(N, C, L)``.\n"
+    _allowed_dims = (2, 3)
+
+
+class BatchRenorm2d(_BatchRenorm):
+    __doc__ = _BatchRenorm.__doc__ + "\n    Shape: ``(N, C, H, W)``.\n"
+    _allowed_dims = (4,)
+
+
+class BatchRenorm3d(_BatchRenorm):
+    __doc__ = _BatchRenorm.__doc__ + "\n    Shape: ``(N, C, D, H, W)``.\n"
+    _allowed_dims = (5,)

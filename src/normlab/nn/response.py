@@ -1,0 +1,196 @@
+"""Filter response normalization (FRN) and its group/layer forms, with TLU.
+
+FRN seed eq. 1–3: ``ν² = mean(x²)`` over the positions of one sample and channel,
+``x̂ = x / sqrt(ν² + ε)``, ``y = γ x̂ + β``, ``z = max(y, τ)``. GFRN and LFRN (seed Table 3)
+take ν² over a group of channels or all channels of a sample.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .. import functional as F
+from ..kernels import normalize_affine
+from ._common import (
+    AffineMixin,
+    channel_view,
+    check_eps,
+    check_gaussian_consistent,
+    check_input,
+    check_positive_int,
+    check_threshold,
+)
+from .activation import ACTIVATIONS
+
+__all__ = [
+    "GroupFilterResponseNorm",
+    "LayerFilterResponseNorm",
+    "FilterResponseNorm1d",
+    "FilterResponseNorm2d",
+    "FilterResponseNorm3d",
+]
+
+LEARNED_EPS_INIT = 1e-4  # FRN seed §3.3: ε_l initialized at 1e-4
+
+
+class GroupFilterResponseNorm(AffineMixin, nn.Module):
+    r"""Uncentered normalization over groups of channels, then affine and TLU (GFRN).
+
+    For each sample and group ``S`` (``C/G`` channels × all positions)::
+
+        ν² = 1/|S| Σ_S x²                  (FRN seed eq. 1; filtered: Σ f x² / Σ f with
+        x̂ = x / sqrt(ν² + ε)                 f = [|x| / sqrt(ν² + ε) ≤ T])
+        y = γ_c x̂ + β_c                    (eq. 2)
+        z = max(y, τ_c)                     (eq. 3, activation="tlu")
+
+    ``num_groups = C`` is FRN, ``num_groups = 1`` is LFRN. With ``learnable_eps=True``,
+    ``ε = eps + |ε_l|`` with the parameter ``learned_eps`` (ε_l) initialized to 1e-4
+    (seed §3.3); otherwise ε is the constant ``eps`` (seed default 1e-6).
+
+    Args:
+        num_groups, num_channels: as ``torch.nn.GroupNorm``.
+        eps: constant ε (default 1e-6).
+        learnable_eps: learn ε as above.
+        activation: ``"tlu"`` (default, parameter ``tau``), ``"affine_tlu"`` (``kappa``,
+            ``tau``: ``max(y, κy + τ)``), ``"relu"`` or ``"none"``.
+        affine: learn γ (``weight``) and β (``bias``).
+        threshold: robust filter on ``|x| / ν`` (default ``None``: the paper's FRN).
+        gaussian_consistent: divide the filtered ν′² by κ(T) (exact for zero-mean Gaussians).
+        gamma_init: initial γ.
+
+    Shape: ``(N, C, *)``.
+    """
+
+    _allowed_dims: tuple[int, ...] = tuple(range(2, 9))
+
+    def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-6,
+                 learnable_eps: bool = False, activation: str | None = "tlu",
+                 affine: bool = True, threshold: float | None = None,
+                 gaussian_consistent: bool = False, gamma_init: float = 1.0,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_groups = check_positive_int("num_groups", num_groups)
+        self.num_channels = check_positive_int("num_channels", num_channels)
+        if num_channels % num_groups:
+            raise ValueError(
+                f"num_groups ({num_groups}) must divide num_channels ({num_channels})"
+            )
+        self.eps = check_eps(eps)
+        if activation is None:
+            activation = "none"
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+        self.activation = activation
+        self.affine = bool(affine)
+        self.learnable_eps = bool(learnable_eps)
+        self.threshold = check_threshold(threshold)
+        self.gaussian_consistent = check_gaussian_consistent(gaussian_consistent, self.threshold)
+        factory = {"device": device, "dtype": dtype}
+        self._make_affine(num_channels, affine, gamma_init, **factory)
+        if self.learnable_eps:
+            self.learned_eps = nn.Parameter(torch.full((), LEARNED_EPS_INIT, **factory))
+        else:
+            self.register_parameter("learned_eps", None)
+        self.kappa = nn.Parameter(torch.zeros(num_channels, **factory)) if activation == "affine_tlu" else None
+        self.tau = (nn.Parameter(torch.zeros(num_channels, **factory))
+                    if activation in ("tlu", "affine_tlu") else None)
+        self.reset_parameters()
+
+    @property
+    def num_features(self) -> int:
+        return self.num_channels
+
+    def reset_parameters(self) -> None:
+        self._reset_affine()
+        if self.learned_eps is not None:
+            nn.init.constant_(self.learned_eps, LEARNED_EPS_INIT)
+        if self.kappa is not None:
+            nn.init.zeros_(self.kappa)
+        if self.tau is not None:
+            nn.init.zeros_(self.tau)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, "
+                f"learnable_eps={self.learnable_eps}, activation={self.activation!r}, "
+                f"threshold={self.threshold}")
+
+    def effective_eps(self) -> Tensor | float:
+        """``ε = eps + |ε_l|`` (learnable) or ``eps`` (FRN seed §3.3)."""
+        if self.learned_eps is None:
+            return self.eps
+        return self.eps + self.learned_eps.abs()
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input(self, x, self._allowed_dims, self.num_channels)
+        n, c = x.shape[:2]
+        g = self.num_groups
+        xv = x.reshape(n, g, c // g, -1)
+        w = self.weight.view(1, g, c // g, 1) if self.weight is not None else None
+        b = self.bias.view(1, g, c // g, 1) if self.bias is not None else None
+        y, _ = normalize_affine(
+            xv, w, b, (2, 3), threshold=self.threshold, centered=False, eps=self.eps,
+            eps_extra=self.learned_eps.abs() if self.learned_eps is not None else None,
+            gaussian_consistent=self.gaussian_consistent,
+        )
+        y = y.view(x.shape)
+        nd = x.dim()
+        if self.activation == "tlu":
+            return F.tlu(y, channel_view(self.tau, nd))
+        if self.activation == "affine_tlu":
+            return F.affine_tlu(y, channel_view(self.kappa, nd), channel_view(self.tau, nd))
+        if self.activation == "relu":
+            return torch.relu(y)
+        return y
+
+
+class LayerFilterResponseNorm(GroupFilterResponseNorm):
+    """LFRN: uncentered layer norm (ν² over all channels and positions of a sample) + TLU.
+
+    Same options as :class:`GroupFilterResponseNorm` with ``num_groups=1`` (FRN seed Table 3).
+    """
+
+    def __init__(self, num_channels: int, **kwargs) -> None:
+        super().__init__(1, num_channels, **kwargs)
+
+
+class _FilterResponseNorm(GroupFilterResponseNorm):
+    r"""Filter response normalization with TLU (FRN seed eq. 1–3).
+
+    Per sample and channel: ``ν² = mean(x²)`` over positions, ``x̂ = x / sqrt(ν² + ε)``,
+    ``y = γ x̂ + β``, ``z = max(y, τ)``. For ``(N, C)`` input (a fully connected layer) the
+    set has one value (``N = 1`` in the seed's §3.3): use ``learnable_eps=True`` there, as the
+    seed advises. Parameters ``weight``, ``bias``, ``tau`` match timm's
+    ``FilterResponseNormTlu2d``, whose checkpoints load directly.
+
+    Args:
+        num_features: channels ``C``. Keyword-only: ``eps`` (1e-6), ``learnable_eps``,
+            ``activation``, ``affine``, ``threshold``, ``gaussian_consistent``, ``gamma_init``,
+            ``device``, ``dtype`` as in :class:`GroupFilterResponseNorm`.
+
+    Example:
+        >>> FilterResponseNorm2d(64)(torch.randn(2, 64, 8, 8)).shape
+        torch.Size([2, 64, 8, 8])
+    """
+
+    def __init__(self, num_features: int, **kwargs) -> None:
+        super().__init__(check_positive_int("num_features", num_features), num_features, **kwargs)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_channels}, eps={self.eps}, learnable_eps={self.learnable_eps}, "
+                f"activation={self.activation!r}, threshold={self.threshold}")
+
+
+class FilterResponseNorm1d(_FilterResponseNorm):
+    __doc__ = _FilterResponseNorm.__doc__ + "\n    Shape: ``(N, C)`` or ``(N, C, L)``.\n"
+    _allowed_dims = (2, 3)
+
+
+class FilterResponseNorm2d(_FilterResponseNorm):
+    __doc__ = _FilterResponseNorm.__doc__ + "\n    Shape: ``(N, C, H, W)``.\n"
+    _allowed_dims = (4,)
+
+
+class FilterResponseNorm3d(_FilterResponseNorm):
+    __doc__ = _FilterResponseNorm.__doc__ + "\n    Shape: ``(N, C, D, H, W)``.\n"
+    _allowed_dims = (5,)
