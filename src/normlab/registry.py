@@ -22,6 +22,13 @@ from torch import nn
 
 from .nn import (
     ACTIVATIONS,
+    AltScaleBatchNorm1d,
+    AltScaleBatchNorm2d,
+    AltScaleBatchNorm3d,
+    InputNorm,
+    ScaleCalibratedBatchNorm1d,
+    ScaleCalibratedBatchNorm2d,
+    ScaleCalibratedBatchNorm3d,
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
@@ -186,6 +193,9 @@ def _by_dim(classes):
 _BN = _by_dim((FilteredBatchNorm1d, FilteredBatchNorm2d, FilteredBatchNorm3d))
 _BRN = _by_dim((BatchRenorm1d, BatchRenorm2d, BatchRenorm3d))
 _FRN = _by_dim((FilterResponseNorm1d, FilterResponseNorm2d, FilterResponseNorm3d))
+_ALT = _by_dim((AltScaleBatchNorm1d, AltScaleBatchNorm2d, AltScaleBatchNorm3d))
+_CAL = _by_dim((ScaleCalibratedBatchNorm1d, ScaleCalibratedBatchNorm2d,
+                ScaleCalibratedBatchNorm3d))
 
 
 def default_groups(num_channels: int, preferred: int = 32) -> int:
@@ -281,6 +291,27 @@ def _register_builtins() -> None:
                   own_activation="tlu", description="group FRN (uncentered group norm) + TLU")
     register_norm("lfrn", _gfrn(_ln_groups), options=dict(_FRN_OPTS), own_activation="tlu",
                   description="layer FRN (uncentered layer norm) + TLU")
+    _register_revisiting_bn()
+
+
+def _register_revisiting_bn() -> None:
+    """Revisiting-BN seed: A1/A2 (eq. 26-27), RBN/IEBN and their - forms (eq. 28-29), InputNorm."""
+    bn_opts = dict(_BN_OPTS, threshold=None, gaussian_consistent=False)
+    for form, eq in (("a1", "y = gamma (xhat + beta), eq. 26"),
+                     ("a2", "y = gamma (gamma0 xhat + beta), eq. 27")):
+        register_norm(f"bn_{form}", lambda c, d, _f=form, **o: _ALT(d)(c, form=_f, **o),
+                      options=dict(bn_opts), description=f"BN with scale form {form.upper()}: {eq}")
+    for name, stats, wb, text in (
+            ("rbn", "normalized", 1.0, "RBN scale: y = gamma S xhat + beta, S = sigmoid(w_v GAP(xhat) + w_b)"),
+            ("rbn_minus", None, 1.0, "RBN- scale: S = sigmoid(w_b), w_b init 1 (S = 0.731)"),
+            ("iebn", "input", -1.0, "IEBN scale: y = gamma S xhat + beta, S = sigmoid(w_v GAP(x) + w_b)"),
+            ("iebn_minus", None, -1.0, "IEBN- scale: S = sigmoid(w_b), w_b init -1 (S = 0.269)")):
+        register_norm(name, lambda c, d, _s=stats, **o: _CAL(d)(c, stats=_s, **o),
+                      options=dict(bn_opts, wb_init=wb, wv_init=0.0), description=text)
+    register_norm("inputnorm", lambda c, d, **o: InputNorm(c, **o),
+                  options={"activation": "relu", "gamma": 1.0, "eps": 1e-5, "momentum": 0.1,
+                           "threshold": None},
+                  description="BN-based input normalization: scale sigma_act*gamma, no shift")
 
 
 _register_builtins()

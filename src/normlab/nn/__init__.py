@@ -1,6 +1,14 @@
 """Drop-in ``torch.nn`` modules for every normalization in the seeds."""
 
 from .activation import ACTIVATIONS, TLU, AffineTLU, NormActivation, make_activation
+from .alternatives import (
+    AltScaleBatchNorm1d,
+    AltScaleBatchNorm2d,
+    AltScaleBatchNorm3d,
+    ScaleCalibratedBatchNorm1d,
+    ScaleCalibratedBatchNorm2d,
+    ScaleCalibratedBatchNorm3d,
+)
 from .batch import (
     BatchRenorm1d,
     BatchRenorm2d,
@@ -15,6 +23,13 @@ from .group import (
     FilteredInstanceNorm2d,
     FilteredInstanceNorm3d,
     FilteredLayerNorm,
+)
+from .input_norm import (
+    FixedInputNorm,
+    InputNorm,
+    OfflineInputNorm,
+    activation_std,
+    with_input_norm,
 )
 from .response import (
     FilterResponseNorm1d,
@@ -32,4 +47,7 @@ __all__ = [
     "FilteredInstanceNorm3d", "FilteredLayerNorm",
     "FilterResponseNorm1d", "FilterResponseNorm2d", "FilterResponseNorm3d",
     "GroupFilterResponseNorm", "LayerFilterResponseNorm",
+    "AltScaleBatchNorm1d", "AltScaleBatchNorm2d", "AltScaleBatchNorm3d",
+    "ScaleCalibratedBatchNorm1d", "ScaleCalibratedBatchNorm2d", "ScaleCalibratedBatchNorm3d",
+    "InputNorm", "FixedInputNorm", "OfflineInputNorm", "with_input_norm", "activation_std",
 ]
