@@ -74,8 +74,10 @@ class NormalizeAffineFunction(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, eps_extra, plain.mean, plain.var,
                               stats.mean, rstd, stats.count)
         ctx.config = (dims, threshold, centered, eps, gaussian_consistent)
-        ctx.mark_non_differentiable(stats.mean, stats.var, stats.count)
-        return y.to(x.dtype), stats.mean, stats.var, stats.count
+        # the returned statistics are copies: callers may update buffers from them in place
+        outputs = (stats.mean.clone(), stats.var.clone(), stats.count.clone())
+        ctx.mark_non_differentiable(*outputs)
+        return (y.to(x.dtype), *outputs)
 
     @staticmethod
     def backward(ctx, grad_y, _gm, _gv, _gc):
