@@ -10,9 +10,11 @@ from . import functional
 from .nn import *  # noqa: F401,F403 - the public layers
 from .nn import __all__ as _nn_all
 from .registry import create_norm, create_norm_act, list_norms, parse_spec, register_norm
+from .distributed import SyncBatchRenorm, SyncFilteredBatchNorm, convert_sync
 
 __version__ = "0.1.0"
 
 __all__ = list(_nn_all) + [
     "functional", "create_norm", "create_norm_act", "list_norms", "parse_spec", "register_norm",
+    "SyncFilteredBatchNorm", "SyncBatchRenorm", "convert_sync",
 ]
