@@ -1,10 +1,186 @@
 """Fast paths for normalization, each checked against :mod:`normlab.functional`.
 
-:func:`normalize_affine` is the one entry point the modules call; it picks the best
-implementation for the input's device and dtype. ``analytic`` is the portable reference
-(an autograd Function with the exact backward) that every other path must match.
+:func:`normalize_affine` is the one entry point the modules call (and
+:func:`normalize_affine_act` the one that also fuses FRN's TLU); they pick an implementation
+by device, dtype and layout:
+
+* ``"cpu"`` – fused C/OpenMP kernels (:mod:`normlab.kernels.cpu`), float32/float64,
+  contiguous inputs, built at first use; skipped if no compiler is available.
+* ``"triton"`` – Triton kernels on CUDA tensors (:mod:`normlab.kernels.triton_kernels`),
+  float32/float16/bfloat16, any strides (NCHW and channels_last).
+* ``"reference"`` – :class:`analytic.NormalizeAffineFunction`, the portable reference
+  (exact backward) that every other path is tested against; used for everything else
+  and inside ``torch.compile``.
+
+Choose globally with ``NORMLAB_KERNELS=auto|reference`` or :func:`set_backend`; check the
+choice for given inputs with :func:`selected_path`.
 """
 
-from .analytic import NormalizeAffineFunction, normalize_affine
+from __future__ import annotations
 
-__all__ = ["normalize_affine", "NormalizeAffineFunction"]
+import contextlib
+import os
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from .analytic import NormalizeAffineFunction
+from .analytic import normalize_affine as reference_normalize_affine
+from .layout import Plan, plan
+
+__all__ = [
+    "normalize_affine",
+    "normalize_affine_act",
+    "reference_normalize_affine",
+    "NormalizeAffineFunction",
+    "selected_path",
+    "set_backend",
+    "get_backend",
+    "use_backend",
+    "BACKENDS",
+]
+
+BACKENDS = ("auto", "reference")
+_ACTIVATIONS = ("none", "tlu", "affine_tlu", "relu")
+_backend = os.environ.get("NORMLAB_KERNELS", "auto")
+if _backend not in BACKENDS:
+    _backend = "auto"
+
+
+def set_backend(name: str) -> None:
+    """``"auto"`` (fused kernels where supported) or ``"reference"`` (analytic Function only)."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    _backend = name
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Temporarily set the backend: ``with use_backend("reference"): ...``."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling")
+                and compiler.is_compiling())
+
+
+def _choose(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...]
+            ) -> tuple[str, Plan | None]:
+    if _backend == "reference" or _is_compiling() or x.dim() == 0:
+        return "reference", None
+    if any(p is not None and (p.dtype != x.dtype or p.device != x.device) for p in params):
+        return "reference", None
+    pl = plan(x, params, dims)
+    if pl is None or x.numel() == 0:
+        return "reference", None
+    if x.device.type == "cpu":
+        if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous():
+            return "reference", None
+        from . import cpu
+        return ("cpu", pl) if cpu.available() else ("reference", None)
+    if x.device.type == "cuda":
+        if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return "reference", None
+        from . import triton_kernels
+        return ("triton", pl) if triton_kernels.available() else ("reference", None)
+    return "reference", None
+
+
+def selected_path(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                  dims: Sequence[int]) -> str:
+    """Which implementation :func:`normalize_affine` would use: cpu, triton or reference."""
+    return _choose(x, (weight, bias), tuple(d % x.dim() for d in dims))[0]
+
+
+def normalize_affine(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dims: Sequence[int],
+    *,
+    threshold: float | None = None,
+    centered: bool = True,
+    eps: float = 1e-5,
+    eps_extra: Tensor | None = None,
+    gaussian_consistent: bool = False,
+) -> tuple[Tensor, F.Moments]:
+    """``y = γ · normalize(x) + β`` with (filtered) statistics over ``dims``; exact backward.
+
+    Same contract as :func:`normlab.kernels.analytic.normalize_affine` (see there), served by
+    the fastest available implementation.
+    """
+    return normalize_affine_act(
+        x, weight, bias, dims, activation="none", threshold=threshold, centered=centered,
+        eps=eps, eps_extra=eps_extra, gaussian_consistent=gaussian_consistent,
+    )
+
+
+def normalize_affine_act(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    dims: Sequence[int],
+    *,
+    activation: str = "none",
+    tau: Tensor | None = None,
+    kappa: Tensor | None = None,
+    threshold: float | None = None,
+    centered: bool = True,
+    eps: float = 1e-5,
+    eps_extra: Tensor | None = None,
+    gaussian_consistent: bool = False,
+) -> tuple[Tensor, F.Moments]:
+    """:func:`normalize_affine` followed by an activation, fused where possible.
+
+    ``activation``: ``"none"``; ``"tlu"`` ``z = max(y, τ)`` (FRN seed eq. 3); ``"affine_tlu"``
+    ``z = max(y, κy + τ)`` (FRN seed Table 5); ``"relu"``. ``tau``/``kappa`` are viewed to
+    broadcast against ``x`` like ``weight``. Returns ``(z, moments)``.
+    """
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
+    if activation in ("tlu", "affine_tlu") and tau is None:
+        raise ValueError(f"activation={activation!r} needs tau (a tensor), got None")
+    if activation == "affine_tlu" and kappa is None:
+        raise ValueError("activation='affine_tlu' needs kappa (a tensor), got None")
+    if activation in ("none", "relu"):
+        tau = kappa = None
+    elif activation == "tlu":
+        kappa = None
+    dims = tuple(d % x.dim() for d in dims)
+    path, pl = _choose(x, (weight, bias, tau, kappa), dims)
+    if path == "reference" or (pl.kind == "channel" and activation != "none"):
+        y, stats = reference_normalize_affine(
+            x, weight, bias, dims, threshold=threshold, centered=centered, eps=eps,
+            eps_extra=eps_extra, gaussian_consistent=gaussian_consistent)
+        if activation == "tlu":
+            y = F.tlu(y, tau)
+        elif activation == "affine_tlu":
+            y = F.affine_tlu(y, kappa, tau)
+        elif activation == "relu":
+            y = torch.relu(y)
+        return y, stats
+    if path == "cpu":
+        from .cpu import ACT_CODES, FusedNormCPU
+        fn = FusedNormCPU
+        act = ACT_CODES[activation]
+    else:
+        from .triton_kernels import ACT_CODES, FusedNormTriton
+        fn = FusedNormTriton
+        act = ACT_CODES[activation]
+    y, mean, var, count = fn.apply(x, weight, bias, eps_extra, tau, kappa, pl, threshold,
+                                   centered, float(eps), gaussian_consistent, act)
+    return y, F.Moments(mean, var, count)

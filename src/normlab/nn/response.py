@@ -10,11 +10,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .. import functional as F
-from ..kernels import normalize_affine
+from ..kernels import normalize_affine_act
 from ._common import (
     AffineMixin,
-    channel_view,
     check_eps,
     check_gaussian_consistent,
     check_input,
@@ -128,20 +126,17 @@ class GroupFilterResponseNorm(AffineMixin, nn.Module):
         xv = x.reshape(n, g, c // g, -1)
         w = self.weight.view(1, g, c // g, 1) if self.weight is not None else None
         b = self.bias.view(1, g, c // g, 1) if self.bias is not None else None
-        y, _ = normalize_affine(
-            xv, w, b, (2, 3), threshold=self.threshold, centered=False, eps=self.eps,
+        # normalize + affine + activation in one fused call (kernels fall back to
+        # normalize_affine followed by F.tlu / F.affine_tlu / relu where not fused)
+        tau = self.tau.view(1, g, c // g, 1) if self.tau is not None else None
+        kappa = self.kappa.view(1, g, c // g, 1) if self.kappa is not None else None
+        y, _ = normalize_affine_act(
+            xv, w, b, (2, 3), activation=self.activation, tau=tau, kappa=kappa,
+            threshold=self.threshold, centered=False, eps=self.eps,
             eps_extra=self.learned_eps.abs() if self.learned_eps is not None else None,
             gaussian_consistent=self.gaussian_consistent,
         )
-        y = y.view(x.shape)
-        nd = x.dim()
-        if self.activation == "tlu":
-            return F.tlu(y, channel_view(self.tau, nd))
-        if self.activation == "affine_tlu":
-            return F.affine_tlu(y, channel_view(self.kappa, nd), channel_view(self.tau, nd))
-        if self.activation == "relu":
-            return torch.relu(y)
-        return y
+        return y.view(x.shape)
 
 
 class LayerFilterResponseNorm(GroupFilterResponseNorm):

@@ -1,0 +1,244 @@
+"""Fused CPU kernels: a small C/OpenMP library compiled at first use, called through ctypes.
+
+Why C: normalization is memory-bound, so its cost is passes over the activation. Each
+kernel walks one reduction set at a time (a BN channel, or a GN/FRN/IN/LN row): the first
+pass reads the set from memory, the filter pass and the normalize pass re-read it from
+cache. Per set, forward is ≈ one read and one write of ``x``; backward ≈ two reads of
+``x`` and ``∂ℓ/∂y`` and one write, with the robust-filter mask recomputed from ``x`` and the
+saved plain moments. Only ``x`` and per-set statistics are saved for backward.
+
+Build: ``gcc -O3 -march=native -fopenmp`` (no torch headers, ~1 s), cached under
+``$NORMLAB_CACHE_DIR`` or ``~/.cache/normlab/kernels`` keyed by a hash of the source, the
+flags and the CPU. No compiler, a failed build, or ``NORMLAB_NO_COMPILE=1`` simply leave the
+reference Function (:mod:`normlab.kernels.analytic`) in charge. float32 and float64 only.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import functional as F
+from . import _cpu_source
+from .layout import Plan, canonical_param, param_grad
+
+__all__ = ["available", "library_path", "FusedNormCPU", "ACT_CODES", "build_error"]
+
+ACT_CODES = {"none": 0, "tlu": 1, "relu": 1, "affine_tlu": 2}
+_FLAG_SETS = (
+    ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"],
+    ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"],
+    ["-O3", "-ffp-contract=off", "-shared", "-fPIC"],
+)
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+_error: str | None = None
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("NORMLAB_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "normlab")
+    return Path(root) / "kernels"
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            lines = [ln for ln in fh if ln.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _compile(src: str, flags: list[str], target: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if compiler is None:
+        raise RuntimeError("no C compiler found (set CC or install gcc)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        c_file = Path(tmp) / "normlab_kernels.c"
+        c_file.write_text(src)
+        out = Path(tmp) / target.name
+        proc = subprocess.run([compiler, *flags, str(c_file), "-o", str(out), "-lm"],
+                              capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[:500]}")
+        os.replace(out, target)  # atomic: concurrent builders never see half a file
+
+
+def _load() -> ctypes.CDLL | None:
+    global _lib, _tried, _error
+    if _tried:
+        return _lib
+    with _lock:
+        if _tried:
+            return _lib
+        _tried = True
+        if os.environ.get("NORMLAB_NO_COMPILE", "") not in ("", "0"):
+            _error = "disabled by NORMLAB_NO_COMPILE"
+            return None
+        src = _cpu_source.source()
+        errors = []
+        for flags in _FLAG_SETS:
+            key = hashlib.sha256("\0".join([src, *flags, _cpu_id(), platform.machine()])
+                                 .encode()).hexdigest()[:16]
+            path = _cache_dir() / f"normlab_kernels_{key}.so"
+            try:
+                if not path.exists():
+                    _compile(src, flags, path)
+                lib = ctypes.CDLL(str(path))
+                _declare(lib)
+                _lib = lib
+                return lib
+            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+                errors.append(f"{' '.join(flags)}: {error}")
+        _error = "; ".join(errors)
+        warnings.warn(f"normlab: fused CPU kernels unavailable, using the reference path "
+                      f"({_error})", RuntimeWarning, stacklevel=3)
+        return None
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    P, I64, D, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+    for sfx in ("f32", "f64"):
+        getattr(lib, f"bn_fwd_{sfx}").argtypes = [P, P, P, P, I64, I64, I64, I, D, D, D,
+                                                   P, P, P, P, P, P, I]
+        getattr(lib, f"bn_bwd_{sfx}").argtypes = [P, P, P, P, I64, I64, I64, I, D, D, D,
+                                                   P, P, P, P, P, P, P, I]
+        getattr(lib, f"row_fwd_{sfx}").argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, I,
+                                                    D, D, D, I, P, P, P, P, P, P, I]
+        getattr(lib, f"row_bwd_{sfx}").argtypes = [P, P, P, P, P, P, P, I64, I64, I64, I64, I,
+                                                    D, D, D, I, P, P, P, P, P,
+                                                    P, P, P, P, P, I]
+        for kind in ("bn_fwd", "bn_bwd", "row_fwd", "row_bwd"):
+            getattr(lib, f"{kind}_{sfx}").restype = None
+
+
+def available() -> bool:
+    """Whether the fused CPU library is built and loaded (builds it on first call)."""
+    return _load() is not None
+
+
+def library_path() -> str | None:
+    lib = _load()
+    return None if lib is None else lib._name
+
+
+def build_error() -> str | None:
+    """Why the library is unavailable, if it is."""
+    _load()
+    return _error
+
+
+def _ptr(t: Tensor | None):
+    return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+
+def _sfx(dtype: torch.dtype) -> str:
+    return "f32" if dtype == torch.float32 else "f64"
+
+
+class FusedNormCPU(torch.autograd.Function):
+    """``z = act(γ · normalize(x) + β)`` with (filtered) statistics; fused C forward/backward.
+
+    Same math as :class:`normlab.kernels.analytic.NormalizeAffineFunction` (whose docstring
+    derives the backward), plus an optional TLU / affine-TLU (FRN seed eq. 3–5) fused into
+    the same passes. Saves ``x``, the parameters and per-set statistics only.
+    Inputs: x (contiguous), weight, bias, eps_extra, tau, kappa_act, plan, threshold,
+    centered, eps, gaussian_consistent, act.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, centered,
+                eps, gaussian_consistent, act):
+        lib = _load()
+        eps_total = eps + (float(eps_extra) if eps_extra is not None else 0.0)
+        thr = -1.0 if threshold is None else float(threshold)
+        kap = (F.truncated_normal_variance_factor(threshold)
+               if gaussian_consistent and threshold is not None else 1.0)
+        w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
+        if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
+            t = torch.zeros(pl.g * pl.cg, dtype=x.dtype)
+        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+        nsets = pl.g if pl.kind == "channel" else pl.n * pl.g
+        stats = torch.empty(6, nsets, dtype=x.dtype)
+        mean0, var0, mean, var, rstd, count = stats.unbind(0)
+        nt = torch.get_num_threads()
+        sfx = _sfx(x.dtype)
+        if pl.kind == "channel":
+            getattr(lib, f"bn_fwd_{sfx}")(_ptr(x), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
+                                          int(centered), eps_total, thr, kap,
+                                          *map(_ptr, (mean0, var0, mean, var, rstd, count)), nt)
+        else:
+            getattr(lib, f"row_fwd_{sfx}")(_ptr(x), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
+                                           pl.n * pl.g, pl.g, pl.cg, pl.l, int(centered),
+                                           eps_total, thr, kap, act,
+                                           *map(_ptr, (mean0, var0, mean, var, rstd, count)), nt)
+        ctx.save_for_backward(x, weight, bias, eps_extra, tau, akappa, stats)
+        ctx.config = (pl, thr, kap, centered, eps_total, act)
+        shape = pl.stats_shape
+        out_stats = (mean.view(shape), var.view(shape), count.view(shape))
+        ctx.mark_non_differentiable(*out_stats)
+        return (y, *out_stats)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _gm, _gv, _gc):
+        x, weight, bias, eps_extra, tau, akappa, stats = ctx.saved_tensors
+        pl, thr, kap, centered, eps_total, act = ctx.config
+        lib = _load()
+        mean0, var0, mean, _var, rstd, count = stats.unbind(0)
+        w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
+        if act == ACT_CODES["tlu"] and t is None:
+            t = torch.zeros(pl.g * pl.cg, dtype=x.dtype)
+        dz = grad_y.to(x.dtype).contiguous()
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        nt = torch.get_num_threads()
+        sfx = _sfx(x.dtype)
+        if pl.kind == "channel":
+            s_dy, s_dyxhat = torch.empty(2, pl.g, dtype=x.dtype).unbind(0)
+            getattr(lib, f"bn_bwd_{sfx}")(_ptr(x), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g, pl.l,
+                                          int(centered), eps_total, thr, kap,
+                                          *map(_ptr, (mean0, var0, mean, rstd, count)),
+                                          _ptr(s_dy), _ptr(s_dyxhat), nt)
+            s_gxhat = s_dyxhat * w if w is not None else s_dyxhat
+            sums = {"dy": s_dy, "dyxhat": s_dyxhat}
+        else:
+            rows = pl.n * pl.g
+            buf = torch.empty(4, rows * pl.cg, dtype=x.dtype)
+            s_dy, s_dyxhat, s_dtau, s_dak = buf.unbind(0)
+            s_gxhat = torch.empty(rows, dtype=x.dtype)
+            getattr(lib, f"row_bwd_{sfx}")(_ptr(x), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b), _ptr(t),
+                                           _ptr(k), rows, pl.g, pl.cg, pl.l, int(centered),
+                                           eps_total, thr, kap, act,
+                                           *map(_ptr, (mean0, var0, mean, rstd, count)),
+                                           _ptr(s_dy), _ptr(s_dyxhat), _ptr(s_dtau), _ptr(s_dak),
+                                           _ptr(s_gxhat), nt)
+            per_channel = buf.view(4, pl.n, pl.g * pl.cg).sum(1)
+            sums = dict(zip(("dy", "dyxhat", "dtau", "dak"), per_channel.unbind(0)))
+        grads = [dx, None, None, None, None, None]
+        if weight is not None and ctx.needs_input_grad[1]:
+            grads[1] = param_grad(sums["dyxhat"], weight, pl)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grads[2] = param_grad(sums["dy"], bias, pl)
+        if eps_extra is not None and ctx.needs_input_grad[3]:
+            g_eps = (-0.5 * rstd.square() * s_gxhat).sum()
+            grads[3] = g_eps.to(eps_extra.dtype).reshape(eps_extra.shape)
+        if tau is not None and ctx.needs_input_grad[4]:
+            grads[4] = param_grad(sums["dtau"], tau, pl)
+        if akappa is not None and ctx.needs_input_grad[5]:
+            grads[5] = param_grad(sums["dak"], akappa, pl)
+        return (*grads, None, None, None, None, None, None)

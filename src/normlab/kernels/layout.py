@@ -1,0 +1,97 @@
+"""Recognize the two reduction layouts the fused kernels implement.
+
+``normalize_affine`` receives ``x`` already viewed so that statistics reduce over ``dims``
+and ``weight``/``bias`` viewed to broadcast against it. Every normlab module produces one of
+two shapes of problem:
+
+* **channel** (batch norm): ``x`` is ``(N, C, L)``, ``dims == (0, 2)``, parameters ``(1, C, 1)``.
+* **rows** (group/instance/layer norm, FRN family): ``dims`` are the trailing axes of ``x``;
+  flattened, ``x`` is ``(R, K)`` with one statistic per row, and the parameters vary over
+  a contiguous block of axes around the split, i.e. ``x`` reads as ``(N, G, Cg, L)`` with
+  rows ``(n, g)``, statistics over ``(Cg, L)`` and parameters indexed by ``(g, cg)``
+  (GN: ``(N, G, C/G, HW)``; IN/FRN: ``(N, C, 1, L)``; LN: ``(P, 1, D, 1)``).
+
+:func:`plan` returns a :class:`Plan` for those, or ``None`` (the caller then uses the
+reference Function).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Plan", "plan", "canonical_param", "param_grad"]
+
+
+class Plan(NamedTuple):
+    kind: str                 # "channel" or "rows"
+    n: int                    # BN: N; rows: leading size N (rows = n * g)
+    g: int                    # BN: C; rows: groups G (parameters vary with g)
+    cg: int                   # BN: 1; rows: channels per group
+    l: int                    # BN: L; rows: positions per channel
+    param_shape: tuple        # shape a canonical (G*Cg,) parameter is viewed as to broadcast
+    stats_shape: tuple        # keepdim shape of the statistics
+
+
+def _param_span(p: Tensor | None, shape: torch.Size, split: int) -> tuple[int, int] | None:
+    """Smallest [j, m) around ``split`` outside which ``p`` has size 1; None if not broadcastable."""
+    nd = len(shape)
+    if p is None:
+        return (split, split)
+    if p.dim() != nd:
+        return None
+    for a, b in zip(p.shape, shape):
+        if a not in (1, b):
+            return None
+    j = next((i for i in range(split) if p.shape[i] != 1), split)
+    m = next((i + 1 for i in reversed(range(split, nd)) if p.shape[i] != 1), split)
+    return j, m
+
+
+def plan(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...]) -> Plan | None:
+    """Classify ``(x, params, dims)`` as a channel (BN) or rows problem; ``None`` if neither."""
+    nd = x.dim()
+    shape = x.shape
+    if nd == 3 and dims == (0, 2):
+        for p in params:
+            if p is not None and (p.dim() != 3 or p.shape[0] != 1 or p.shape[2] != 1
+                                  or p.shape[1] not in (1, shape[1])):
+                return None
+        return Plan("channel", shape[0], shape[1], 1, shape[2], (1, shape[1], 1),
+                    (1, shape[1], 1))
+    split = nd - len(dims)
+    if split < 1 or dims != tuple(range(split, nd)):
+        return None
+    j, m = split, split
+    for p in params:
+        span = _param_span(p, shape, split)
+        if span is None:
+            return None
+        if p is not None:
+            j, m = min(j, span[0]), max(m, span[1])
+    n = math.prod(shape[:j])
+    g = math.prod(shape[j:split])
+    cg = math.prod(shape[split:m])
+    l = math.prod(shape[m:])
+    param_shape = (1,) * j + tuple(shape[j:m]) + (1,) * (nd - m)
+    stats_shape = tuple(shape[:split]) + (1,) * (nd - split)
+    return Plan("rows", n, g, cg, l, param_shape, stats_shape)
+
+
+def canonical_param(p: Tensor | None, pl: Plan) -> Tensor | None:
+    """A parameter as a contiguous ``(G * Cg,)`` vector (BN: ``(C,)``)."""
+    if p is None:
+        return None
+    return p.expand(pl.param_shape).reshape(-1).contiguous()
+
+
+def param_grad(grad: Tensor, p: Tensor, pl: Plan) -> Tensor:
+    """Reduce a canonical ``(G * Cg,)`` gradient back to the parameter's own shape."""
+    grad = grad.reshape(pl.param_shape)
+    dims = tuple(i for i, (a, b) in enumerate(zip(grad.shape, p.shape)) if b == 1 and a != 1)
+    if dims:
+        grad = grad.sum(dim=dims, keepdim=True)
+    return grad.reshape(p.shape).to(p.dtype)

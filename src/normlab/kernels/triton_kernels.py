@@ -1,0 +1,4 @@
+"""placeholder"""
+ACT_CODES = {}
+def available():
+    return False
