@@ -548,6 +548,17 @@ def _eval_affine(module: nn.Module) -> tuple[Tensor, Tensor] | None:
     return None
 
 
+def _post_norm(module: nn.Module) -> tuple[nn.Module, nn.Module | None] | None:
+    """``(norm, what replaces the module after folding)`` for a foldable norm (→ removed) or a
+    :class:`NormActivation` around one (→ its activation); ``None`` otherwise."""
+    if isinstance(module, InputNorm):
+        return None
+    if isinstance(module, NormActivation):
+        inner = _post_norm(module.norm)
+        return (inner[0], module.act) if inner is not None else None
+    return (module, None) if _eval_affine(module) is not None else None
+
+
 def _foldable_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or (
         isinstance(module, _ConvNd) and not module.transposed
@@ -614,10 +625,12 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, report: FuseReport) -> Non
     while i < len(items):
         name, mod = items[i]
         nxt = items[i + 1] if i + 1 < len(items) else None
-        if nxt is not None and _foldable_linear(mod) and _eval_affine(nxt[1]) is not None \
-                and not isinstance(nxt[1], InputNorm) and _fold_after(mod, nxt[1]):
+        post = _post_norm(nxt[1]) if nxt is not None else None
+        if post is not None and _foldable_linear(mod) and _fold_after(mod, post[0]):
             report.folded.append((_join(prefix, nxt[0]), _join(prefix, name)))
             kept.append((name, mod))
+            if post[1] is not None:
+                kept.append((nxt[0], post[1]))
             i += 2
             continue
         if nxt is not None and isinstance(mod, InputNorm) and _foldable_linear(nxt[1]) \
@@ -632,22 +645,24 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, report: FuseReport) -> Non
 
 def _fuse_attributes(parent: nn.Module, prefix: str, report: FuseReport) -> None:
     children = dict(parent.named_children())
-    if not any(_eval_affine(c) is not None for c in children.values()):
+    foldable = {n for n, c in children.items() if isinstance(c, InputNorm) or _post_norm(c)}
+    if not foldable:
         return
     try:
         graph = _shallow_graph(parent)
     except Exception as exc:  # noqa: BLE001 - tracing failures are reported
-        for name, child in children.items():
-            if _eval_affine(child) is not None:
-                report.kept.append((_join(prefix, name), f"{type(parent).__name__}.forward is "
-                                    f"not traceable ({type(exc).__name__})"))
+        for name in sorted(foldable):
+            report.kept.append((_join(prefix, name), f"{type(parent).__name__}.forward is "
+                                f"not traceable ({type(exc).__name__})"))
         return
     calls = _module_calls(graph)
     for target, nodes in calls.items():
         module = parent.get_submodule(target)
-        if _eval_affine(module) is None or len(nodes) != 1:
+        post = _post_norm(module)
+        if not (isinstance(module, InputNorm) or post) or len(nodes) != 1:
             continue
         node = nodes[0]
+        replacement: nn.Module = nn.Identity()
         if isinstance(module, InputNorm):
             users = list(node.users)
             ok = (len(users) == 1 and users[0].op == "call_module"
@@ -660,10 +675,12 @@ def _fuse_attributes(parent: nn.Module, prefix: str, report: FuseReport) -> None
             ok = (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
                   and len(calls.get(src.target, [])) == 1
                   and _foldable_linear(parent.get_submodule(src.target))
-                  and _fold_after(parent.get_submodule(src.target), module))
+                  and _fold_after(parent.get_submodule(src.target), post[0]))
             into = src.target if isinstance(src, fx.Node) else ""
+            if post[1] is not None:
+                replacement = post[1]
         if ok:
-            _set_submodule(parent, target, nn.Identity())
+            _set_submodule(parent, target, replacement)
             report.folded.append((_join(prefix, target), _join(prefix, str(into))))
 
 
@@ -674,7 +691,8 @@ def fuse_for_inference(model: nn.Module, *, return_report: bool = False):
     relative): eval-mode ``torch.nn.BatchNorm*d``/``SyncBatchNorm``, FilteredBatchNorm*,
     BatchRenorm*, A1/A2, RBN⁻/IEBN⁻ (all use running statistics in eval, so
     ``y = s·x + t`` per channel) that directly **follow** a ``Conv1d/2d/3d`` or ``Linear``
-    (``W' = s·W``, ``b' = s·b + t``), and an :class:`~normlab.InputNorm` that directly
+    (``W' = s·W``, ``b' = s·b + t``) — also when wrapped in a :class:`~normlab.NormActivation`
+    (which is then replaced by its activation) — and an :class:`~normlab.InputNorm` that directly
     **precedes** a ``Linear`` or an unpadded, ungrouped conv (``W' = W·s``,
     ``b' = b + Σ W·t``; with zero padding the fold would not be exact, so it is kept).
     Folded norms are removed from ``nn.Sequential`` containers and become ``nn.Identity`` in
