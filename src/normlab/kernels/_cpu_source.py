@@ -147,10 +147,14 @@ static void SFX(set_stats)(const T *x, int64_t nseg, int64_t seg_stride, int64_t
         for (int64_t k = 0; k < nseg; ++k)
             for (int64_t c0 = 0; c0 < seg_len; c0 += CHUNK) {
                 int64_t n = seg_len - c0 < CHUNK ? seg_len - c0 : CHUNK;
-                SFX(leaf_filter)(x + k * seg_stride + c0, n, mean0, r0, (T)thr, shift, t);
+                SFX(leaf_filter)(x + k * seg_stride + c0, n, mean0, r0, (T)thr, mean0, t);
                 M += t[0]; sf += t[1]; sff += t[2];
             }
-        if (M == 0) { M = m; sf = ps[0]; sff = ps[1]; }   /* kept nothing: keep all */
+        double dm = (double)mean0 - shift;   /* filter sums are shifted by mean0 */
+        if (M == 0) {                        /* kept nothing: keep all */
+            M = m; sf = ps[0] - m * dm; sff = ps[1] - 2 * dm * ps[0] + m * dm * dm;
+        }
+        shift = mean0;
     }
     double d = sf / M;
     double mu = centered ? shift + d : 0.0;
