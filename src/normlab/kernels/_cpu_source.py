@@ -95,17 +95,17 @@ static NOINLINE void SFX(leaf_bwd_dx)(const T *p, const T *d, T *q, int64_t n, i
     } else if (act == 1) {
         #pragma omp simd
         for (int64_t l = 0; l < n; ++l) {
-            T v = p[l];
-            T dy = (v * a + b) >= t ? d[l] : (T)0;
+            T v = p[l], dd = d[l];
+            T dy = (v * a + b) >= t ? dd : (T)0;
             T f = FABS((v - m0) * r0) <= th ? (T)1 : (T)0;
             q[l] = A * dy - f * (B + (v - mu) * Cc);
         }
     } else {
         #pragma omp simd
         for (int64_t l = 0; l < n; ++l) {
-            T v = p[l];
+            T v = p[l], dd = d[l];
             T y = v * a + b;
-            T dy = y >= k * y + t ? d[l] : k * d[l];
+            T dy = y >= k * y + t ? dd : k * dd;
             T f = FABS((v - m0) * r0) <= th ? (T)1 : (T)0;
             q[l] = A * dy - f * (B + (v - mu) * Cc);
         }

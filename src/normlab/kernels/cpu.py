@@ -7,7 +7,7 @@ cache. Per set, forward is ≈ one read and one write of ``x``; backward ≈ two
 ``x`` and ``∂ℓ/∂y`` and one write, with the robust-filter mask recomputed from ``x`` and the
 saved plain moments. Only ``x`` and per-set statistics are saved for backward.
 
-Build: ``gcc -O3 -march=native -fopenmp`` (no torch headers, ~1 s), cached under
+Build: ``gcc -O3 -march=native -fno-trapping-math -fopenmp`` (no torch headers, ~1 s), cached under
 ``$NORMLAB_CACHE_DIR`` or ``~/.cache/normlab/kernels`` keyed by a hash of the source, the
 flags and the CPU. No compiler, a failed build, or ``NORMLAB_NO_COMPILE=1`` simply leave the
 reference Function (:mod:`normlab.kernels.analytic`) in charge. float32 and float64 only.
@@ -38,9 +38,9 @@ __all__ = ["available", "library_path", "FusedNormCPU", "ACT_CODES", "build_erro
 
 ACT_CODES = {"none": 0, "tlu": 1, "relu": 1, "affine_tlu": 2}
 _FLAG_SETS = (
-    ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"],
-    ["-O3", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC"],
-    ["-O3", "-ffp-contract=off", "-shared", "-fPIC"],
+    ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"],
+    ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"],
+    ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC"],
 )
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
