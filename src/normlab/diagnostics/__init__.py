@@ -1,0 +1,43 @@
+"""Diagnostics: look at the distributions the normalization seeds talk about.
+
+* :class:`ActivationRecorder` — hooks on every normalization layer recording ``x̂`` (before
+  γ, β) with bounded memory: quantile bands, exact counts beyond kσ, kurtosis, top inputs.
+* :mod:`.stats` — the statistics (Gaussian tail ``P(|Z| > k) = erfc(k/√2)``, bands, …).
+* :mod:`.callbacks` — training callbacks for the lab: bands per iteration, moment
+  consistency, loss/gradient landscape, BN gradient factor.
+* :mod:`.shape` — distribution shape of ``Wu + b`` vs ``u`` around a nonlinearity.
+* :mod:`.plots` — seed-style figures (matplotlib, imported lazily) plus JSON/CSV.
+* ``normlab inspect`` (:mod:`.cli`).
+"""
+
+from .recorder import (
+    ActivationRecorder,
+    LayerRecord,
+    NormParts,
+    find_norm_layers,
+    norm_kind,
+    norm_parts,
+    normalized_input,
+    paused,
+    record_activations,
+)
+from .stats import (
+    DEFAULT_QUANTILES,
+    DEFAULT_SIGMAS,
+    count_beyond,
+    excess_kurtosis,
+    gaussian_expected_count,
+    gaussian_tail_probability,
+    quantile_bands,
+    skewness,
+    summarize,
+    top_inputs,
+)
+
+__all__ = [
+    "ActivationRecorder", "LayerRecord", "NormParts", "find_norm_layers", "norm_kind",
+    "norm_parts", "normalized_input", "paused", "record_activations",
+    "DEFAULT_QUANTILES", "DEFAULT_SIGMAS", "count_beyond", "excess_kurtosis",
+    "gaussian_expected_count", "gaussian_tail_probability", "quantile_bands", "skewness",
+    "summarize", "top_inputs",
+]
