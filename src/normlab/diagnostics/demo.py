@@ -2,8 +2,9 @@
 per-layer band plot of its normalized activations (filtered-BN seed Fig. 1 style).
 
 ``python -m normlab.diagnostics.demo --out docs/images`` (about a minute on 2 CPU cores).
-The training run also carries :func:`default_callbacks`, so the band-history, consistency,
-landscape and gradient-factor artifacts land in ``<out>/train_diagnostics``.
+With ``--diagnose --report DIR`` the training run also carries :func:`default_callbacks`
+(band history, consistency, landscape, gradient factor) and the full inspect report goes to
+``DIR``.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--report", default=None, help="folder for the full inspect report (optional)")
+    p.add_argument("--diagnose", action="store_true",
+                   help="also train with default_callbacks (slower; artifacts in --report)")
     args = p.parse_args(argv)
 
     config = RunConfig(data="mnist", model="lenet5", norm=args.norm, epochs=args.epochs,
@@ -47,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     keep = _KeepModel()
     out = Path(args.out)
     t0 = time.perf_counter()
-    diag = default_callbacks({"diagnose": {"landscape_every": 20}, "seed": 1})
+    diag = default_callbacks({"diagnose": {"landscape_every": 20}, "seed": 1}) if args.diagnose else []
     result = train_run(config, seed=1, device="cpu", callbacks=[*diag, keep],
-                       artifacts_dir=Path(args.report or out / "train_diagnostics"))
+                       artifacts_dir=Path(args.report) if (args.report and diag) else None)
     train_s = time.perf_counter() - t0
     model = keep.model.eval()
     splits = load_dataset("mnist")
