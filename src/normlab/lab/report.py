@@ -275,8 +275,8 @@ def _plots(plan: Plan, rows: list[ResultRow], runs, label_of, out: Path) -> dict
         ax.set_ylim(max(0.0, min(finite) - 2.0), min(100.0, max(m + s for m, s in
                                                                zip(means, stds) if m == m) + 1))
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("final test accuracy (mean ± std; red: significantly better than baseline, "
-                 "gray: baseline)", fontsize=9)
+    ax.set_title("final test accuracy, mean ± std\n(gray: baseline; red: significantly better, "
+                 "p < 0.05)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "final.png", dpi=90)
