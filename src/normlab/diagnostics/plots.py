@@ -54,12 +54,14 @@ def _by_layer(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 
 def plot_layer_bands(summary: dict[str, dict[str, Any]], path: str | Path, *,
                      title: str | None = None, sigma_lines: Sequence[float] = (7.0,),
-                     yscale: str = "linear") -> Path:
+                     yscale: str = "linear", annotate_k: float | None = 4.0) -> Path:
     """Per-layer distribution of ``x̂`` (filtered-BN seed Fig. 1/2).
 
     Dashed: min and max; golden band: 1–99 %; red band: 25–75 %; dark line: median;
     dotted grey: ``±k`` for ``k`` in ``sigma_lines``. ``summary`` is
-    :meth:`ActivationRecorder.summary` (layer name → dict with ``"bands"``).
+    :meth:`ActivationRecorder.summary` (layer name → dict with ``"bands"``). With
+    ``annotate_k``, each layer is labelled with its excess kurtosis and its count of values
+    beyond ``annotate_k``σ next to a unit Gaussian's expected count.
     """
     names = [n for n, s in summary.items() if s.get("bands")]
     if not names:
@@ -79,6 +81,18 @@ def plot_layer_bands(summary: dict[str, dict[str, Any]], path: str | Path, *,
         ax.axhline(-k, color="grey", ls=":", lw=0.8)
         ax.text(x[-1] + 0.1, k, f"+{k:g}σ", fontsize=7, color="grey", va="center")
         ax.text(x[-1] + 0.1, -k, f"−{k:g}σ", fontsize=7, color="grey", va="center")
+    if annotate_k is not None:
+        for i, n in enumerate(names):
+            beyond = summary[n].get("beyond", {}).get(annotate_k)
+            if beyond is None:
+                continue
+            ax.annotate(f"ex.kurt {summary[n]['excess_kurtosis']:.1f}\n"
+                        f">{annotate_k:g}σ: {beyond['count']:,}\nGauss: {beyond['expected_gaussian']:.3g}",
+                        (x[i], 0), xycoords=("data", "axes fraction"), xytext=(0, 4),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7)
+        lo, hi = min(np.nanmin(b["min"]), -max(sigma_lines, default=0)), np.nanmax(b["max"])
+        hi = max(hi, max(sigma_lines, default=hi))
+        ax.set_ylim(lo - 0.3 * (hi - lo), hi + 0.18 * (hi - lo))
     if yscale == "symlog":
         ax.set_yscale("symlog", linthresh=4.0)
     ax.set_xticks(x)
@@ -86,7 +100,7 @@ def plot_layer_bands(summary: dict[str, dict[str, Any]], path: str | Path, *,
     ax.set_xlim(-0.3, x[-1] + 0.8)
     ax.set_ylabel("normalized activation x̂ (σ units, before γ, β)")
     ax.set_title(title or "Normalized activations per layer", fontsize=10, wrap=True)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="upper center", fontsize=7, ncol=4, frameon=False)
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 

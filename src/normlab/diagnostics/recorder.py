@@ -339,8 +339,10 @@ class LayerRecord:
         """JSON-ready statistics of this layer (see :func:`normlab.diagnostics.stats.summarize`)."""
         n = self.moments.n
         beyond = {k: _beyond_entry(int(c), n, k) for k, c in zip(self.sigmas, self.beyond)}
-        k_rank = 7.0 if 7.0 in self.sigmas else self.sigmas[0]
-        col = self.sigmas.index(k_rank)
+        # rank channels by the largest k that any value exceeded (e.g. 14σ, else 7σ, else 4σ)
+        hit = [i for i in range(len(self.sigmas)) if self.beyond[i] > 0]
+        col = max(hit, key=lambda i: self.sigmas[i]) if hit else 0
+        k_rank = self.sigmas[col]
         order = np.argsort(-self.channel_beyond[:, col], kind="stable")[:top_channels]
         channels = []
         for c in order:

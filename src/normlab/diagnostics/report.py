@@ -80,7 +80,7 @@ def markdown_summary(summary: dict[str, dict[str, Any]], *, title: str = "Activa
             lines.append(f"- `{name}` channel {ch['channel']}: {ch['beyond'][k]} values beyond "
                          f"{k:g}σ from {ch['samples_beyond'][k]} inputs; most extreme inputs {inputs}")
     if not any_out:
-        lines.append("No value beyond 7σ was recorded.")
+        lines.append(f"No value beyond {min(ks, default=4):g}σ was recorded.")
     if images:
         lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in images]
     return "\n".join(lines) + "\n"
@@ -101,7 +101,8 @@ def write_recorder_report(recorder: ActivationRecorder, out_dir: str | Path, *,
              write_csv(band_rows(summary), out / "bands.csv")]
     images = [plot_layer_bands(summary, out / "layer_bands.png", title=title)]
     if recorder.channel_sample_size > 0:
-        for name, c in outlier_channels(recorder, density_channels):
+        k_rank = max((s["outlier_channels_by"] for s in summary.values()), default=7.0)
+        for name, c in outlier_channels(recorder, density_channels, k=k_rank):
             rec = recorder[name]
             values = rec.channel_values(c)
             top = list(zip(rec.topk.values[c].tolist(), rec.topk.indices[c].tolist()))
