@@ -190,3 +190,26 @@ def test_compare_cli_with_parallel_jobs(tmp_path, capsys):
     assert RunStore(out).count() == 4
     assert main(argv) == 0
     assert "0 runs trained, 4 already finished" in capsys.readouterr().out
+
+
+def test_torchrun_sync_stats_matches_one_process(tmp_path):
+    """2 processes × half batches with synchronized statistics and averaged gradients train
+    the same model as one process with the whole batch."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    if not os.path.exists(torchrun):
+        pytest.skip("torchrun not installed next to this python")
+    out = tmp_path / "ddp"
+    cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", "--master_port=29671",
+           "--no-python", "normlab", "compare", "--norms", "bn", "--seeds", "1", "--smoke",
+           "--sync-stats", "--quiet", "--no-plots", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (run,) = RunStore(out).runs()
+    assert run.config["sync_stats"] and run.extra["world_size"] == 2
+    from normlab.lab.train import train_run
+
+    single = train_run(RunConfig.from_dict(dict(run.config, sync_stats=False)), 1)
+    for got, ref in zip(run.epochs, single.epochs):  # (train metrics: rank 0's shard only)
+        assert got["val_loss"] == pytest.approx(ref["val_loss"], rel=1e-4)
+        assert got["test_loss"] == pytest.approx(ref["test_loss"], rel=1e-4)

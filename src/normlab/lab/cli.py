@@ -44,14 +44,14 @@ def _store_result(store, result, config_hash: str) -> bool:
                          device=result.device, versions=result.versions, extra=result.extra)
 
 
-def _callbacks(config: RunConfig, diagnose: bool) -> list:
+def _callbacks(config: RunConfig, diagnose: bool, seed: int = 1) -> list:
     if not diagnose:
         return []
     try:
-        from ..diagnostics import default_callbacks
+        from ..diagnostics.callbacks import default_callbacks
     except ImportError as error:
         raise ValueError(f"--diagnose needs normlab.diagnostics ({error})") from error
-    return list(default_callbacks(config.to_dict()))
+    return list(default_callbacks(dict(config.to_dict(), seed=seed)))
 
 
 def _one_run(config_dict: dict[str, Any], seed: int, out_dir: str, device: str,
@@ -63,7 +63,7 @@ def _one_run(config_dict: dict[str, Any], seed: int, out_dir: str, device: str,
     h = config.config_hash()
     artifacts = Path(out_dir) / "artifacts" / f"{h}-seed{seed}" if diagnose else None
     result = train_run(config, seed, device=device, distributed=distributed,
-                       callbacks=_callbacks(config, diagnose), artifacts_dir=artifacts)
+                       callbacks=_callbacks(config, diagnose, seed), artifacts_dir=artifacts)
     if write:
         _store_result(RunStore(out_dir), result, h)
     return {"config_hash": h, "seed": seed, "test_acc": result.test_acc,
@@ -337,7 +337,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
               f"{len(plan.seeds)} seeds → {out}", file=sys.stderr)
     start = time.perf_counter()
     try:
-        counts = run_plan(plan, out, jobs=args.jobs, device=args.device,
+        jobs = args.jobs if args.jobs is not None else (1 if ctx is not None else default_jobs())
+        counts = run_plan(plan, out, jobs=jobs, device=args.device,
                           progress=not args.quiet, diagnose=args.diagnose, distributed=ctx,
                           threads=args.threads)
     finally:
@@ -379,7 +380,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         artifacts = Path(args.out) / "artifacts" / f"{h}-seed{args.seed}" if (
             args.out and args.diagnose) else None
         result = train_run(config, args.seed, device=args.device, distributed=ctx,
-                           callbacks=_callbacks(config, args.diagnose), on_epoch=show,
+                           callbacks=_callbacks(config, args.diagnose, args.seed), on_epoch=show,
                            artifacts_dir=artifacts)
     finally:
         _cleanup(ctx)
@@ -442,7 +443,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", help="method label to test against (default: bn)")
     p.add_argument("--seeds", type=_int_at_least(1), help="run seeds 1..N (default: 5)")
     p.add_argument("--batch-sizes", nargs="+", type=_int_at_least(1), metavar="N")
-    p.add_argument("--jobs", "-j", type=_int_at_least(1), default=default_jobs(),
+    p.add_argument("--jobs", "-j", type=_int_at_least(1), default=None,
                    help=f"parallel worker processes, each with cores/jobs torch threads "
                         f"(default here: {default_jobs()} = CPU cores, at most 4)")
     p.add_argument("--threads", type=_int_at_least(1),

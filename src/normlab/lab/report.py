@@ -191,6 +191,9 @@ def render_report(out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]
         md.append(f"- device `{runs[0].device}`, " + ", ".join(
             f"{k} {v}" for k, v in versions.items()))
         md.append(f"- total training time {sum(r.wall_time for r in runs):.0f} s")
+        if any(r.extra.get("artifacts") for r in runs):
+            md.append("- diagnostics (`--diagnose`): per-run artifacts in "
+                      "`artifacts/<config hash>-seed<N>/`")
         md.append("")
     md.append(format_table(rows, markdown=True))
     md.append("")
