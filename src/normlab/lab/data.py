@@ -214,7 +214,7 @@ def _blur(a: np.ndarray, passes: int = 2) -> np.ndarray:
 
 
 def _load_synthetic(*, n: int = 5000, num_classes: int = 10, image_size: int = 28,
-                    in_channels: int = 1, noise: float = 1.0, shift: int = 2,
+                    in_channels: int = 1, noise: float = 4.0, shift: int = 2,
                     outlier_rate: float = 0.02, outlier_scale: float = 20.0,
                     outlier_size: int = 3, num_features: int = 3, seed: int = 0) -> _Raw:
     """Class templates plus noise, with rare, large, feature-specific outliers.
@@ -488,7 +488,7 @@ _DATASETS: dict[str, _Entry] = {
                         "generated class templates + noise with rare large feature-specific "
                         "outliers (outlier_rate, outlier_scale, ...)",
                         {"n": 5000, "num_classes": 10, "image_size": 28, "in_channels": 1,
-                         "noise": 1.0, "shift": 2, "outlier_rate": 0.02, "outlier_scale": 20.0,
+                         "noise": 4.0, "shift": 2, "outlier_rate": 0.02, "outlier_scale": 20.0,
                          "outlier_size": 3, "num_features": 3, "seed": 0}),
     "mnist-idx": _Entry(lambda root: _load_mnist_idx(root),
                         "MNIST/Fashion-MNIST IDX files in root (train-images-idx3-ubyte, ...)",
