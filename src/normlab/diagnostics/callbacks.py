@@ -247,12 +247,15 @@ class MomentConsistency(_HookedCallback):
         sub = xv.index_select(0, idx)
         T = self.threshold
         full = F.moments(xv, (0, 2))
-        ffull = F.filtered_moments(xv, (0, 2), T, eps=eps)
+        ffull = F.filtered_moments(xv, (0, 2), T, eps=eps, plain=full)
+        plain_sub = F.moments(sub, (0, 2))
+        fsub = F.filtered_moments(sub, (0, 2), T, eps=eps, plain=plain_sub)
+        kappa = F.truncated_normal_variance_factor(T)
         est = {
-            "bn": (F.moments(sub, (0, 2)), full),
-            "fbn": (F.filtered_moments(sub, (0, 2), T, eps=eps), full),
-            "fbn_gc": (F.filtered_moments(sub, (0, 2), T, eps=eps, gaussian_consistent=True), full),
-            "fbn_self": (F.filtered_moments(sub, (0, 2), T, eps=eps), ffull),
+            "bn": (plain_sub, full),
+            "fbn": (fsub, full),
+            "fbn_gc": (F.Moments(fsub.mean, fsub.var / kappa, fsub.count), full),
+            "fbn_self": (fsub, ffull),
         }
         row = {}
         var_scale = full.var.reshape(-1) + eps
