@@ -68,14 +68,18 @@ def make_module(kind, shape, kw):
     return module
 
 
-def run_protocol(module, shape, rows):
+def run_protocol(module, shape, rows, device="cpu", dtype=torch.float64):
     """Two training steps (the second with backward) and one eval step on batch ``rows``."""
+    def batch(seed):
+        return make_input(shape, seed).to(device=device, dtype=dtype)[rows]
+
     out = {}
     module.train()
-    out["y1"] = module(make_input(shape, 1)[rows]).detach()
-    x2 = make_input(shape, 2)[rows].requires_grad_(True)
-    proj = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=x2.dtype)[rows]
+    out["y1"] = module(batch(1)).detach()
+    x2 = batch(2).requires_grad_(True)
+    proj = torch.randn(shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
     y2 = module(x2)
+    proj = proj.to(device=device, dtype=dtype)[rows]
     (y2 * proj).sum().backward()
     out["y2"], out["x_grad"] = y2.detach(), x2.grad
     if module.weight is not None:
@@ -83,8 +87,8 @@ def run_protocol(module, shape, rows):
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         out[name] = getattr(module, name).clone()
     module.eval()
-    out["y_eval"] = module(make_input(shape, 3)[rows]).detach()
-    return out
+    out["y_eval"] = module(batch(3)).detach()
+    return {k: v.cpu() for k, v in out.items()}
 
 
 def rank_rows(split, rank):
@@ -92,17 +96,23 @@ def rank_rows(split, rank):
     return slice(start, start + split[rank])
 
 
-def _worker(rank, port, outdir):
+def _worker(rank, port, outdir, device):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    ctx = D.setup_from_env("cpu", env=env)
+    # gloo also on CUDA: the test shares one GPU between both ranks, which NCCL refuses
+    ctx = D.setup_from_env(device, backend="gloo", env=env)
     result = {"ctx": (ctx.rank, ctx.world_size, ctx.local_rank, str(ctx.device), ctx.is_main,
                       ctx.backend)}
     for name, kind, shape, split, kw in CASES:
-        module = normlab.convert_sync(make_module(kind, shape, kw))
-        result[name] = run_protocol(module, shape, rank_rows(split, rank))
+        module = normlab.convert_sync(make_module(kind, shape, kw)).to(device)
+        result[name] = run_protocol(module, shape, rank_rows(split, rank), device)
         result[name]["type"] = type(module).__name__
+    # half-precision input, float32 parameters (as under autocast): float32 statistics
+    torch.manual_seed(3)
+    module = D.SyncFilteredBatchNorm(3).to(device)
+    result["half"] = run_protocol(module, (8, 3, 4, 4), rank_rows((3, 5), rank), device,
+                                  HALF[device])
     # the same step without synchronization (each rank its own half) must differ
     name, kind, shape, split, kw = CASES[1]
     result["unsynced_y1"] = make_module(kind, shape, kw)(
@@ -116,11 +126,11 @@ def _worker(rank, port, outdir):
     # DDP end to end: wrap_ddp(sync_stats=True), uneven split, DDP-averaged gradients
     torch.manual_seed(5)
     ddp = D.wrap_ddp(ddp_model(), ctx, sync_stats=True)
-    x = make_input((8, 2, 4, 4), 4)[rank_rows((3, 5), rank)]
+    x = make_input((8, 2, 4, 4), 4)[rank_rows((3, 5), rank)].to(device)
     ddp(x).square().sum().backward()
     result["ddp_types"] = [type(m).__name__ for m in D.unwrap(ddp).modules()]
-    result["ddp_grads"] = {k: p.grad for k, p in D.unwrap(ddp).named_parameters()}
-    result["metric_sum"] = D.all_reduce_sum([rank + 1.0, 1.0], ctx)
+    result["ddp_grads"] = {k: p.grad.cpu() for k, p in D.unwrap(ddp).named_parameters()}
+    result["metric_sum"] = D.all_reduce_sum([rank + 1.0, 1.0], ctx).cpu()
     result["shard"] = D.shard_indices(7, ctx, shuffle=True, seed=1)
     group = dist.group.WORLD
     D.cleanup()
@@ -143,16 +153,37 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_ranks(tmp_path_factory):
+HALF = {"cpu": torch.bfloat16, "cuda": torch.float16}
+
+
+def spawn_two_ranks(tmp_path_factory, device):
     outdir = str(tmp_path_factory.mktemp("dist"))
-    mp.spawn(_worker, args=(free_port(), outdir), nprocs=WORLD, join=True)
+    # fork on CPU (no re-import of torch: seconds less); CUDA cannot be forked into
+    method = "spawn" if device == "cuda" else "fork"
+    mp.start_processes(_worker, args=(free_port(), outdir, device), nprocs=WORLD, join=True,
+                       start_method=method)
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
             for r in range(WORLD)]
 
 
-def close(a, b):
-    torch.testing.assert_close(a, b, atol=ATOL, rtol=0)
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    return spawn_two_ranks(tmp_path_factory, "cpu")
+
+
+def close(a, b, atol=ATOL, rtol=0.0):
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+def check_case(got, ref, atol=ATOL, rtol=0.0, stats_rtol=0.0):
+    for key in ("y1", "y2", "x_grad", "y_eval"):  # per-sample: the ranks' slices, in order
+        close(torch.cat([g[key] for g in got]), ref[key], atol, rtol)
+    if "w_grad" in ref:  # parameter gradients are local sums; DDP reduces them
+        close(got[0]["w_grad"] + got[1]["w_grad"], ref["w_grad"], atol, rtol)
+        close(got[0]["b_grad"] + got[1]["b_grad"], ref["b_grad"], atol, rtol)
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        for g in got:  # identical on every rank
+            close(g[key], ref[key], ATOL, stats_rtol)
 
 
 def test_setup_from_env_under_torchrun_variables(two_ranks):
@@ -168,14 +199,33 @@ def test_two_processes_equal_one_process_on_the_whole_batch(two_ranks, case):
     got = [res[name] for res in two_ranks]
     expected_type = "SyncBatchRenorm" if kind == "brn" else "SyncFilteredBatchNorm"
     assert all(g["type"] == expected_type for g in got)
-    for key in ("y1", "y2", "x_grad", "y_eval"):  # per-sample: the ranks' slices, in order
-        close(torch.cat([g[key] for g in got]), ref[key])
-    if "w_grad" in ref:  # parameter gradients are local sums; DDP reduces them
-        close(got[0]["w_grad"] + got[1]["w_grad"], ref["w_grad"])
-        close(got[0]["b_grad"] + got[1]["b_grad"], ref["b_grad"])
-    for key in ("running_mean", "running_var", "num_batches_tracked"):
-        for g in got:  # identical on every rank
-            close(g[key], ref[key])
+    check_case(got, ref)
+
+
+def test_half_precision_input_synchronizes_float32_statistics(two_ranks):
+    torch.manual_seed(3)
+    ref = run_protocol(normlab.FilteredBatchNorm2d(3), (8, 3, 4, 4), slice(None), "cpu",
+                       torch.bfloat16)
+    got = [res["half"] for res in two_ranks]
+    assert got[0]["y2"].dtype == torch.bfloat16 and got[0]["running_var"].dtype == torch.float32
+    check_case(got, ref, atol=0.05, rtol=0.02, stats_rtol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_two_processes_on_cuda_equal_one_process(tmp_path_factory):
+    got = spawn_two_ranks(tmp_path_factory, "cuda")
+    for name, kind, shape, split, kw in CASES:
+        check_case([res[name] for res in got],
+                   run_protocol(make_module(kind, shape, kw), shape, slice(None)))
+    torch.manual_seed(3)
+    ref = run_protocol(normlab.FilteredBatchNorm2d(3).cuda(), (8, 3, 4, 4), slice(None), "cuda",
+                       torch.float16)
+    check_case([res["half"] for res in got], ref, atol=0.05, rtol=0.02, stats_rtol=1e-5)
+    torch.manual_seed(5)
+    model = ddp_model()
+    model(make_input((8, 2, 4, 4), 4)).square().sum().backward()
+    for key, p in model.named_parameters():
+        close(WORLD * got[0]["ddp_grads"][key], p.grad)
 
 
 def test_without_synchronization_the_halves_differ(two_ranks):
