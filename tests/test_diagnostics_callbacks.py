@@ -210,7 +210,8 @@ def test_inspect_cli_with_factory_and_lab_model(tmp_path, capsys):
                tmp_path / "ckpt.pt")
     out = tmp_path / "out"
     rc = cli_main(["inspect", "--checkpoint", str(tmp_path / "ckpt.pt"), "--data",
-                   str(tmp_path / "data.pt"), "--out", str(out), "--batch-size", "16"])
+                   str(tmp_path / "data.pt"), "--out", str(out), "--batch-size", "16",
+                   "--channels", "1"])
     assert rc == 0
     assert (out / "layer_bands.png").stat().st_size > 0
     summary = json.loads((out / "summary.json").read_text())
@@ -220,7 +221,25 @@ def test_inspect_cli_with_factory_and_lab_model(tmp_path, capsys):
     rc = cli_main(["inspect", "--factory", "normlab.lab.models:build_model", "--factory-kwargs",
                    '{"name": "lenet5", "norm": "gn", "image_size": 8}', "--data",
                    str(tmp_path / "data.pt"), "--out", str(out2), "--mode", "train",
-                   "--channels", "1"])
+                   "--channels", "0"])
     assert rc == 0 and (out2 / "summary.md").exists()
     assert cli_main(["inspect", "--factory", "nocolon", "--data", str(tmp_path / "data.pt")]) == 2
     assert "--factory must look like 'package.module:function'" in capsys.readouterr().err
+
+
+def test_inspect_cli_rebuilds_lab_run_from_checkpoint_config(tmp_path):
+    from normlab.lab.train import RunConfig, build, load_data
+
+    cfg = RunConfig(data="mnist", model="lenet5", norm="fbn", limit=60, input_norm="online",
+                    gamma=0.5)
+    torch.manual_seed(8)
+    model = build(cfg, load_data(cfg))
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict()}, tmp_path / "run.pt")
+    out = tmp_path / "out"
+    assert cli_main(["inspect", "--checkpoint", str(tmp_path / "run.pt"), "--split", "all",
+                     "--out", str(out), "--channels", "0"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["totals"]["n"] > 0
+    # the online input norm (a BN on the input) is part of the rebuilt model
+    assert len(summary["layers"]) == 5
+    assert "lenet5 with norm 'fbn'" in (out / "summary.md").read_text()

@@ -5,11 +5,20 @@
 * :mod:`.stats` — the statistics (Gaussian tail ``P(|Z| > k) = erfc(k/√2)``, bands, …).
 * :mod:`.callbacks` — training callbacks for the lab: bands per iteration, moment
   consistency, loss/gradient landscape, BN gradient factor.
+* :mod:`.report` — plots + JSON/CSV + Markdown summary of a recorder.
 * :mod:`.shape` — distribution shape of ``Wu + b`` vs ``u`` around a nonlinearity.
 * :mod:`.plots` — seed-style figures (matplotlib, imported lazily) plus JSON/CSV.
 * ``normlab inspect`` (:mod:`.cli`).
 """
 
+from .callbacks import (
+    BandTracker,
+    GradientFactorTracker,
+    LossLandscape,
+    MomentConsistency,
+    default_callbacks,
+    measure_landscape,
+)
 from .recorder import (
     ActivationRecorder,
     LayerRecord,
@@ -33,6 +42,8 @@ from .stats import (
     summarize,
     top_inputs,
 )
+from .report import write_recorder_report
+from .shape import distribution_shapes, find_activation_after, shape_stats
 
 __all__ = [
     "ActivationRecorder", "LayerRecord", "NormParts", "find_norm_layers", "norm_kind",
@@ -40,4 +51,7 @@ __all__ = [
     "DEFAULT_QUANTILES", "DEFAULT_SIGMAS", "count_beyond", "excess_kurtosis",
     "gaussian_expected_count", "gaussian_tail_probability", "quantile_bands", "skewness",
     "summarize", "top_inputs",
+    "BandTracker", "GradientFactorTracker", "LossLandscape", "MomentConsistency",
+    "default_callbacks", "measure_landscape", "write_recorder_report", "distribution_shapes",
+    "find_activation_after", "shape_stats",
 ]

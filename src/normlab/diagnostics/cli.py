@@ -36,9 +36,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--checkpoint", help="state_dict file (.pt); dicts with a 'model', "
                      "'state_dict' or 'model_state' entry are unwrapped")
     data = p.add_argument_group("data")
-    data.add_argument("--data", required=True,
+    data.add_argument("--data", default=None,
                       help="lab dataset name (normlab.lab.data.list_datasets()) or a .pt file "
-                           "holding (x, y), {'x','y'} or a TensorDataset")
+                           "holding (x, y), {'x','y'} or a TensorDataset (default: the dataset "
+                           "of the checkpoint's lab run config)")
     data.add_argument("--split", default="test", choices=("train", "val", "test", "all"))
     data.add_argument("--limit", type=int, default=None, help="dataset subsample (lab datasets)")
     data.add_argument("--input-norm", default="offline", help="lab dataset input normalization")
@@ -95,8 +96,40 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
                      f"with keys {list(obj)[:8] if isinstance(obj, dict) else '-'})")
 
 
-def load_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
-    """``(x, y, info)`` of the requested split; ``info`` has the data's shape for the lab."""
+def _run_config(config: dict[str, Any]):
+    """The lab's ``RunConfig`` if ``config`` is one (``RunConfig.to_dict()``), else ``None``."""
+    if not config or "data" not in config or "model" not in config:
+        return None
+    try:
+        from ..lab.train import RunConfig
+
+        return RunConfig.from_dict(config)
+    except (ImportError, ValueError, TypeError):
+        return None
+
+
+def _split_tensors(splits, split: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    parts = ("train", "val", "test") if split == "all" else (split,)
+    xs, ys = zip(*(getattr(splits, s).tensors for s in parts))
+    return torch.cat(xs), torch.cat(ys), {"num_classes": splits.num_classes,
+                                          "in_channels": splits.in_channels,
+                                          "image_size": splits.image_size,
+                                          "class_names": list(splits.class_names)}
+
+
+def load_inputs(args: argparse.Namespace, run_config=None) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, Any]]:
+    """``(x, y, info)`` of the requested split; ``info`` has the data's shape for the lab.
+
+    Without ``--data``, the dataset (and input normalization) of the checkpoint's lab run
+    config ``run_config`` is used.
+    """
+    if args.data is None:
+        if run_config is None:
+            raise ValueError("give --data NAME (or a .pt file), or a --checkpoint that stores "
+                             "the lab's run config")
+        from ..lab.train import load_data
+
+        return _split_tensors(load_data(run_config), args.split)
     path = Path(args.data)
     if path.suffix == ".pt":
         if not path.is_file():
@@ -115,19 +148,21 @@ def load_inputs(args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor | 
     from ..lab.data import load_dataset
 
     splits = load_dataset(args.data, limit=args.limit, input_norm=args.input_norm)
-    parts = ("train", "val", "test") if args.split == "all" else (args.split,)
-    xs, ys = zip(*(getattr(splits, s).tensors for s in parts))
-    return torch.cat(xs), torch.cat(ys), {"num_classes": splits.num_classes,
-                                          "in_channels": splits.in_channels,
-                                          "image_size": splits.image_size,
-                                          "class_names": list(splits.class_names)}
+    return _split_tensors(splits, args.split)
 
 
-def _build(args: argparse.Namespace, info: dict[str, Any]) -> tuple[nn.Module, str]:
-    state, config = (load_checkpoint(args.checkpoint) if args.checkpoint else ({}, {}))
+def _build(args: argparse.Namespace, info: dict[str, Any], state: dict[str, torch.Tensor],
+           config: dict[str, Any], run_config) -> tuple[nn.Module, str]:
     if args.factory:
         model = load_factory(args.factory, json.loads(args.factory_kwargs))
         desc = args.factory
+    elif run_config is not None and not args.model:
+        from types import SimpleNamespace
+
+        from ..lab.train import build
+
+        model = build(run_config, SimpleNamespace(**info))
+        desc = f"{run_config.model} with norm {run_config.norm!r}"
     else:
         name = args.model or config.get("model")
         if not name:
@@ -166,8 +201,10 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    x, y, info = load_inputs(args)
-    model, desc = _build(args, info)
+    state, config = load_checkpoint(args.checkpoint) if args.checkpoint else ({}, {})
+    run_config = None if (args.factory or args.model) else _run_config(config)
+    x, y, info = load_inputs(args, run_config)
+    model, desc = _build(args, info, state, config, run_config)
     device = torch.device(args.device)
     model = model.to(device)
     model.train(args.mode == "train")
@@ -188,7 +225,8 @@ def run_inspect(args: argparse.Namespace) -> int:
                 named[k].copy_(v)
     shapes = distribution_shapes(model, x[: args.batch_size].to(device))
     labels = y.tolist() if y is not None else None
-    context = (f"Model: {desc}. Data: {args.data} ({args.split} split, {recorder._seen} inputs, "
+    data_name = args.data or (run_config.data if run_config is not None else "?")
+    context = (f"Model: {desc}. Data: {data_name} ({args.split} split, {recorder._seen} inputs, "
                f"{args.mode} mode). Input indices are positions in that split.")
     paths = write_recorder_report(recorder, args.out, labels=labels, context=context,
                                   density_channels=args.channels, shapes=shapes,
