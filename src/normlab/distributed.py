@@ -13,12 +13,14 @@ Forward: two collective phases (one ``all_gather`` each), exact for uneven per-r
              gather, combine (Chan et al.):  N = Σ n_r,  μ = Σ n_r μ_r / N,
              σ² = (Σ m2_r + Σ n_r (μ_r − μ)²) / N
     mask     f = [|x − μ| / sqrt(σ² + ε) ≤ T]                               (seed eq. 4–5)
-    phase 2  each rank: M_r = Σ f, μ′_r = Σ f x / M_r, m2′_r = Σ f (x − μ′_r)²
+    phase 2  each rank, shifted by the global μ: M_r = Σ f, s1 = Σ f (x − μ), s2 = Σ f (x − μ)²
+             → (M_r, μ′_r = μ + s1/M_r, m2′_r = s2 − s1²/M_r)
              gather, combine the same way: M, μ′, σ′² = m2′ / (κ M)           (seed eq. 6–7)
     y        = γ (x − μ′) / sqrt(σ′² + ε) + β   for every value                 (seed eq. 8)
 
 Each rank sends ``(count, mean, centered sum of squares)`` per channel — never raw ``Σx²`` —
-so the combination is as stable as a two-pass variance (Chan, Golub & LeVeque 1979); a
+so the combination is as stable as a two-pass variance (Chan, Golub & LeVeque 1979; the
+kept values of phase 2 lie within Tσ of the shift μ, so its shifted sums are safe too); a
 channel whose filter keeps nothing *globally* uses its plain moments, as the unsynced
 module does. Without a threshold phase 2 is skipped (one collective, like torch).
 
@@ -127,15 +129,13 @@ class SyncMoments(NamedTuple):
     keep_all: Tensor
 
 
-def _gather_combine(count: Tensor, total: Tensor, xs: Tensor, mask: Tensor | None, group):
-    """Local ``(n, mean, centered Σ²)`` per channel → global ``(N, μ, Σ(x − μ)²)`` (Chan).
+def _gather_combine(n_r: Tensor, mean_r: Tensor, m2_r: Tensor, group):
+    """Per-rank ``(n, mean, Σ(x − mean)²)`` per channel → global ``(N, μ, Σ(x − μ)²)``.
 
-    ``xs``: ``(N, C, L)``; ``count``/``total``: local ``Σ f`` and ``Σ f x`` per channel.
+    One ``all_gather``; Chan, Golub & LeVeque's pairwise-free combination
+    ``m2 = Σ m2_r + Σ n_r (μ_r − μ)²``.
     """
-    mean_r = total / count.clamp_min(1)
-    dev = xs - mean_r.view(1, -1, 1)
-    sq = dev.square() if mask is None else mask * dev.square()
-    local = torch.stack([count, mean_r, sq.sum(dim=(0, 2))])
+    local = torch.stack([n_r, mean_r, m2_r])
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local, group=group)
     n_r, mean_r, m2_r = torch.stack(parts).unbind(1)  # each (W, C)
@@ -162,9 +162,11 @@ def sync_batch_moments(
     """
     xs = x.detach().to(F.stats_dtype(x.dtype))
     channels = xs.shape[1]
-    local_n = torch.full((channels,), float(xs.shape[0] * xs.shape[2]), dtype=xs.dtype,
-                         device=xs.device)
-    n, mean0, m2 = _gather_combine(local_n, xs.sum(dim=(0, 2)), xs, None, group)
+    local_count = xs.shape[0] * xs.shape[2]
+    n_r = torch.full((channels,), float(local_count), dtype=xs.dtype, device=xs.device)
+    mean_r = xs.sum(dim=(0, 2)) / max(local_count, 1)  # local two-pass moments
+    m2_r = (xs - mean_r.view(1, -1, 1)).square().sum(dim=(0, 2))
+    n, mean0, m2 = _gather_combine(n_r, mean_r, m2_r, group)
     total = int(n[0].item())
     if total <= 1:
         raise ValueError(
@@ -175,10 +177,17 @@ def sync_batch_moments(
     keep_all = torch.zeros(channels, dtype=torch.bool, device=xs.device)
     if threshold is None:
         return SyncMoments(mean0, var0, mean0, var0, n, keep_all)
-    z = (xs - mean0.view(1, -1, 1)) * torch.rsqrt(var0.view(1, -1, 1) + eps)
-    mask = (z.abs() <= threshold).to(xs.dtype)
-    kept, mean, m2f = _gather_combine(mask.sum(dim=(0, 2)), (mask * xs).sum(dim=(0, 2)), xs,
-                                      mask, group)
+    # local kept sums shifted by the global plain mean μ (kept values lie within T σ of it,
+    # so Σf(x−μ)² − (Σf(x−μ))²/M loses no precision worth naming)
+    dev = xs - mean0.view(1, -1, 1)
+    mask = ((dev * torch.rsqrt(var0.view(1, -1, 1) + eps)).abs() <= threshold).to(xs.dtype)
+    kept_dev = dev * mask
+    kept_r = mask.sum(dim=(0, 2))
+    s1 = kept_dev.sum(dim=(0, 2))
+    s2 = kept_dev.square().sum(dim=(0, 2))
+    shift_r = s1 / kept_r.clamp_min(1)
+    m2f_r = (s2 - s1 * shift_r).clamp_min(0)
+    kept, mean, m2f = _gather_combine(kept_r, mean0 + shift_r, m2f_r, group)
     keep_all = kept == 0
     if bool(keep_all.any()):  # the filter kept nothing: plain moments (F.filter_mask's rule)
         kept = torch.where(keep_all, n, kept)
@@ -219,14 +228,16 @@ class SyncNormalizeAffineFunction(torch.autograd.Function):
         xs = x.to(rstd.dtype)
         gy = grad_y.to(rstd.dtype)
         xhat = (xs - mean) * rstd
+        # local Σ ∂ℓ/∂y and Σ ∂ℓ/∂y x̂: the parameter gradients, and (× γ) the sums to reduce
+        sums = torch.stack([gy.sum(dim=(0, 2)), (gy * xhat).sum(dim=(0, 2))])
         grad_x = grad_w = grad_b = None
         if weight is not None and ctx.needs_input_grad[1]:
-            grad_w = (gy * xhat).sum(dim=(0, 2), keepdim=True).to(weight.dtype)
+            grad_w = sums[1].view(weight.shape).to(weight.dtype)
         if bias is not None and ctx.needs_input_grad[2]:
-            grad_b = gy.sum(dim=(0, 2), keepdim=True).to(bias.dtype)
+            grad_b = sums[0].view(bias.shape).to(bias.dtype)
         if ctx.needs_input_grad[0]:
-            g = gy * weight.to(rstd.dtype) if weight is not None else gy
-            sums = torch.stack([g.sum(dim=(0, 2)), (g * xhat).sum(dim=(0, 2))])
+            w = weight.to(rstd.dtype).reshape(1, -1) if weight is not None else None
+            sums = sums * w if w is not None else sums.clone()  # Σ g, Σ g x̂ with g = γ ∂ℓ/∂y
             dist.all_reduce(sums, group=group)
             kappa = F.truncated_normal_variance_factor(threshold) if (
                 gaussian_consistent and threshold is not None) else 1.0
@@ -235,7 +246,8 @@ class SyncNormalizeAffineFunction(torch.autograd.Function):
             if threshold is not None:
                 z = (xs - mean0.view(1, -1, 1)) * torch.rsqrt(var0.view(1, -1, 1) + eps)
                 keep = (z.abs() <= threshold) | keep_all.view(1, -1, 1)
-                proj = proj * keep.to(proj.dtype)
+                proj = proj * keep
+            g = gy * weight.to(rstd.dtype) if weight is not None else gy
             grad_x = ((g - proj) * rstd).to(x.dtype)
         return (grad_x, grad_w, grad_b) + (None,) * 10
 
@@ -627,7 +639,8 @@ def shard_indices(n: int, ctx: DistContext, *, shuffle: bool = False, seed: int 
 def all_reduce_sum(values: Tensor | Sequence[float], ctx: DistContext) -> Tensor:
     """Sum ``values`` (a tensor, or numbers such as ``[loss_sum, correct, count]``) over ranks.
 
-    Returns a new float64 tensor (on CPU for numbers); single process: the values themselves.
+    Returns a new tensor (a tensor keeps its dtype and device; numbers become float64 on
+    CPU, moved to the GPU for NCCL); single process: a copy of the values.
     Use it for exact global metrics: sum numerators and counts, divide after.
     """
     t = values.detach().clone() if isinstance(values, Tensor) else torch.tensor(
