@@ -158,10 +158,10 @@ HALF = {"cpu": torch.bfloat16, "cuda": torch.float16}
 
 def spawn_two_ranks(tmp_path_factory, device):
     outdir = str(tmp_path_factory.mktemp("dist"))
-    # fork on CPU (no re-import of torch: seconds less); CUDA cannot be forked into
-    method = "spawn" if device == "cuda" else "fork"
+    # spawn, never fork: a forked child inherits the parent's OpenMP/gloo thread state (the
+    # suite has run torch and normlab's OpenMP kernels before) and can deadlock
     mp.start_processes(_worker, args=(free_port(), outdir, device), nprocs=WORLD, join=True,
-                       start_method=method)
+                       start_method="spawn")
     return [torch.load(os.path.join(outdir, f"rank{r}.pt"), weights_only=False)
             for r in range(WORLD)]
 

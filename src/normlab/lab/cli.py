@@ -55,15 +55,19 @@ def _callbacks(config: RunConfig, diagnose: bool, seed: int = 1) -> list:
 
 
 def _one_run(config_dict: dict[str, Any], seed: int, out_dir: str, device: str,
-             diagnose: bool, distributed: Any = None, write: bool = True) -> dict[str, Any]:
+             diagnose: bool, distributed: Any = None, write: bool = True,
+             save_checkpoint: bool = False) -> dict[str, Any]:
     """Train one (config, seed) and store it; runs in the main process or a worker."""
     from .store import RunStore
 
     config = RunConfig.from_dict(config_dict)
     h = config.config_hash()
     artifacts = Path(out_dir) / "artifacts" / f"{h}-seed{seed}" if diagnose else None
+    checkpoint = (Path(out_dir) / "checkpoints" / f"{h}-seed{seed}.pt"
+                  if save_checkpoint and write else None)
     result = train_run(config, seed, device=device, distributed=distributed,
-                       callbacks=_callbacks(config, diagnose, seed), artifacts_dir=artifacts)
+                       callbacks=_callbacks(config, diagnose, seed), artifacts_dir=artifacts,
+                       checkpoint_path=checkpoint)
     if write:
         _store_result(RunStore(out_dir), result, h)
     return {"config_hash": h, "seed": seed, "test_acc": result.test_acc,
@@ -78,7 +82,7 @@ def _worker_init(threads: int) -> None:
 
 def run_plan(plan: Plan, out_dir: str | Path, *, jobs: int = 1, device: str = "auto",
              progress: bool = True, diagnose: bool = False, distributed: Any = None,
-             threads: int | None = None) -> dict[str, int]:
+             threads: int | None = None, save_checkpoints: bool = False) -> dict[str, int]:
     """Train every (variant, seed) of ``plan`` not yet in ``out_dir``'s store.
 
     Each finished run is written in one transaction as soon as it ends, so an interrupted
@@ -137,7 +141,7 @@ def run_plan(plan: Plan, out_dir: str | Path, *, jobs: int = 1, device: str = "a
                 torch.set_num_threads(threads)
             for v, s in unique:
                 info = _one_run(v.config.to_dict(), s, str(out_dir), device, diagnose,
-                                distributed, write=is_main)
+                                distributed, write=is_main, save_checkpoint=save_checkpoints)
                 done(v, s, info)
         else:
             import multiprocessing as mp
@@ -147,7 +151,8 @@ def run_plan(plan: Plan, out_dir: str | Path, *, jobs: int = 1, device: str = "a
             with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                      initializer=_worker_init, initargs=(per,)) as pool:
                 futures = {pool.submit(_one_run, v.config.to_dict(), s, str(out_dir), device,
-                                       diagnose): (v, s) for v, s in unique}
+                                       diagnose, None, True, save_checkpoints): (v, s)
+                           for v, s in unique}
                 pending = set(futures)
                 while pending:
                     finished_now, pending = wait(pending, return_when=FIRST_COMPLETED)
@@ -166,14 +171,15 @@ def run_plan(plan: Plan, out_dir: str | Path, *, jobs: int = 1, device: str = "a
 
 def compare(preset: str = "default", out_dir: str | Path | None = None, *, jobs: int = 1,
             device: str = "auto", progress: bool = True, diagnose: bool = False,
-            report: bool = True, **plan_options: Any) -> tuple[Plan, dict[str, int]]:
+            report: bool = True, save_checkpoints: bool = False, **plan_options: Any) -> tuple[Plan, dict[str, int]]:
     """Python API of ``normlab compare``: :func:`make_plan`, :func:`run_plan`, then the report.
 
     >>> plan, counts = compare("fbn-mnist", "runs/fbn", seeds=3, jobs=2)
     """
     plan = make_plan(preset, **plan_options)
     out = Path(out_dir) if out_dir is not None else Path(DEFAULT_OUT) / plan.name
-    counts = run_plan(plan, out, jobs=jobs, device=device, progress=progress, diagnose=diagnose)
+    counts = run_plan(plan, out, jobs=jobs, device=device, progress=progress, diagnose=diagnose,
+                      save_checkpoints=save_checkpoints)
     if report:
         from .report import render_report
 
@@ -340,7 +346,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         jobs = args.jobs if args.jobs is not None else (1 if ctx is not None else default_jobs())
         counts = run_plan(plan, out, jobs=jobs, device=args.device,
                           progress=not args.quiet, diagnose=args.diagnose, distributed=ctx,
-                          threads=args.threads)
+                          threads=args.threads, save_checkpoints=args.save_checkpoints)
     finally:
         _cleanup(ctx)
     if not is_main:
@@ -379,15 +385,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         artifacts = Path(args.out) / "artifacts" / f"{h}-seed{args.seed}" if (
             args.out and args.diagnose) else None
+        checkpoint = args.checkpoint or (
+            Path(args.out) / "checkpoints" / f"{h}-seed{args.seed}.pt" if args.out else None)
         result = train_run(config, args.seed, device=args.device, distributed=ctx,
                            callbacks=_callbacks(config, args.diagnose, args.seed), on_epoch=show,
-                           artifacts_dir=artifacts)
+                           artifacts_dir=artifacts, checkpoint_path=checkpoint)
     finally:
         _cleanup(ctx)
     if not is_main:
         return 0
     print(f"chosen epoch {result.chosen_epoch} (best validation {result.val_acc:.2f}%): "
           f"test accuracy {result.test_acc:.2f}%  [{result.wall_time:.1f} s on {result.device}]")
+    if checkpoint is not None:
+        print(f"model saved to {checkpoint} (inspect it: normlab inspect --checkpoint {checkpoint})")
     if store is not None:
         _store_result(store, result, h)
         print(f"stored in {store.path}")
@@ -454,6 +464,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--diagnose", action="store_true",
                    help="attach normlab.diagnostics callbacks; artifacts in OUT/artifacts")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--save-checkpoints", action="store_true",
+                   help="save each trained model to OUT/checkpoints/HASH-seedI.pt "
+                        "(for `normlab inspect --checkpoint`)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     _add_run_options(p, single=False)
     p.set_defaults(func=cmd_compare)
@@ -461,7 +474,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="train a single run and print per-epoch metrics")
     _one_line_errors(p)
     _add_run_options(p, single=True)
-    p.add_argument("--out", help="store the run in OUT/runs.sqlite (skipped if present)")
+    p.add_argument("--out", help="store the run in OUT/runs.sqlite (skipped if present) and "
+                                 "the model in OUT/checkpoints/HASH-seedI.pt")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="save the trained model here (default with --out: OUT/checkpoints/)")
     p.add_argument("--diagnose", action="store_true", help="attach normlab.diagnostics callbacks")
     p.set_defaults(func=cmd_train)
 

@@ -280,7 +280,8 @@ def _autocast(device: torch.device, amp: bool):
 def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | None = None,
               callbacks: Sequence[Callback] = (), progress: bool = False,
               distributed: Any = None, artifacts_dir: str | Path | None = None,
-              on_epoch: Callable[[dict[str, float]], None] | None = None) -> RunResult:
+              on_epoch: Callable[[dict[str, float]], None] | None = None,
+              checkpoint_path: str | Path | None = None) -> RunResult:
     """Train ``config`` with run index ``seed`` and return its :class:`RunResult`.
 
     Args:
@@ -294,6 +295,10 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
             (DDP), and with ``config.sync_stats`` batch statistics span all processes.
         artifacts_dir: where callbacks write their artifacts (``write_artifacts``).
         on_epoch: called with each epoch's metrics dict.
+        checkpoint_path: where to save the trained model (rank 0 only) as
+            ``{"model": state_dict, "config": config.to_dict(), "seed": i, "epochs": [...]}``,
+            the format ``normlab inspect --checkpoint`` reads; written to a temporary file
+            and renamed, so an interrupted save leaves no half-written checkpoint.
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 1:
         raise ValueError(f"seed (run index) must be an int >= 1, got {seed!r}")
@@ -413,6 +418,8 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
         bar.close()
     for cb in callbacks:
         cb.on_train_end(state)
+    if checkpoint_path is not None and rank == 0:
+        save_checkpoint(checkpoint_path, model, config, seed, epochs)
     artifacts: list[str] = []
     if artifacts_dir is not None and callbacks:
         out = Path(artifacts_dir)
@@ -433,6 +440,18 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
                      val_acc=best["val_acc"], test_acc=best["test_acc"],
                      wall_time=time.perf_counter() - start_time, device=str(dev),
                      versions=versions(), extra=extra)
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, config: RunConfig, seed: int,
+                    epochs: list[dict[str, float]]) -> Path:
+    """Save ``{"model", "config", "seed", "epochs"}`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": state, "config": config.to_dict(), "seed": seed, "epochs": epochs}, tmp)
+    tmp.replace(path)
+    return path
 
 
 def _epoch_metrics(model, epoch, step, run_loss, run_correct, run_seen, optimizer, val, test,
