@@ -312,7 +312,7 @@ def _distributed(args: argparse.Namespace):
         from ..distributed import setup_from_env
     except ImportError as error:
         raise ValueError(f"--sync-stats / torchrun needs normlab.distributed ({error})") from error
-    return setup_from_env()
+    return setup_from_env(getattr(args, "device", None))
 
 
 def _cleanup(ctx) -> None:
