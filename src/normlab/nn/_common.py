@@ -104,6 +104,26 @@ class AffineMixin:
             nn.init.zeros_(self.bias)
 
 
+class RunningStatsMixin:
+    """``running_mean``, ``running_var``, ``num_batches_tracked`` buffers named as torch's."""
+
+    def _make_running_stats(self, num_features: int, track: bool, device=None, dtype=None) -> None:
+        if track:
+            self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
+            self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
+            self.register_buffer("num_batches_tracked",
+                                 torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            for name in ("running_mean", "running_var", "num_batches_tracked"):
+                self.register_buffer(name, None)
+
+    def reset_running_stats(self) -> None:
+        if self.running_mean is not None:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+
 def channel_view(param: Tensor | None, ndim: int, channel_dim: int = 1) -> Tensor | None:
     """View a per-channel parameter ``(C,)`` to broadcast against an ``ndim`` tensor."""
     if param is None:

@@ -16,6 +16,7 @@ from .. import functional as F
 from ..kernels import normalize_affine
 from ._common import (
     AffineMixin,
+    RunningStatsMixin,
     channel_view,
     check_eps,
     check_gaussian_consistent,
@@ -35,7 +36,7 @@ __all__ = [
 ]
 
 
-class _BatchStatsNorm(AffineMixin, nn.Module):
+class _BatchStatsNorm(AffineMixin, RunningStatsMixin, nn.Module):
     """Shared state of the batch-statistics norms (signature of ``torch.nn.BatchNorm2d``)."""
 
     _allowed_dims: tuple[int, ...] = ()
@@ -52,26 +53,9 @@ class _BatchStatsNorm(AffineMixin, nn.Module):
         self.track_running_stats = bool(track_running_stats)
         self.threshold = check_threshold(threshold)
         self.gaussian_consistent = check_gaussian_consistent(gaussian_consistent, self.threshold)
-        factory = {"device": device, "dtype": dtype}
         self._make_affine(num_features, affine, gamma_init, device=device, dtype=dtype)
-        if self.track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
-            self.register_buffer("running_var", torch.ones(num_features, **factory))
-            self.register_buffer(
-                "num_batches_tracked",
-                torch.tensor(0, dtype=torch.long, device=device),
-            )
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
+        self._make_running_stats(num_features, self.track_running_stats, device, dtype)
         self.reset_parameters()
-
-    def reset_running_stats(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from ..kernels import normalize_affine
 from ._common import (
     AffineMixin,
+    RunningStatsMixin,
     check_eps,
     check_gaussian_consistent,
     check_input,
@@ -161,7 +162,7 @@ class FilteredLayerNorm(AffineMixin, nn.Module):
         return y.view(x.shape)
 
 
-class _FilteredInstanceNorm(AffineMixin, nn.Module):
+class _FilteredInstanceNorm(AffineMixin, RunningStatsMixin, nn.Module):
     r"""``torch.nn.InstanceNorm*d`` with the robust filter: moments per sample and channel.
 
     Statistics over the spatial positions of one sample and channel, filtered as in the
@@ -186,21 +187,11 @@ class _FilteredInstanceNorm(AffineMixin, nn.Module):
         self.threshold = check_threshold(threshold)
         self.gaussian_consistent = check_gaussian_consistent(gaussian_consistent, self.threshold)
         self._make_affine(num_features, affine, gamma_init, device=device, dtype=dtype)
-        if self.track_running_stats:
-            self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
-            self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
-            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
-        else:
-            self.register_buffer("running_mean", None)
-            self.register_buffer("running_var", None)
-            self.register_buffer("num_batches_tracked", None)
+        self._make_running_stats(num_features, self.track_running_stats, device, dtype)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        if self.track_running_stats:
-            self.running_mean.zero_()
-            self.running_var.fill_(1)
-            self.num_batches_tracked.zero_()
+        self.reset_running_stats()
         self._reset_affine()
 
     def extra_repr(self) -> str:
