@@ -84,11 +84,17 @@ SCRIPT = textwrap.dedent(r'''
             threshold=2.0),
         run("gn bfloat16", x4.bfloat16(), (w4.bfloat16(), b4.bfloat16(), None, None, None),
             (2, 3), threshold=2.0),
+        # autocast/AMP: half activations, float32 parameters (dispatched on CUDA)
+        run("bn float16 params float32", (x * 0.5).half(), (w, b, None, None, None), (0, 2),
+            threshold=2.0),
+        run("frn bfloat16 params float32", x4.bfloat16(), (w4, b4, t4, None, None), (2, 3),
+            act="tlu", centered=False),
     ]
     print("RESULTS " + json.dumps(results))
 ''')
 
-TOLERANCE = {"bn float16": 2e-2, "gn bfloat16": 5e-2}
+TOLERANCE = {"bn float16": 2e-2, "gn bfloat16": 5e-2, "bn float16 params float32": 2e-2,
+             "frn bfloat16 params float32": 5e-2}
 
 
 def test_triton_kernels_match_reference_in_interpreter():
@@ -98,6 +104,6 @@ def test_triton_kernels_match_reference_in_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS "))
     results = json.loads(line[len("RESULTS "):])
-    assert len(results) == 11
+    assert len(results) == 13
     for name, err in results:
         assert err < TOLERANCE.get(name, 2e-5), (name, err)

@@ -82,7 +82,11 @@ def _choose(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...]
             ) -> tuple[str, Plan | None]:
     if _backend == "reference" or _is_compiling() or x.dim() == 0:
         return "reference", None
-    if any(p is not None and (p.dtype != x.dtype or p.device != x.device) for p in params):
+    # parameters share x's device and dtype, or stay float32 for half inputs (autocast/AMP)
+    if any(p is not None and (p.device != x.device or not (
+            p.dtype == x.dtype or (p.dtype == torch.float32 and x.device.type == "cuda"
+                                   and x.dtype in (torch.float16, torch.bfloat16))))
+           for p in params):
         return "reference", None
     pl = plan(x, params, dims)
     if pl is None or x.numel() == 0:
