@@ -104,11 +104,28 @@ class AffineMixin:
             nn.init.zeros_(self.bias)
 
 
-class RunningStatsMixin:
-    """``running_mean``, ``running_var``, ``num_batches_tracked`` buffers named as torch's."""
+class ChannelStatsNorm(AffineMixin, nn.Module):
+    """State shared by per-channel norms with optional running statistics (BN, IN).
 
-    def _make_running_stats(self, num_features: int, track: bool, device=None, dtype=None) -> None:
-        if track:
+    Validates torch's arguments (``num_features, eps, momentum, affine,
+    track_running_stats``) and the keyword-only extras, creates ``weight``/``bias`` and the
+    ``running_mean``, ``running_var``, ``num_batches_tracked`` buffers named as torch's, and
+    advances the running-average bookkeeping exactly as torch does.
+    """
+
+    def __init__(self, num_features: int, eps: float, momentum: float | None, affine: bool,
+                 track_running_stats: bool, device, dtype, *, threshold: float | None,
+                 gaussian_consistent: bool, gamma_init: float) -> None:
+        super().__init__()
+        self.num_features = check_positive_int("num_features", num_features)
+        self.eps = check_eps(eps)
+        self.momentum = check_momentum(momentum)
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.threshold = check_threshold(threshold)
+        self.gaussian_consistent = check_gaussian_consistent(gaussian_consistent, self.threshold)
+        self._make_affine(num_features, affine, gamma_init, device=device, dtype=dtype)
+        if self.track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, device=device, dtype=dtype))
             self.register_buffer("running_var", torch.ones(num_features, device=device, dtype=dtype))
             self.register_buffer("num_batches_tracked",
@@ -116,12 +133,34 @@ class RunningStatsMixin:
         else:
             for name in ("running_mean", "running_var", "num_batches_tracked"):
                 self.register_buffer(name, None)
+        self.reset_parameters()
 
     def reset_running_stats(self) -> None:
-        if self.running_mean is not None:
+        if self.track_running_stats:
             self.running_mean.zero_()
             self.running_var.fill_(1)
             self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        self._reset_affine()
+
+    def extra_repr(self) -> str:
+        text = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
+                f"threshold={self.threshold}")
+        if self.gaussian_consistent:
+            text += ", gaussian_consistent=True"
+        return text
+
+    def _averaging_factor(self) -> float:
+        """Advance ``num_batches_tracked`` and return the running-average factor (as torch)."""
+        if not (self.training and self.track_running_stats):
+            return 0.0
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
 
 
 def channel_view(param: Tensor | None, ndim: int, channel_dim: int = 1) -> Tensor | None:

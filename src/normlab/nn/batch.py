@@ -10,21 +10,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as TF
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import functional as F
 from ..kernels import normalize_affine
-from ._common import (
-    AffineMixin,
-    RunningStatsMixin,
-    channel_view,
-    check_eps,
-    check_gaussian_consistent,
-    check_input,
-    check_momentum,
-    check_positive_int,
-    check_threshold,
-)
+from ._common import ChannelStatsNorm, channel_view, check_input
 
 __all__ = [
     "FilteredBatchNorm1d",
@@ -36,38 +26,10 @@ __all__ = [
 ]
 
 
-class _BatchStatsNorm(AffineMixin, RunningStatsMixin, nn.Module):
+class _BatchStatsNorm(ChannelStatsNorm):
     """Shared state of the batch-statistics norms (signature of ``torch.nn.BatchNorm2d``)."""
 
     _allowed_dims: tuple[int, ...] = ()
-
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
-                 *, threshold: float | None = None, gaussian_consistent: bool = False,
-                 gamma_init: float = 1.0) -> None:
-        super().__init__()
-        self.num_features = check_positive_int("num_features", num_features)
-        self.eps = check_eps(eps)
-        self.momentum = check_momentum(momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        self.threshold = check_threshold(threshold)
-        self.gaussian_consistent = check_gaussian_consistent(gaussian_consistent, self.threshold)
-        self._make_affine(num_features, affine, gamma_init, device=device, dtype=dtype)
-        self._make_running_stats(num_features, self.track_running_stats, device, dtype)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        self._reset_affine()
-
-    def extra_repr(self) -> str:
-        text = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"threshold={self.threshold}")
-        if self.gaussian_consistent:
-            text += ", gaussian_consistent=True"
-        return text
 
     # -- helpers ---------------------------------------------------------------------
     def _check(self, x: Tensor) -> None:
@@ -78,15 +40,6 @@ class _BatchStatsNorm(AffineMixin, RunningStatsMixin, nn.Module):
                 f"got input of shape {tuple(x.shape)}; use a larger batch, eval() mode, or a "
                 f"per-sample norm (GroupNorm, FilterResponseNorm)"
             )
-
-    def _averaging_factor(self) -> float:
-        """Advance ``num_batches_tracked`` and return the running-average factor (as torch)."""
-        if not (self.training and self.track_running_stats):
-            return 0.0
-        self.num_batches_tracked.add_(1)
-        if self.momentum is None:
-            return 1.0 / float(self.num_batches_tracked)
-        return self.momentum
 
     def _uses_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats

@@ -18,11 +18,10 @@ from torch import Tensor, nn
 from ..kernels import normalize_affine
 from ._common import (
     AffineMixin,
-    RunningStatsMixin,
+    ChannelStatsNorm,
     check_eps,
     check_gaussian_consistent,
     check_input,
-    check_momentum,
     check_positive_int,
     check_threshold,
 )
@@ -162,7 +161,7 @@ class FilteredLayerNorm(AffineMixin, nn.Module):
         return y.view(x.shape)
 
 
-class _FilteredInstanceNorm(AffineMixin, RunningStatsMixin, nn.Module):
+class _FilteredInstanceNorm(ChannelStatsNorm):
     r"""``torch.nn.InstanceNorm*d`` with the robust filter: moments per sample and channel.
 
     Statistics over the spatial positions of one sample and channel, filtered as in the
@@ -178,26 +177,9 @@ class _FilteredInstanceNorm(AffineMixin, RunningStatsMixin, nn.Module):
                  affine: bool = False, track_running_stats: bool = False, device=None,
                  dtype=None, *, threshold: float | None = 2.0, gaussian_consistent: bool = False,
                  gamma_init: float = 1.0) -> None:
-        super().__init__()
-        self.num_features = check_positive_int("num_features", num_features)
-        self.eps = check_eps(eps)
-        self.momentum = check_momentum(momentum)
-        self.affine = bool(affine)
-        self.track_running_stats = bool(track_running_stats)
-        self.threshold = check_threshold(threshold)
-        self.gaussian_consistent = check_gaussian_consistent(gaussian_consistent, self.threshold)
-        self._make_affine(num_features, affine, gamma_init, device=device, dtype=dtype)
-        self._make_running_stats(num_features, self.track_running_stats, device, dtype)
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        self.reset_running_stats()
-        self._reset_affine()
-
-    def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
-                f"affine={self.affine}, track_running_stats={self.track_running_stats}, "
-                f"threshold={self.threshold}")
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                         threshold=threshold, gaussian_consistent=gaussian_consistent,
+                         gamma_init=gamma_init)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(self, x, self._allowed_dims, self.num_features,
@@ -206,11 +188,7 @@ class _FilteredInstanceNorm(AffineMixin, RunningStatsMixin, nn.Module):
         if unbatched:
             x = x.unsqueeze(0)
         use_input_stats = self.training or not self.track_running_stats
-        factor = 0.0
-        if self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                      else self.momentum)
+        factor = self._averaging_factor()
         if self.threshold is None or not use_input_stats:
             y = TF.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                  use_input_stats, factor, self.eps)
