@@ -90,6 +90,24 @@ SCRIPT = textwrap.dedent(r'''
         run("frn bfloat16 params float32", x4.bfloat16(), (w4, b4, t4, None, None), (2, 3),
             act="tlu", centered=False),
     ]
+    # batch norm with each channel's reduction split over several programs (uneven chunks)
+    x2 = rnd(7, 9, 1) * 2 + 1
+    x2[3, 4, 0] = 30.0
+    for split in ("3", "7"):
+        os.environ["NORMLAB_TRITON_BN_SPLIT"] = split
+        results += [
+            run(f"bn filtered split {split}", x, (w, b, None, None, None), (0, 2),
+                threshold=2.0),
+            run(f"bn keep-none split {split}", x, (w, b, None, None, None), (0, 2),
+                threshold=0.01, gaussian_consistent=True),
+            run(f"bn uncentered learned eps split {split}", x, (None, b, None, None,
+                torch.tensor(1e-2)), (0, 2), centered=False),
+            run(f"bn channels_last split {split}", xcl.reshape(4, 3, 30), (rnd(1, 3, 1),
+                rnd(1, 3, 1), None, None, None), (0, 2), threshold=2.0),
+            run(f"bn (N, C) split {split}", x2, (rnd(1, 9, 1), None, None, None, None),
+                (0, 2), threshold=1.5),
+        ]
+    del os.environ["NORMLAB_TRITON_BN_SPLIT"]
     print("RESULTS " + json.dumps(results))
 ''')
 
@@ -104,6 +122,31 @@ def test_triton_kernels_match_reference_in_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS "))
     results = json.loads(line[len("RESULTS "):])
-    assert len(results) == 13
+    assert len(results) == 23
     for name, err in results:
         assert err < TOLERANCE.get(name, 2e-5), (name, err)
+
+
+@pytest.mark.parametrize("shape,channels_last", [((64, 64, 1024), False), ((64, 64, 1024), True),
+                                                 ((256, 512, 1), False), ((3, 2, 5), False)])
+def test_bn_launch_covers_every_row_once(shape, channels_last, monkeypatch):
+    """The split configuration tiles the N·L rows of every channel exactly once, along the
+    contiguous axis, within the register budget; NORMLAB_TRITON_BN_SPLIT forces the split."""
+    import torch
+
+    from normlab.kernels.triton_kernels import bn_launch
+
+    n, c, l = shape
+    x = torch.empty(n, c, l)
+    if channels_last:
+        x = torch.empty(n, l, c).transpose(1, 2)   # strides (L·C, 1, C): NHWC viewed as NCL
+    monkeypatch.delenv("NORMLAB_TRITON_BN_SPLIT", raising=False)
+    cfg = bn_launch(x)
+    rows = n * l
+    assert cfg.split * cfg.rows >= rows and (cfg.split - 1) * cfg.rows < rows
+    assert cfg.block_c * cfg.block_r <= 2048 and cfg.block_p >= 1
+    assert (cfg.block_c > 1) == (x.stride(1) == 1 and c > 1)
+    monkeypatch.setenv("NORMLAB_TRITON_BN_SPLIT", "5")
+    forced = bn_launch(x)
+    assert forced.split == 5
+    assert forced.split * forced.rows >= rows

@@ -1,23 +1,31 @@
 """Triton kernels for CUDA tensors: (filtered) normalize + affine (+ TLU), forward and backward.
 
-One program per reduction set (a BN channel, or a GN/FRN/IN/LN row) runs every pass of
-that set: plain moments (shifted sums), the robust-filter moments (filtered-BN seed
-eq. 4–7), then ``y = γ (x − μ′) r + β`` (eq. 8) with an optional TLU (FRN seed eq. 3) or
-affine TLU. The set's later passes re-read it from L2. Backward recomputes the mask and the
+Statistics and accumulation in float32; inputs float32, float16 or bfloat16 with any
+strides (NCHW and channels_last views). Backward recomputes the robust-filter mask and the
 TLU decision from ``x`` and the saved per-set statistics; the math is that of
-:mod:`normlab.kernels.analytic`. Statistics and accumulation in float32; inputs float32,
-float16 or bfloat16 with any strides (NCHW and channels_last views).
+:mod:`normlab.kernels.analytic`. Two families:
 
-Index scheme (both families): set ``s`` starts at ``(s // G2) * sA + (s % G2) * sB``; its
-values are ``(j, l)`` with ``j < JH``, ``l < L`` at ``j * sJ + l * sL``; the parameter
-index of a value is ``(s % G2) * P_MUL + j * P_J``. BN ``(N, C, L)``: ``G2 = C``, ``JH = N``,
-``P_MUL = 1``, ``P_J = 0``. Rows ``(N, G, Cg, L)``: ``G2 = G``, ``JH = Cg``, ``P_MUL = Cg``,
-``P_J = 1``.
+**Batch norm** (channel plans, ``x`` viewed ``(N, C, L)``): a channel's ``N·L`` values are
+few and long, so its reduction is split over ``split`` programs (:func:`bn_launch`), each
+owning a chunk of rows of ``block_c`` channels, read along the contiguous axis (rows for
+NCHW, channels for channels_last). Forward is three launches — plain shifted sums, the
+robust-filter sums (filtered-BN seed eq. 4–7; skipped without a threshold), and combine +
+``y = γ (x − μ′) r + β`` (eq. 8) — backward two (``Σ∂ℓ/∂y``, ``Σ∂ℓ/∂y·(x − μ)``; then
+``∂ℓ/∂x``). Partials are combined in a fixed order: results are deterministic.
+
+**Rows** (GN/IN/LN/FRN family): one program per row runs every pass of that row — plain
+moments, filter moments, then normalize with an optional TLU (FRN seed eq. 3) or affine
+TLU — re-reading the row from L2. Index scheme: row ``s`` starts at
+``(s // G) * sA + (s % G) * sB``; its values are ``(j, l)`` with ``j < Cg``, ``l < L`` at
+``j * sJ + l * sL``; the parameter index of a value is ``(s % G) * Cg + j``.
 
 ``TRITON_INTERPRET=1`` runs these kernels on CPU tensors (how CI tests them).
 """
 
 from __future__ import annotations
+
+import os
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -271,15 +279,340 @@ if triton is not None:
                     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+    # ---- batch norm (channel plan): split reductions over 2-D tiles ---------------------
+    # x is (N, C, L) with any strides; rows r = n * L + l (R = N * L) form one channel's
+    # set. A program owns BLOCK_C channels and one contiguous chunk of rows, so a channel's
+    # reduction is spread over SPLIT programs (a few channels still fill the GPU) and a tile
+    # is read along whichever axis is contiguous: rows for NCHW, channels for channels_last.
+    # Partial sums go to PART/FPART/BPART of shape (K, C, SPLIT) and are combined, in a fixed
+    # order (deterministic), by the next kernel.
+
+    @triton.jit
+    def _bn_tile(X, c, r0, C, R, L, sc, sn, sl, BLOCK_R: tl.constexpr):
+        r = r0 + tl.arange(0, BLOCK_R)
+        n = r // L
+        mask = (c[:, None] < C) & (r[None, :] < R)
+        offs = (c[:, None].to(tl.int64) * sc + n[None, :].to(tl.int64) * sn
+                + (r - n * L)[None, :].to(tl.int64) * sl)
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+        return x, offs, mask
+
+    @triton.jit
+    def _bn_combine(PART, k, c, cmask, C, SPLIT, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Sum over the SPLIT partials of quantity k for channels c."""
+        acc = tl.zeros((BLOCK_C, BLOCK_P), tl.float32)
+        for p0 in range(0, SPLIT, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            offs = (k * C + c[:, None]).to(tl.int64) * SPLIT + p[None, :]
+            acc += tl.load(PART + offs, mask=cmask[:, None] & (p[None, :] < SPLIT), other=0.0)
+        return tl.sum(acc, 1)
+
+    @triton.jit
+    def _bn_plain_moments(PART, X, c, cmask, C, SPLIT, sc, m, CENTERED: tl.constexpr,
+                          BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """(shift, Σu, Σu², mean0, var0) of each channel from the pass-1 partials."""
+        s1 = _bn_combine(PART, 0, c, cmask, C, SPLIT, BLOCK_C, BLOCK_P)
+        s2 = _bn_combine(PART, 1, c, cmask, C, SPLIT, BLOCK_C, BLOCK_P)
+        if CENTERED:
+            shift = tl.load(X + c.to(tl.int64) * sc, mask=cmask, other=0.0).to(tl.float32)
+            d0 = s1 / m
+            mean0 = shift + d0
+            var0 = tl.maximum(s2 / m - d0 * d0, 0.0)
+        else:
+            shift = tl.zeros((BLOCK_C,), tl.float32)
+            mean0 = tl.zeros((BLOCK_C,), tl.float32)
+            var0 = s2 / m
+        return shift, s1, s2, mean0, var0
+
+    @triton.jit
+    def bn_sums_kernel(X, PART, C, R, L, sc, sn, sl, SPLIT, ROWS,
+                       CENTERED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Pass 1: shifted partial sums Σu, Σu² with u = x − x[c, row 0] (centered) or x."""
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        p = tl.program_id(1)
+        cmask = c < C
+        if CENTERED:
+            shift = tl.load(X + c.to(tl.int64) * sc, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            shift = tl.zeros((BLOCK_C,), tl.float32)
+        a1 = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
+        a2 = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
+        r_end = tl.minimum(R, (p + 1) * ROWS)
+        for r0 in range(p * ROWS, r_end, BLOCK_R):
+            x, offs, mask = _bn_tile(X, c, r0, C, r_end, L, sc, sn, sl, BLOCK_R)
+            u = tl.where(mask, x - shift[:, None], 0.0)
+            a1 += u
+            a2 += u * u
+        out = c.to(tl.int64) * SPLIT + p
+        tl.store(PART + out, tl.sum(a1, 1), mask=cmask)
+        tl.store(PART + C * SPLIT + out, tl.sum(a2, 1), mask=cmask)
+
+    @triton.jit
+    def bn_filter_sums_kernel(X, PART, FPART, EPSX, C, R, L, sc, sn, sl, SPLIT, ROWS, eps, thr,
+                              HAS_EPSX: tl.constexpr, CENTERED: tl.constexpr,
+                              BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                              BLOCK_P: tl.constexpr):
+        """Pass 2: partial Σf, Σf·u, Σf·u² with f = [|x − μ0| r0 ≤ T], u = x − μ0 (eq. 4–7)."""
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        p = tl.program_id(1)
+        cmask = c < C
+        if HAS_EPSX:
+            eps = eps + tl.load(EPSX).to(tl.float32)
+        m = R.to(tl.float32)
+        _shift, _s1, _s2, mean0, var0 = _bn_plain_moments(PART, X, c, cmask, C, SPLIT, sc, m,
+                                                          CENTERED, BLOCK_C, BLOCK_P)
+        r0 = 1.0 / tl.sqrt(var0 + eps)
+        b1 = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
+        b2 = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
+        b3 = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
+        r_end = tl.minimum(R, (p + 1) * ROWS)
+        for r0_ in range(p * ROWS, r_end, BLOCK_R):
+            x, offs, mask = _bn_tile(X, c, r0_, C, r_end, L, sc, sn, sl, BLOCK_R)
+            u = x - mean0[:, None]
+            f = tl.where(mask & (tl.abs(u * r0[:, None]) <= thr), 1.0, 0.0)
+            u = u * f
+            b1 += f
+            b2 += u
+            b3 += u * u
+        out = c.to(tl.int64) * SPLIT + p
+        tl.store(FPART + out, tl.sum(b1, 1), mask=cmask)
+        tl.store(FPART + C * SPLIT + out, tl.sum(b2, 1), mask=cmask)
+        tl.store(FPART + 2 * C * SPLIT + out, tl.sum(b3, 1), mask=cmask)
+
+    @triton.jit
+    def bn_apply_kernel(X, Y, W, B, EPSX, PART, FPART, STATS, C, R, L, sc, sn, sl,
+                        SPLIT, ROWS, eps, thr, kap,
+                        HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_EPSX: tl.constexpr,
+                        CENTERED: tl.constexpr, FILTER: tl.constexpr,
+                        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Pass 3: combine the partials into (filtered) μ, σ², then y = γ (x − μ) r + β (eq. 8)."""
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        p = tl.program_id(1)
+        cmask = c < C
+        if HAS_EPSX:
+            eps = eps + tl.load(EPSX).to(tl.float32)
+        m = R.to(tl.float32)
+        shift, s1, s2, mean0, var0 = _bn_plain_moments(PART, X, c, cmask, C, SPLIT, sc, m,
+                                                       CENTERED, BLOCK_C, BLOCK_P)
+        cnt = tl.zeros((BLOCK_C,), tl.float32) + m
+        sf = s1
+        sff = s2
+        if FILTER:
+            kept = _bn_combine(FPART, 0, c, cmask, C, SPLIT, BLOCK_C, BLOCK_P)
+            none_kept = kept == 0.0
+            dm = mean0 - shift  # pass-1 sums are shifted by `shift`, the filter's by mean0
+            cnt = tl.where(none_kept, m, kept)
+            sf = tl.where(none_kept, s1 - m * dm,
+                          _bn_combine(FPART, 1, c, cmask, C, SPLIT, BLOCK_C, BLOCK_P))
+            sff = tl.where(none_kept, s2 - 2.0 * dm * s1 + m * dm * dm,
+                           _bn_combine(FPART, 2, c, cmask, C, SPLIT, BLOCK_C, BLOCK_P))
+            shift = mean0
+        d = sf / cnt
+        if CENTERED:
+            mean = shift + d
+            var = tl.maximum(sff / cnt - d * d, 0.0)
+        else:
+            mean = tl.zeros((BLOCK_C,), tl.float32)
+            var = sff / cnt
+        if FILTER:
+            var = var / kap
+        rstd = 1.0 / tl.sqrt(var + eps)
+        if HAS_W:
+            w = tl.load(W + c, mask=cmask, other=1.0).to(tl.float32)
+        else:
+            w = tl.full((BLOCK_C,), 1.0, tl.float32)
+        if HAS_B:
+            bb = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
+        else:
+            bb = tl.zeros((BLOCK_C,), tl.float32)
+        a = w * rstd
+        b0 = bb - mean * a
+        r_end = tl.minimum(R, (p + 1) * ROWS)
+        for r0 in range(p * ROWS, r_end, BLOCK_R):
+            x, offs, mask = _bn_tile(X, c, r0, C, r_end, L, sc, sn, sl, BLOCK_R)
+            y = x * a[:, None] + b0[:, None]
+            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        if p == 0:
+            tl.store(STATS + 0 * C + c, mean0, mask=cmask)
+            tl.store(STATS + 1 * C + c, var0, mask=cmask)
+            tl.store(STATS + 2 * C + c, mean, mask=cmask)
+            tl.store(STATS + 3 * C + c, var, mask=cmask)
+            tl.store(STATS + 4 * C + c, rstd, mask=cmask)
+            tl.store(STATS + 5 * C + c, cnt, mask=cmask)
+
+    @triton.jit
+    def bn_bwd_sums_kernel(X, DZ, STATS, BPART, C, R, L, sc, sn, sl, dsc, dsn, dsl, SPLIT, ROWS,
+                           BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+        """Backward pass 1: partial Σ∂ℓ/∂y and Σ∂ℓ/∂y · (x − μ) per channel."""
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        p = tl.program_id(1)
+        cmask = c < C
+        mean = tl.load(STATS + 2 * C + c, mask=cmask, other=0.0)
+        a1 = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
+        a2 = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
+        r_end = tl.minimum(R, (p + 1) * ROWS)
+        for r0 in range(p * ROWS, r_end, BLOCK_R):
+            x, offs, mask = _bn_tile(X, c, r0, C, r_end, L, sc, sn, sl, BLOCK_R)
+            dy, doffs, _m = _bn_tile(DZ, c, r0, C, r_end, L, dsc, dsn, dsl, BLOCK_R)
+            a1 += dy
+            a2 += tl.where(mask, dy * (x - mean[:, None]), 0.0)
+        out = c.to(tl.int64) * SPLIT + p
+        tl.store(BPART + out, tl.sum(a1, 1), mask=cmask)
+        tl.store(BPART + C * SPLIT + out, tl.sum(a2, 1), mask=cmask)
+
+    @triton.jit
+    def bn_bwd_dx_kernel(X, DZ, DX, W, EPSX, STATS, BPART, C, R, L, sc, sn, sl, dsc, dsn, dsl,
+                         SPLIT, ROWS, eps, thr, kap,
+                         HAS_W: tl.constexpr, HAS_EPSX: tl.constexpr, CENTERED: tl.constexpr,
+                         FILTER: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
+                         BLOCK_P: tl.constexpr):
+        """Backward pass 2: ∂ℓ/∂x = r (g − f (Σg/M + x̂ Σg x̂ / (κM))), g = γ ∂ℓ/∂y."""
+        c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+        p = tl.program_id(1)
+        cmask = c < C
+        if HAS_EPSX:
+            eps = eps + tl.load(EPSX).to(tl.float32)
+        m = R.to(tl.float32)
+        mean0 = tl.load(STATS + 0 * C + c, mask=cmask, other=0.0)
+        var0 = tl.load(STATS + 1 * C + c, mask=cmask, other=1.0)
+        mean = tl.load(STATS + 2 * C + c, mask=cmask, other=0.0)
+        rstd = tl.load(STATS + 4 * C + c, mask=cmask, other=1.0)
+        cnt = tl.load(STATS + 5 * C + c, mask=cmask, other=1.0)
+        if HAS_W:
+            w = tl.load(W + c, mask=cmask, other=1.0).to(tl.float32)
+        else:
+            w = tl.full((BLOCK_C,), 1.0, tl.float32)
+        sg = w * _bn_combine(BPART, 0, c, cmask, C, SPLIT, BLOCK_C, BLOCK_P)
+        sgx = w * rstd * _bn_combine(BPART, 1, c, cmask, C, SPLIT, BLOCK_C, BLOCK_P)
+        if FILTER:
+            th = tl.where(cnt < m, thr, 3.0e38)  # all kept (or the fallback): no mask
+            kk = kap
+        else:
+            th = tl.full((BLOCK_C,), 3.0e38, tl.float32)
+            kk = 1.0
+        r0 = 1.0 / tl.sqrt(var0 + eps)
+        a = w * rstd
+        if CENTERED:
+            bc = rstd * sg / cnt
+        else:
+            bc = tl.zeros((BLOCK_C,), tl.float32)
+        cc = rstd * rstd * sgx / (kk * cnt)
+        r_end = tl.minimum(R, (p + 1) * ROWS)
+        for r0_ in range(p * ROWS, r_end, BLOCK_R):
+            x, offs, mask = _bn_tile(X, c, r0_, C, r_end, L, sc, sn, sl, BLOCK_R)
+            dy, doffs, _m = _bn_tile(DZ, c, r0_, C, r_end, L, dsc, dsn, dsl, BLOCK_R)
+            f = tl.where(tl.abs((x - mean0[:, None]) * r0[:, None]) <= th[:, None], 1.0, 0.0)
+            dx = a[:, None] * dy - f * (bc[:, None] + (x - mean[:, None]) * cc[:, None])
+            tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
 
 def _geometry(x: Tensor, pl: Plan):
-    """(S, G2, sA, sB, JH, L, sJ, sL, P_MUL, P_J) for ``x`` under plan ``pl`` (strided view)."""
-    if pl.kind == "channel":
-        sn, sc, sl = x.stride()
-        return pl.g, pl.g, 0, sc, pl.n, pl.l, sn, sl, 1, 0
+    """(S, G2, sA, sB, JH, L, sJ, sL, P_MUL, P_J) for ``x`` under a rows plan (strided view)."""
     x4 = x.view(pl.n, pl.g, pl.cg, pl.l)  # raises if the layout can't be viewed so
     sa, sb, sj, sl = x4.stride()
     return pl.n * pl.g, pl.g, sa, sb, pl.cg, pl.l, sj, sl, pl.cg, 1
+
+
+class BNLaunch(NamedTuple):
+    """How the batch-norm kernels split the work: a grid of (C / block_c, split) programs,
+    each reducing ``rows`` consecutive rows of ``block_c`` channels, ``block_r`` at a time."""
+    block_c: int
+    block_r: int
+    split: int
+    rows: int
+    block_p: int
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def bn_launch(x: Tensor) -> BNLaunch:
+    """Launch configuration for ``x`` of shape (N, C, L).
+
+    Tiles run along the contiguous axis: channels for channels_last (and (N, C) inputs),
+    rows otherwise. ``split`` spreads one channel's rows over enough programs to fill the GPU
+    (about four per streaming multiprocessor); ``NORMLAB_TRITON_BN_SPLIT`` forces it (tests,
+    tuning).
+    """
+    n, c, l = x.shape
+    rows_total = n * l
+    if x.stride(1) == 1 and c > 1:       # channels contiguous: wide channel tiles
+        block_c = min(_pow2(c), 64)
+        block_r = max(1, min(_pow2(rows_total), 2048 // block_c))
+    else:                                # rows contiguous (NCHW): one channel per program
+        block_c = 1
+        block_r = min(_pow2(rows_total), 2048)
+    n_cblocks = -(-c // block_c)
+    forced = os.environ.get("NORMLAB_TRITON_BN_SPLIT", "")
+    if forced:
+        split = max(1, min(int(forced), rows_total))
+        rows = -(-rows_total // split)
+    else:
+        sms = (torch.cuda.get_device_properties(x.device).multi_processor_count
+               if x.is_cuda else 2)
+        split = max(1, min(-(-4 * sms // n_cblocks), -(-rows_total // block_r)))
+        rows = -(-(-(-rows_total // split)) // block_r) * block_r
+    split = -(-rows_total // rows)
+    block_p = min(_pow2(split), max(1, 4096 // block_c))
+    return BNLaunch(block_c, block_r, split, rows, block_p)
+
+
+def _bn_forward(x, w, b, eps_extra, threshold, kap, centered, eps):
+    """Batch norm forward with the split kernels; returns (y, stats (6, C) float32)."""
+    n, c, l = x.shape
+    cfg = bn_launch(x)
+    y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    part = torch.empty(2, c, cfg.split, dtype=torch.float32, device=x.device)
+    fpart = torch.empty(3, c, cfg.split, dtype=torch.float32, device=x.device) \
+        if threshold is not None else part
+    stats = torch.empty(6, c, dtype=torch.float32, device=x.device)
+    grid = (-(-c // cfg.block_c), cfg.split)
+    geo = (c, n * l, l, x.stride(1), x.stride(0), x.stride(2))
+    epsx = eps_extra if eps_extra is not None else x
+    warps = 8 if cfg.block_c * cfg.block_r >= 2048 else 4
+    thr = -1.0 if threshold is None else float(threshold)
+    bn_sums_kernel[grid](x, part, *geo, cfg.split, cfg.rows, CENTERED=bool(centered),
+                         BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r, num_warps=warps)
+    if threshold is not None:
+        bn_filter_sums_kernel[grid](x, part, fpart, epsx, *geo, cfg.split, cfg.rows,
+                                    float(eps), thr, HAS_EPSX=eps_extra is not None,
+                                    CENTERED=bool(centered), BLOCK_C=cfg.block_c,
+                                    BLOCK_R=cfg.block_r, BLOCK_P=cfg.block_p, num_warps=warps)
+    bn_apply_kernel[grid](x, y, w if w is not None else x, b if b is not None else x, epsx,
+                          part, fpart, stats, *geo, cfg.split, cfg.rows, float(eps), thr, kap,
+                          HAS_W=w is not None, HAS_B=b is not None,
+                          HAS_EPSX=eps_extra is not None, CENTERED=bool(centered),
+                          FILTER=threshold is not None, BLOCK_C=cfg.block_c,
+                          BLOCK_R=cfg.block_r, BLOCK_P=cfg.block_p, num_warps=warps)
+    return y, stats
+
+
+def _bn_backward(x, dz, w, eps_extra, stats, threshold, kap, centered, eps, need_dx):
+    """Batch norm backward with the split kernels; returns (dx or None, Σdy, Σdy·x̂) per channel."""
+    n, c, l = x.shape
+    cfg = bn_launch(x)
+    bpart = torch.empty(2, c, cfg.split, dtype=torch.float32, device=x.device)
+    grid = (-(-c // cfg.block_c), cfg.split)
+    geo = (c, n * l, l, x.stride(1), x.stride(0), x.stride(2))
+    dgeo = (dz.stride(1), dz.stride(0), dz.stride(2))
+    warps = 8 if cfg.block_c * cfg.block_r >= 2048 else 4
+    bn_bwd_sums_kernel[grid](x, dz, stats, bpart, *geo, *dgeo, cfg.split, cfg.rows,
+                             BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r, num_warps=warps)
+    dx = None
+    if need_dx:
+        dx = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+        bn_bwd_dx_kernel[grid](x, dz, dx, w if w is not None else x,
+                               eps_extra if eps_extra is not None else x, stats, bpart, *geo,
+                               *dgeo, cfg.split, cfg.rows, float(eps),
+                               -1.0 if threshold is None else float(threshold), kap,
+                               HAS_W=w is not None, HAS_EPSX=eps_extra is not None,
+                               CENTERED=bool(centered), FILTER=threshold is not None,
+                               BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r,
+                               BLOCK_P=cfg.block_p, num_warps=warps)
+    sums = bpart.sum(2)
+    return dx, sums[0], sums[1] * stats[4]
 
 
 def _as_viewable(t: Tensor, pl: Plan) -> Tensor:
@@ -297,35 +630,80 @@ def _blocks(jh: int, l: int) -> tuple[int, int]:
     return bj, bl
 
 
+def _rows_forward(x, pl, w, b, t, k, eps_extra, threshold, kap, centered, eps, act):
+    """Rows family (GN/IN/LN/FRN): one program per row; returns (y, stats (6, rows))."""
+    fwd, _ = _kernels()
+    geo = _geometry(x, pl)
+    y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+    S = geo[0]
+    stats = torch.empty(6, S, dtype=torch.float32, device=x.device)
+    bj, bl = _blocks(geo[4], geo[5])
+    dummy = x
+    fwd[(S,)](x, y, w if w is not None else dummy, b if b is not None else dummy,
+              t if t is not None else dummy, k if k is not None else dummy,
+              eps_extra if eps_extra is not None else dummy, stats, *geo,
+              float(eps), -1.0 if threshold is None else float(threshold), kap,
+              HAS_W=w is not None, HAS_B=b is not None, HAS_EPSX=eps_extra is not None,
+              ACT=act, CENTERED=bool(centered), FILTER=threshold is not None,
+              BLOCK_J=bj, BLOCK_L=bl, num_warps=8 if bj * bl >= 1024 else 4)
+    return y, stats
+
+
+def _rows_backward(x, dz, pl, w, b, t, k, eps_extra, stats, threshold, kap, centered, eps,
+                   act, need_dx):
+    """Rows family backward; returns (dx or None, per-parameter sums (P, 4), Σg·x̂ per row)."""
+    _, bwd = _kernels()
+    geo = _geometry(x, pl)
+    dgeo = _geometry(dz, pl)
+    S, jh = geo[0], geo[4]
+    dx = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device) \
+        if need_dx else x
+    ws = torch.empty(S, jh, 4, dtype=torch.float32, device=x.device)
+    gx = torch.empty(S, dtype=torch.float32, device=x.device)
+    bj, bl = _blocks(jh, geo[5])
+    dummy = x
+    bwd[(S,)](x, dz, dx, w if w is not None else dummy, b if b is not None else dummy,
+              t if t is not None else dummy, k if k is not None else dummy,
+              eps_extra if eps_extra is not None else dummy, stats, ws, gx,
+              *geo[:8], dgeo[2], dgeo[3], dgeo[6], dgeo[7], geo[8], geo[9],
+              float(eps), -1.0 if threshold is None else float(threshold), kap,
+              HAS_W=w is not None, HAS_B=b is not None, HAS_EPSX=eps_extra is not None,
+              ACT=act, CENTERED=bool(centered), FILTER=threshold is not None,
+              NEED_DX=need_dx, BLOCK_J=bj, BLOCK_L=bl,
+              num_warps=8 if bj * bl >= 1024 else 4)
+    # per-parameter sums: value (s, j) feeds parameter (s % G2) * P_MUL + j * P_J
+    g2, p_mul, p_j = geo[1], geo[8], geo[9]
+    sidx = torch.arange(S, device=x.device) % g2
+    pidx = (sidx[:, None] * p_mul + torch.arange(jh, device=x.device)[None, :] * p_j)
+    per_param = torch.zeros(pl.g * pl.cg, 4, dtype=torch.float32, device=x.device)
+    per_param.index_add_(0, pidx.reshape(-1), ws.reshape(-1, 4))
+    return (dx if need_dx else None), per_param, gx
+
+
 class FusedNormTriton(torch.autograd.Function):
-    """Triton twin of :class:`normlab.kernels.cpu.FusedNormCPU` (same inputs and outputs)."""
+    """Triton twin of :class:`normlab.kernels.cpu.FusedNormCPU` (same inputs and outputs).
+
+    Batch norm (channel plans) runs the split kernels (:func:`bn_launch`); the rows family
+    runs one program per row, with the TLU / affine TLU fused.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, centered,
                 eps, gaussian_consistent, act):
-        fwd, _ = _kernels()
-        x = _as_viewable(x, pl)
         kap = (F.truncated_normal_variance_factor(threshold)
                if gaussian_consistent and threshold is not None else 1.0)
         w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
-        if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
-            t = torch.zeros(pl.g * pl.cg, dtype=x.dtype, device=x.device)
-        y = torch.empty_like(x)  # keeps x's strides (channels_last stays channels_last)
-        geo = _geometry(x, pl)
-        y_geo = _geometry(y, pl)
-        if geo[2:4] + geo[6:8] != y_geo[2:4] + y_geo[6:8]:
-            y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-        S = geo[0]
-        stats = torch.empty(6, S, dtype=torch.float32, device=x.device)
-        bj, bl = _blocks(geo[4], geo[5])
-        dummy = x
-        fwd[(S,)](x, y, w if w is not None else dummy, b if b is not None else dummy,
-                  t if t is not None else dummy, k if k is not None else dummy,
-                  eps_extra if eps_extra is not None else dummy, stats, *geo,
-                  float(eps), -1.0 if threshold is None else float(threshold), kap,
-                  HAS_W=w is not None, HAS_B=b is not None, HAS_EPSX=eps_extra is not None,
-                  ACT=act, CENTERED=bool(centered), FILTER=threshold is not None,
-                  BLOCK_J=bj, BLOCK_L=bl, num_warps=8 if bj * bl >= 1024 else 4)
+        if pl.kind == "channel":
+            if act != ACT_CODES["none"]:
+                raise ValueError("the Triton batch-norm kernels fuse no activation; "
+                                 f"got act={act} (apply it after normalize_affine)")
+            y, stats = _bn_forward(x, w, b, eps_extra, threshold, kap, centered, eps)
+        else:
+            x = _as_viewable(x, pl)
+            if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
+                t = torch.zeros(pl.g * pl.cg, dtype=x.dtype, device=x.device)
+            y, stats = _rows_forward(x, pl, w, b, t, k, eps_extra, threshold, kap, centered,
+                                     eps, act)
         ctx.save_for_backward(x, weight, bias, eps_extra, tau, akappa, stats)
         ctx.config = (pl, threshold, kap, centered, eps, act)
         shape = pl.stats_shape
@@ -336,51 +714,34 @@ class FusedNormTriton(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y, _gm, _gv, _gc):
-        _, bwd = _kernels()
         x, weight, bias, eps_extra, tau, akappa, stats = ctx.saved_tensors
         pl, threshold, kap, centered, eps, act = ctx.config
         w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
-        if act == ACT_CODES["tlu"] and t is None:
-            t = torch.zeros(pl.g * pl.cg, dtype=x.dtype, device=x.device)
-        dz = _as_viewable(grad_y.to(x.dtype), pl)
-        geo = _geometry(x, pl)
-        dgeo = _geometry(dz, pl)
-        S, jh = geo[0], geo[4]
         need_dx = ctx.needs_input_grad[0]
-        dx = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device) \
-            if need_dx else x
-        ws = torch.empty(S, jh, 4, dtype=torch.float32, device=x.device)
-        gx = torch.empty(S, dtype=torch.float32, device=x.device)
-        bj, bl = _blocks(jh, geo[5])
-        dummy = x
-        bwd[(S,)](x, dz, dx, w if w is not None else dummy, b if b is not None else dummy,
-                  t if t is not None else dummy, k if k is not None else dummy,
-                  eps_extra if eps_extra is not None else dummy, stats, ws, gx,
-                  *geo[:8], dgeo[2], dgeo[3], dgeo[6], dgeo[7], geo[8], geo[9],
-                  float(eps), -1.0 if threshold is None else float(threshold), kap,
-                  HAS_W=w is not None, HAS_B=b is not None, HAS_EPSX=eps_extra is not None,
-                  ACT=act, CENTERED=bool(centered), FILTER=threshold is not None,
-                  NEED_DX=need_dx, BLOCK_J=bj, BLOCK_L=bl,
-                  num_warps=8 if bj * bl >= 1024 else 4)
-        # per-parameter sums: value (s, j) feeds parameter (s % G2) * P_MUL + j * P_J
-        g2, p_mul, p_j = geo[1], geo[8], geo[9]
-        sidx = torch.arange(S, device=x.device) % g2
-        pidx = (sidx[:, None] * p_mul + torch.arange(jh, device=x.device)[None, :] * p_j)
-        nparam = pl.g * pl.cg if pl.kind == "rows" else pl.g
-        per_param = torch.zeros(nparam, 4, dtype=torch.float32, device=x.device)
-        per_param.index_add_(0, pidx.reshape(-1), ws.reshape(-1, 4))
-        grads = [dx if need_dx else None, None, None, None, None, None]
+        if pl.kind == "channel":
+            dx, s_dy, s_dyxhat = _bn_backward(x, grad_y.to(x.dtype), w, eps_extra, stats,
+                                              threshold, kap, centered, eps, need_dx)
+            sums = {"dy": s_dy, "dyxhat": s_dyxhat}
+            g_xhat = s_dyxhat * (w.float() if w is not None else 1.0)
+        else:
+            if act == ACT_CODES["tlu"] and t is None:
+                t = torch.zeros(pl.g * pl.cg, dtype=x.dtype, device=x.device)
+            dz = _as_viewable(grad_y.to(x.dtype), pl)
+            dx, per_param, g_xhat = _rows_backward(x, dz, pl, w, b, t, k, eps_extra, stats,
+                                                   threshold, kap, centered, eps, act, need_dx)
+            sums = dict(zip(("dy", "dyxhat", "dtau", "dak"), per_param.unbind(1)))
+        grads = [dx, None, None, None, None, None]
         if weight is not None and ctx.needs_input_grad[1]:
-            grads[1] = param_grad(per_param[:, 1], weight, pl)
+            grads[1] = param_grad(sums["dyxhat"], weight, pl)
         if bias is not None and ctx.needs_input_grad[2]:
-            grads[2] = param_grad(per_param[:, 0], bias, pl)
+            grads[2] = param_grad(sums["dy"], bias, pl)
         if eps_extra is not None and ctx.needs_input_grad[3]:
-            g_eps = (-0.5 * stats[4].square() * gx).sum()
+            g_eps = (-0.5 * stats[4].square() * g_xhat).sum()
             grads[3] = g_eps.to(eps_extra.dtype).reshape(eps_extra.shape)
         if tau is not None and ctx.needs_input_grad[4]:
-            grads[4] = param_grad(per_param[:, 2], tau, pl)
+            grads[4] = param_grad(sums["dtau"], tau, pl)
         if akappa is not None and ctx.needs_input_grad[5]:
-            grads[5] = param_grad(per_param[:, 3], akappa, pl)
+            grads[5] = param_grad(sums["dak"], akappa, pl)
         return (*grads, None, None, None, None, None, None)
 
 
