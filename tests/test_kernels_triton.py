@@ -108,6 +108,33 @@ SCRIPT = textwrap.dedent(r'''
                 (0, 2), threshold=1.5),
         ]
     del os.environ["NORMLAB_TRITON_BN_SPLIT"]
+
+    # create_graph=True: first and second derivatives through the Triton Function
+    def second(name, fn_ref, fn_triton, inputs):
+        outs = []
+        for fn in (fn_ref, fn_triton):
+            leaves = [leaf(t) for t in inputs]
+            y = fn(*leaves)
+            gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+            first = torch.autograd.grad(y, leaves, gy, create_graph=True)
+            total = sum((g * torch.randn(g.shape, generator=torch.Generator().manual_seed(3)))
+                        .sum() for g in first)
+            again = torch.autograd.grad(total, leaves, allow_unused=True)
+            outs.append([g.detach() for g in first]
+                        + [torch.zeros(()) if g is None else g for g in again])
+        return name, max(((a - b).abs().max() / (1 + a.abs().max())).item()
+                         for a, b in zip(*outs))
+    results += [
+        second("bn filtered double backward",
+               lambda x, w, b: ref(x, w, b, (0, 2), threshold=2.0)[0],
+               lambda x, w, b: TK.fused_normalize_affine_act(x, w, b, (0, 2),
+                                                              threshold=2.0)[0], (x, w, b)),
+        second("frn tlu double backward",
+               lambda x, w, t: F.tlu(ref(x, w, None, (2, 3), centered=False)[0], t),
+               lambda x, w, t: TK.fused_normalize_affine_act(
+                   x, w, None, (2, 3), activation="tlu", tau=t, centered=False)[0],
+               (x4, w4, t4)),
+    ]
     print("RESULTS " + json.dumps(results))
 ''')
 
@@ -122,7 +149,7 @@ def test_triton_kernels_match_reference_in_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS "))
     results = json.loads(line[len("RESULTS "):])
-    assert len(results) == 23
+    assert len(results) == 25
     for name, err in results:
         assert err < TOLERANCE.get(name, 2e-5), (name, err)
 

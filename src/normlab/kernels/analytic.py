@@ -28,6 +28,13 @@ against autograd through :mod:`normlab.functional` confirms it.
 
 Memory: the Function saves ``x`` and per-group statistics only; the mask and ``x̂`` are
 recomputed in backward.
+
+Higher derivatives: when a backward runs with ``create_graph=True`` (gradient penalties,
+meta-learning, Hessian-vector products) every normlab Function — this one and the fused
+CPU/Triton ones — hands over to :func:`composite_backward`, which rebuilds the forward from
+differentiable :mod:`normlab.functional` ops and differentiates that graph, so gradients of
+gradients are exact (the robust-filter mask is piecewise constant, so it carries no
+derivative).
 """
 
 from __future__ import annotations
@@ -40,13 +47,60 @@ from torch import Tensor
 
 from .. import functional as F
 
-__all__ = ["normalize_affine", "NormalizeAffineFunction"]
+__all__ = ["normalize_affine", "NormalizeAffineFunction", "composite_normalize_affine_act",
+           "composite_backward"]
 
 
 def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
     """Sum ``t`` over the axes where ``shape`` is 1 (autograd's broadcast reduction)."""
     dims = tuple(i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1)
     return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+def composite_normalize_affine_act(x, weight, bias, eps_extra, tau, kappa, *, dims, threshold,
+                                   centered, eps, gaussian_consistent, activation):
+    """The forward of every normlab kernel as plain autograd ops of :mod:`normlab.functional`.
+
+    ``z = act(γ · (x − μ′)/sqrt(σ′² + ε) + β)`` with the (filtered) moments of
+    :func:`normlab.functional.filtered_moments`; ``activation`` is ``"none"``, ``"relu"``,
+    ``"tlu"`` (``max(y, τ)``) or ``"affine_tlu"`` (``max(y, κy + τ)``). Differentiable any
+    number of times; slower than the Functions, so used only for higher derivatives.
+    """
+    eps_total = eps if eps_extra is None else eps_extra.to(F.stats_dtype(x.dtype)) + eps
+    stats = F.filtered_moments(x, dims, threshold, centered=centered, eps=eps_total,
+                               gaussian_consistent=gaussian_consistent)
+    y = F.normalize(x, stats, eps_total)
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    if activation == "relu":
+        y = torch.relu(y)
+    elif activation == "tlu":
+        y = F.tlu(y, tau.to(y.dtype))
+    elif activation == "affine_tlu":
+        y = F.affine_tlu(y, kappa.to(y.dtype), tau.to(y.dtype))
+    return y.to(x.dtype)
+
+
+def composite_backward(needs_input_grad, inputs, grad_y, **config):
+    """Gradients of :func:`composite_normalize_affine_act` w.r.t. ``inputs`` with a graph.
+
+    ``inputs`` are the Function's saved ``(x, weight, bias, eps_extra, tau, kappa)`` (still
+    attached to the caller's graph), ``needs_input_grad`` their flags; returns one gradient
+    (or ``None``) per input, themselves differentiable.
+    """
+    wanted = [i for i, t in enumerate(inputs) if t is not None and needs_input_grad[i]]
+    grads: list = [None] * len(inputs)
+    if not wanted:
+        return grads
+    with torch.enable_grad():
+        z = composite_normalize_affine_act(*inputs, **config)
+        found = torch.autograd.grad(z, [inputs[i] for i in wanted], grad_y, create_graph=True,
+                                    allow_unused=True)
+    for i, g in zip(wanted, found):
+        grads[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return grads
 
 
 class NormalizeAffineFunction(torch.autograd.Function):
@@ -83,6 +137,12 @@ class NormalizeAffineFunction(torch.autograd.Function):
     def backward(ctx, grad_y, _gm, _gv, _gc):
         x, weight, bias, eps_extra, mean0, var0, mean, rstd, count = ctx.saved_tensors
         dims, threshold, centered, eps, gaussian_consistent = ctx.config
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that is differentiable
+            grads = composite_backward(
+                ctx.needs_input_grad[:4], (x, weight, bias, eps_extra, None, None), grad_y,
+                dims=dims, threshold=threshold, centered=centered, eps=eps,
+                gaussian_consistent=gaussian_consistent, activation="none")
+            return (*grads[:4], None, None, None, None, None)
         eps_total = eps if eps_extra is None else eps_extra.to(rstd.dtype) + eps
         xs = x.to(rstd.dtype)
         gy = grad_y.to(rstd.dtype)

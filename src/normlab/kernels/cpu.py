@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import functional as F
 from . import _cpu_source
-from .layout import Plan, canonical_param, param_grad
+from .analytic import composite_backward
+from .layout import ACT_NAMES, Plan, canonical_param, param_grad
 
 __all__ = ["available", "library_path", "FusedNormCPU", "ACT_CODES", "build_error"]
 
@@ -188,17 +188,22 @@ class FusedNormCPU(torch.autograd.Function):
                                            eps_total, thr, kap, act,
                                            *map(_ptr, (mean0, var0, mean, var, rstd, count)), nt)
         ctx.save_for_backward(x, weight, bias, eps_extra, tau, akappa, stats)
-        ctx.config = (pl, thr, kap, centered, eps_total, act)
+        ctx.config = (pl, thr, kap, centered, eps_total, act, (threshold, eps, gaussian_consistent))
         shape = pl.stats_shape
         out_stats = (mean.view(shape), var.view(shape), count.view(shape))
         ctx.mark_non_differentiable(*out_stats)
         return (y, *out_stats)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y, _gm, _gv, _gc):
         x, weight, bias, eps_extra, tau, akappa, stats = ctx.saved_tensors
-        pl, thr, kap, centered, eps_total, act = ctx.config
+        pl, thr, kap, centered, eps_total, act, (threshold, eps, consistent) = ctx.config
+        if torch.is_grad_enabled():  # create_graph=True: differentiable composite gradient
+            grads = composite_backward(
+                ctx.needs_input_grad[:6], (x, weight, bias, eps_extra, tau, akappa), grad_y,
+                dims=pl.dims, threshold=threshold, centered=centered, eps=eps,
+                gaussian_consistent=consistent, activation=ACT_NAMES[act, tau is None])
+            return (*grads, None, None, None, None, None, None)
         lib = _load()
         mean0, var0, mean, _var, rstd, count = stats.unbind(0)
         w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))

@@ -23,7 +23,13 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Plan", "plan", "canonical_param", "param_grad"]
+__all__ = ["Plan", "plan", "canonical_param", "param_grad", "ACT_NAMES"]
+
+
+# activation codes of the fused kernels → names of analytic.composite_normalize_affine_act;
+# code 1 is a TLU, or a ReLU when no τ is given (TLU with τ = 0)
+ACT_NAMES = {(0, True): "none", (0, False): "none", (1, False): "tlu", (1, True): "relu",
+             (2, False): "affine_tlu"}
 
 
 class Plan(NamedTuple):
@@ -34,6 +40,7 @@ class Plan(NamedTuple):
     l: int                    # BN: L; rows: positions per channel
     param_shape: tuple        # shape a canonical (G*Cg,) parameter is viewed as to broadcast
     stats_shape: tuple        # keepdim shape of the statistics
+    dims: tuple = ()          # the reduced axes of x, as given to normalize_affine
 
 
 def _param_span(p: Tensor | None, shape: torch.Size, split: int) -> tuple[int, int] | None:
@@ -61,7 +68,7 @@ def plan(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...]) -> P
                                   or p.shape[1] not in (1, shape[1])):
                 return None
         return Plan("channel", shape[0], shape[1], 1, shape[2], (1, shape[1], 1),
-                    (1, shape[1], 1))
+                    (1, shape[1], 1), dims)
     split = nd - len(dims)
     if split < 1 or dims != tuple(range(split, nd)):
         return None
@@ -78,7 +85,7 @@ def plan(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...]) -> P
     l = math.prod(shape[m:])
     param_shape = (1,) * j + tuple(shape[j:m]) + (1,) * (nd - m)
     stats_shape = tuple(shape[:split]) + (1,) * (nd - split)
-    return Plan("rows", n, g, cg, l, param_shape, stats_shape)
+    return Plan("rows", n, g, cg, l, param_shape, stats_shape, dims)
 
 
 def canonical_param(p: Tensor | None, pl: Plan) -> Tensor | None:

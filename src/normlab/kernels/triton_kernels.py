@@ -29,10 +29,10 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from .. import functional as F
-from .layout import Plan, canonical_param, param_grad
+from .analytic import composite_backward
+from .layout import ACT_NAMES, Plan, canonical_param, param_grad
 
 __all__ = ["available", "FusedNormTriton", "ACT_CODES", "fused_normalize_affine_act"]
 
@@ -693,6 +693,7 @@ class FusedNormTriton(torch.autograd.Function):
         kap = (F.truncated_normal_variance_factor(threshold)
                if gaussian_consistent and threshold is not None else 1.0)
         w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
+        x_in = x  # saved as given: a double backward differentiates through it
         if pl.kind == "channel":
             if act != ACT_CODES["none"]:
                 raise ValueError("the Triton batch-norm kernels fuse no activation; "
@@ -704,18 +705,25 @@ class FusedNormTriton(torch.autograd.Function):
                 t = torch.zeros(pl.g * pl.cg, dtype=x.dtype, device=x.device)
             y, stats = _rows_forward(x, pl, w, b, t, k, eps_extra, threshold, kap, centered,
                                      eps, act)
-        ctx.save_for_backward(x, weight, bias, eps_extra, tau, akappa, stats)
-        ctx.config = (pl, threshold, kap, centered, eps, act)
+        ctx.save_for_backward(x_in, weight, bias, eps_extra, tau, akappa, stats)
+        ctx.config = (pl, threshold, kap, centered, eps, act, gaussian_consistent)
         shape = pl.stats_shape
         out = (stats[2].view(shape), stats[3].view(shape), stats[5].view(shape))
         ctx.mark_non_differentiable(*out)
         return (y, *out)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y, _gm, _gv, _gc):
         x, weight, bias, eps_extra, tau, akappa, stats = ctx.saved_tensors
-        pl, threshold, kap, centered, eps, act = ctx.config
+        pl, threshold, kap, centered, eps, act, gaussian_consistent = ctx.config
+        if torch.is_grad_enabled():  # create_graph=True: differentiable composite gradient
+            grads = composite_backward(
+                ctx.needs_input_grad[:6], (x, weight, bias, eps_extra, tau, akappa), grad_y,
+                dims=pl.dims, threshold=threshold, centered=centered, eps=eps,
+                gaussian_consistent=gaussian_consistent, activation=ACT_NAMES[act, tau is None])
+            return (*grads, None, None, None, None, None, None)
+        if pl.kind == "rows":
+            x = _as_viewable(x, pl)
         w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
         need_dx = ctx.needs_input_grad[0]
         if pl.kind == "channel":
