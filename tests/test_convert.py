@@ -251,12 +251,8 @@ def test_fuse_normlab_layers_and_input_norm():
     torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-4)
 
 
-def test_fuse_keeps_input_norm_before_padded_conv_and_folds_into_linear():
+def test_fuse_input_norm_into_linear_and_type_errors():
     torch.manual_seed(0)
-    model = nn.Sequential(normlab.InputNorm(3), nn.Conv2d(3, 4, 3, padding=1))
-    model(torch.randn(8, 3, 5, 5) + 3)
-    fused = fuse_for_inference(model)
-    assert isinstance(fused[0], normlab.InputNorm)
     mlp = nn.Sequential(normlab.InputNorm(5), nn.Linear(5, 3))
     mlp(torch.randn(16, 5) * 4 + 2)
     mlp.eval()
@@ -266,3 +262,290 @@ def test_fuse_keeps_input_norm_before_padded_conv_and_folds_into_linear():
     torch.testing.assert_close(fused(x), mlp(x), rtol=1e-5, atol=1e-5)
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         fuse_for_inference(None)
+
+
+# -- convert: what is carried into the revisiting-BN targets ----------------------------------
+
+_RUNNING = {"running_mean", "running_var", "num_batches_tracked"}
+# spec: (tensors equal to the old BN's, tensors computed from it, tensors at init, old dropped)
+_TARGETS = {
+    "bn_a1": (_RUNNING | {"weight"}, {"bias"}, set(), set()),
+    "bn_a2": (_RUNNING | {"weight"}, {"bias"}, {"gamma0"}, set()),
+    "rbn": (_RUNNING | {"bias"}, {"weight"}, {"calib_weight", "calib_bias"}, set()),
+    "rbn_minus": (_RUNNING | {"bias"}, {"weight"}, {"calib_bias"}, set()),
+    "iebn": (_RUNNING | {"bias"}, {"weight"}, {"calib_weight", "calib_bias"}, set()),
+    "iebn_minus": (_RUNNING | {"bias"}, {"weight"}, {"calib_bias"}, set()),
+    "inputnorm": (_RUNNING | {"weight"}, set(), set(), {"bias"}),
+}
+
+
+def _bn_paths(model):
+    return {p: m for p, m in model.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+
+
+def _tensors(module):
+    return dict(list(module.named_parameters(recurse=False))
+                + list(module.named_buffers(recurse=False)))
+
+
+@pytest.mark.parametrize("spec", sorted(_TARGETS))
+def test_convert_carries_state_into_revisiting_bn_targets(spec):
+    equal, computed, at_init, dropped = _TARGETS[spec]
+    model = _trained_model().double()
+    with torch.no_grad():  # signed γ, non-trivial running stats everywhere
+        for bn in _bn_paths(model).values():
+            bn.weight.mul_(torch.where(torch.rand_like(bn.weight) < 0.3, -1.0, 1.0))
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2.0)
+    old = copy.deepcopy(model).eval()
+    old_layers = _bn_paths(old)
+    include = tuple({type(m) for m in old_layers.values()})
+    new, report = convert(model, spec, include=include)
+    assert len(report.replaced) == 7 and not report.unconverted
+    for path, src in old_layers.items():
+        dst = new.get_submodule(path)
+        got = _tensors(dst)
+        old_tensors = _tensors(src)
+        same = {n for n, t in got.items() if n in old_tensors and torch.equal(t, old_tensors[n])}
+        assert same == equal, path
+        state = report.state_of(path)
+        assert set(state["carried"]) == equal | computed
+        assert set(state["at_init"]) == at_init and set(state["dropped"]) == dropped
+        assert set(got) == equal | computed | at_init  # every new tensor is accounted for
+        g, b = src.weight, src.bias
+        if spec.startswith("bn_a"):
+            torch.testing.assert_close(dst.bias, b / g, rtol=1e-12, atol=0)
+            assert state["carried"]["bias"] == "bias / weight"
+        if spec == "bn_a2":
+            assert torch.equal(dst.gamma0, torch.ones_like(g))
+        if spec in ("rbn", "rbn_minus", "iebn", "iebn_minus"):
+            wb = 1.0 if spec.startswith("rbn") else -1.0
+            assert torch.equal(dst.calib_bias, torch.full_like(g, wb))
+            torch.testing.assert_close(dst.weight, g / torch.sigmoid(torch.tensor(wb).double()),
+                                       rtol=1e-12, atol=0)
+        if spec == "inputnorm":
+            assert dst.bias is None
+            assert "no shift parameter" in state["dropped"]["bias"]
+    x = torch.randn(6, 3, 8, 8, dtype=torch.float64) * 2 + 1
+    new.eval()
+    if spec != "inputnorm":  # same eval-mode function (RBN/IEBN: w_v = 0, so S = sigmoid(w_b))
+        torch.testing.assert_close(new(x), old(x), rtol=1e-10, atol=1e-10)
+    else:  # no shift: each layer gives the old output minus β
+        for path, src in old_layers.items():
+            shape = (5, src.num_features) + ((4, 4) if isinstance(src, nn.BatchNorm2d) else ())
+            h = torch.randn(shape, dtype=torch.float64) * 3 + 1
+            beta = src.bias.view([1, -1] + [1] * (h.dim() - 2))
+            torch.testing.assert_close(new.get_submodule(path)(h), src(h) - beta,
+                                       rtol=1e-10, atol=1e-10)
+    assert "carried" in str(report)
+
+
+def test_convert_to_input_norm_equals_bn_without_shift():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].running_mean.normal_()
+        model[1].running_var.uniform_(0.5, 2)
+    model.eval()
+    old = copy.deepcopy(model)
+    new, report = convert(model, "inputnorm:activation=gelu", include=(nn.BatchNorm2d,))
+    assert isinstance(new[1], normlab.InputNorm) and new[1].activation == "gelu"
+    assert report.dropped == [("1", "bias", report.dropped[0][2])]
+    x = torch.randn(4, 3, 6, 6)
+    torch.testing.assert_close(new(x), old(x), rtol=0, atol=0)  # β = 0: same function
+
+
+def test_convert_revisiting_targets_in_training_mode_and_edge_cases():
+    torch.manual_seed(1)
+    bn = nn.BatchNorm2d(3)
+    with torch.no_grad():
+        bn.weight.copy_(torch.tensor([0.0, 2.0, -0.5]))
+        bn.bias.copy_(torch.tensor([1.0, 0.5, 0.0]))
+    x = torch.randn(4, 3, 5, 5)
+    # training mode: batch statistics, and RBN's S = sigmoid(w_b) while w_v = 0
+    for spec in ("rbn", "iebn"):
+        new, report = convert(nn.Sequential(copy.deepcopy(bn)), spec)
+        assert new[0].training
+        torch.testing.assert_close(new(x), copy.deepcopy(bn)(x), rtol=1e-5, atol=1e-5)
+    # channel 0 has γ = 0 and β ≠ 0: A1 cannot express that; β is 0 there and it is reported
+    new, report = convert(nn.Sequential(copy.deepcopy(bn)), "bn_a1")
+    assert new[0].bias.tolist() == [0.0, 0.25, 0.0]
+    assert any("channels [0] have γ = 0 and β ≠ 0" in n for n in report.notes)
+    # an old BN without affine parameters: the targets get the identity tail
+    plain = nn.BatchNorm2d(3, affine=False)
+    new, report = convert(nn.Sequential(plain), "rbn_minus")
+    torch.testing.assert_close(new[0].weight * torch.sigmoid(new[0].calib_bias),
+                               torch.ones(3))
+    assert report.state_of("0")["carried"]["bias"] == "0"
+
+
+def test_convert_from_revisiting_layers_back_to_bn():
+    torch.manual_seed(2)
+    x = torch.randn(5, 3, 4, 4)
+    for spec in ("bn_a2", "iebn_minus", "rbn"):
+        layer = normlab.create_norm(spec, 3)
+        with torch.no_grad():
+            for name, p in layer.named_parameters():
+                if name != "calib_weight":
+                    p.uniform_(0.5, 1.5)
+        layer(x * 2 + 1)
+        layer.eval()
+        new, report = convert(nn.Sequential(copy.deepcopy(layer)), "bn")
+        assert isinstance(new[0], normlab.FilteredBatchNorm2d)
+        torch.testing.assert_close(new(x), layer(x), rtol=1e-5, atol=1e-5)
+    # RBN whose w_v ≠ 0: no per-channel γ, β can stand for S; γ, β stay at init, reported
+    with torch.no_grad():
+        layer.calib_weight.fill_(0.5)
+    new, report = convert(nn.Sequential(layer), "bn")
+    state = report.state_of("0")
+    assert set(state["at_init"]) == {"weight", "bias"}
+    assert "depends on the sample" in state["dropped"]["calib_weight"]
+    # InputNorm -> BN: γ̂ carried, β = 0
+    norm = normlab.InputNorm(3)
+    norm(x * 5 + 2)
+    norm.eval()
+    new, report = convert(nn.Sequential(copy.deepcopy(norm)), "bn", include=(normlab.InputNorm,))
+    assert report.state_of("0")["carried"]["weight"] == "weight"
+    torch.testing.assert_close(new(x), norm(x), rtol=0, atol=0)
+
+
+# -- fuse: InputNorm before padded, transposed and nested layers --------------------------------
+
+def _input_norm(channels, dtype, mean=(50.0, 150.0)):
+    norm = normlab.InputNorm(channels, gamma=0.7).to(dtype)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+        norm.running_mean.uniform_(*mean)
+        norm.running_var.uniform_(100.0, 900.0)
+    return norm.eval()
+
+
+def _close(dtype):
+    tol = 1e-5 if dtype == torch.float32 else 1e-10
+    return {"rtol": tol, "atol": tol}
+
+
+_LAYERS = {  # name: (layer, replaces the InputNorm, input shape)
+    "pad1": (lambda: nn.Conv2d(3, 4, 3, padding=1), "pad", (4, 3, 9, 8)),
+    "pad2_dilated_strided": (lambda: nn.Conv2d(3, 4, 3, padding=2, dilation=2, stride=2), "pad",
+                             (4, 3, 9, 8)),
+    "same_even_kernel": (lambda: nn.Conv2d(3, 4, (4, 3), padding="same"), "pad", (4, 3, 9, 8)),
+    "grouped": (lambda: nn.Conv2d(3, 6, 3, padding=1, groups=3), "pad", (4, 3, 9, 8)),
+    "conv1d": (lambda: nn.Conv1d(3, 4, 5, padding=2), "pad", (4, 3, 11)),
+    "conv3d": (lambda: nn.Conv3d(3, 4, 3, padding=1), "pad", (2, 3, 4, 5, 6)),
+    "reflect": (lambda: nn.Conv2d(3, 4, 3, padding=2, padding_mode="reflect"), None,
+                (4, 3, 9, 8)),
+    "replicate": (lambda: nn.Conv2d(3, 4, 3, padding=1, padding_mode="replicate"), None,
+                  (4, 3, 9, 8)),
+    "circular": (lambda: nn.Conv2d(3, 4, 3, padding=2, padding_mode="circular"), None,
+                 (4, 3, 9, 8)),
+    "transposed": (lambda: nn.ConvTranspose2d(3, 4, 3, padding=1), "pad", (4, 3, 7, 6)),
+    "transposed_dilated_outpad": (
+        lambda: nn.ConvTranspose2d(3, 4, 3, padding=1, dilation=2, output_padding=1), "pad",
+        (4, 3, 7, 6)),
+    "transposed_grouped": (lambda: nn.ConvTranspose2d(3, 6, 3, groups=3), "pad", (4, 3, 7, 6)),
+    "transposed_strided": (lambda: nn.ConvTranspose2d(3, 4, 3, stride=2, padding=1,
+                                                      output_padding=1), "kept", (4, 3, 7, 6)),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", sorted(_LAYERS))
+def test_fuse_input_norm_into_padded_and_transposed_convs(name, dtype):
+    torch.manual_seed(0)
+    make, outcome, shape = _LAYERS[name]
+    model = nn.Sequential(_input_norm(3, dtype), make().to(dtype)).eval()
+    x = torch.rand(shape, dtype=dtype) * 255
+    fused, report = fuse_for_inference(model, return_report=True)
+    torch.testing.assert_close(fused(x), model(x), **_close(dtype))
+    if outcome == "kept":
+        assert isinstance(fused[0], normlab.InputNorm) and not report.folded
+        assert "stride (2, 2)" in report.kept[0][1]
+        return
+    assert report.folded == [("0", "1")]
+    if outcome == "pad":  # zero padding of the normalized input = padding x with μ_run
+        assert isinstance(fused[0], normlab.ConstantChannelPad) and len(fused) == 2
+        assert torch.equal(fused[0].value, model[0].running_mean)
+        conv = fused[1]
+        assert conv.transposed or conv.padding == (0,) * len(conv.kernel_size)
+    else:  # reflect/replicate/circular pad with input values: they commute with s·x + t
+        assert len(fused) == 1 and fused[0].padding == model[1].padding
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fuse_input_norm_without_mean_keeps_zero_padding_and_folds_strided_transposed(dtype):
+    torch.manual_seed(0)
+    for layer in (nn.Conv2d(3, 4, 3, padding=1), nn.ConvTranspose2d(3, 4, 3, stride=2)):
+        model = nn.Sequential(_input_norm(3, dtype, mean=(0.0, 0.0)), layer.to(dtype)).eval()
+        x = torch.randn(4, 3, 7, 6, dtype=dtype) * 20
+        fused, report = fuse_for_inference(model, return_report=True)
+        assert len(fused) == 1 and report.folded == [("0", "1")]
+        assert fused[0].padding == layer.padding
+        torch.testing.assert_close(fused(x), model(x), **_close(dtype))
+
+
+class _Stem(nn.Module):
+    """forward hands its input to ``self.stem`` alone: the data flow is certain."""
+
+    def __init__(self, residual=False):
+        super().__init__()
+        self.residual = residual
+        self.stem = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3))
+        self.head = nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        return self.head(y + x if self.residual else y)
+
+
+def _primed(model, x):
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(x)
+    return model.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fuse_input_norm_across_nested_sequentials_and_modules(dtype):
+    torch.manual_seed(0)
+    x = (torch.rand(8, 3, 7, 7) * 255).to(dtype)
+    nested = nn.Sequential(normlab.InputNorm(3), nn.Sequential(
+        nn.Sequential(nn.Conv2d(3, 4, 3, padding=2), nn.BatchNorm2d(4)), nn.ReLU()))
+    at_end = nn.Sequential(nn.Sequential(nn.Identity(), normlab.InputNorm(3)),
+                           nn.Sequential(nn.Identity(), nn.Conv2d(3, 4, 3, padding=1)))
+    wrapped = normlab.with_input_norm(_Stem(), 3, gamma=0.1)
+    for model, into in ((nested, "1.0.0"), (at_end, "1.1"), (wrapped, "model.stem.0")):
+        model = _primed(model.to(dtype), x)
+        fused, report = fuse_for_inference(model, return_report=True)
+        norm_path = next(p for p, m in model.named_modules() if isinstance(m, normlab.InputNorm))
+        assert (norm_path, into) in report.folded
+        assert not any(isinstance(m, normlab.InputNorm) for m in fused.modules())
+        assert isinstance(fused.get_submodule(norm_path), normlab.ConstantChannelPad)
+        torch.testing.assert_close(fused(x), model(x), **_close(dtype))
+
+
+def test_fuse_keeps_input_norm_where_folding_is_impossible():
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 7, 7) * 255
+    relu = _primed(nn.Sequential(normlab.InputNorm(3), nn.ReLU(), nn.Conv2d(3, 4, 3)), x)
+    residual = _primed(normlab.with_input_norm(_Stem(residual=True), 3), x)
+    shared_conv = nn.Conv2d(3, 3, 1)
+    shared = _primed(nn.Sequential(normlab.InputNorm(3), shared_conv, nn.ReLU(), shared_conv), x)
+    last = _primed(nn.Sequential(nn.Conv2d(3, 3, 1), normlab.InputNorm(3)), x)
+    tied = nn.Sequential(normlab.InputNorm(3), nn.Conv2d(3, 3, 1), nn.ReLU(), nn.Conv2d(3, 3, 1))
+    tied[3].weight = tied[1].weight
+    tied = _primed(tied, x)
+    for model, reason in ((relu, "followed by ReLU (1), not a Linear, Conv or ConvTranspose"),
+                          (tied, "the parameters of 1 are shared with another module"),
+                          (residual, "does not hand its input to a single child alone"),
+                          (shared, "1 is used at several places"),
+                          (last, "nothing follows it")):
+        fused, report = fuse_for_inference(model, return_report=True)
+        norm_path = next(p for p, m in model.named_modules() if isinstance(m, normlab.InputNorm))
+        assert isinstance(fused.get_submodule(norm_path), normlab.InputNorm)
+        reasons = [r for p, r in report.kept if p == norm_path]
+        assert len(reasons) == 1 and reason in reasons[0]
+        torch.testing.assert_close(fused(x), model(x), rtol=1e-5, atol=1e-4)

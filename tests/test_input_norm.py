@@ -132,3 +132,29 @@ def test_errors():
         InputNorm(3)(torch.randn(4, 2, 5, 5))
     with pytest.raises(TypeError, match="model must be an nn.Module"):
         with_input_norm("net", 3)
+
+
+def test_constant_channel_pad_values_gradient_and_errors():
+    value = torch.tensor([0.5, -2.0])
+    pad = normlab.ConstantChannelPad(((1, 2), (0, 1)), value)
+    x = torch.randn(3, 2, 4, 5, requires_grad=True)
+    y = pad(x)
+    assert y.shape == (3, 2, 7, 6)
+    assert torch.equal(y[:, :, 1:5, 0:5], x)  # inside: bit-identical
+    border = torch.ones(7, 6, dtype=torch.bool)
+    border[1:5, 0:5] = False
+    assert torch.equal(y[:, 0][:, border], torch.full((3, int(border.sum())), 0.5))
+    assert torch.equal(y[:, 1][:, border], torch.full((3, int(border.sum())), -2.0))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    assert pad.double()(x.double().detach()).dtype == torch.float64
+    assert "value" in pad.state_dict()
+    with pytest.raises(ValueError, match="non-negative ints, got -1"):
+        normlab.ConstantChannelPad(((1, -1),), value)
+    with pytest.raises(ValueError, match="one \\(before, after\\) pair per spatial dim"):
+        normlab.ConstantChannelPad((1, 1), value)
+    with pytest.raises(TypeError, match="1-D floating tensor"):
+        normlab.ConstantChannelPad(((1, 1),), torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"built for \(N, 2, 2 spatial dims\) input, got shape "
+                                         r"\(3, 2, 4\)"):
+        pad(torch.randn(3, 2, 4))

@@ -31,6 +31,7 @@ from .input_norm import (
     activation_std,
     with_input_norm,
 )
+from .padding import ConstantChannelPad
 from .response import (
     FilterResponseNorm1d,
     FilterResponseNorm2d,
@@ -50,4 +51,5 @@ __all__ = [
     "AltScaleBatchNorm1d", "AltScaleBatchNorm2d", "AltScaleBatchNorm3d",
     "ScaleCalibratedBatchNorm1d", "ScaleCalibratedBatchNorm2d", "ScaleCalibratedBatchNorm3d",
     "InputNorm", "FixedInputNorm", "OfflineInputNorm", "with_input_norm", "activation_std",
+    "ConstantChannelPad",
 ]

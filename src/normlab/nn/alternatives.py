@@ -114,6 +114,11 @@ class _AltScaleBatchNorm(_TailBatchNorm):
     Computed as BN with effective weight ``γ`` (A1) or ``γ γ₀`` (A2) and effective bias
     ``γ β``, so gradients reach γ, γ₀ and β by autograd and eval mode is a fixed affine map.
 
+    From a standard BN (``y = γ_BN x̂ + β_BN``), :func:`normlab.convert` copies γ and the
+    running statistics, leaves γ₀ = 1, and sets ``β = β_BN / γ_BN`` (a copied β would act as
+    ``γ β_BN`` here), so the converted layer computes the BN's output; channels with
+    ``γ_BN = 0 ≠ β_BN`` cannot be expressed (β = 0 there, reported).
+
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype: as
             ``torch.nn.BatchNorm2d``.
@@ -168,6 +173,12 @@ class _ScaleCalibratedBatchNorm(_TailBatchNorm):
     (init ``wv_init`` = 0), w_b is ``calib_bias`` (init ``wb_init``: +1 for RBN, −1 for IEBN).
     Only the scaling part of RBN/IEBN is implemented, as the seed compares (no RBN
     centering calibration).
+
+    From a standard BN (``y = γ_BN x̂ + β_BN``), :func:`normlab.convert` copies β and the
+    running statistics, leaves w_v, w_b at their init, and sets ``γ = γ_BN / sigmoid(w_b)``
+    (a copied γ would give the effective scale ``γ_BN · S``, 0.731·γ_BN for RBN): with
+    w_v = 0, S = sigmoid(w_b) for every sample, so the converted layer computes the BN's
+    output. :func:`normlab.init_norm_` afterwards gives the seed's initialization instead.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype: as

@@ -154,6 +154,12 @@ class InputNorm(_FilteredBatchNorm):
     ``σ_act · γ`` where σ_act = :func:`activation_std` of the network's activation (0.5838 for
     ReLU). There is no ``bias`` parameter (β fixed at 0; ``self.bias is None``).
 
+    :func:`normlab.convert` into an InputNorm carries the old γ into ``weight`` and the running
+    statistics, and drops β (reported): the eval output is the old layer's minus β.
+    :func:`normlab.fuse_for_inference` folds it into the following linear/conv/transposed conv;
+    before a zero-padded conv it leaves a :class:`~normlab.ConstantChannelPad` padding with
+    ``μ_run`` (the value it maps to 0), which keeps the fold exact at the borders.
+
     Args:
         num_channels: input channels (3 for RGB).
         activation: the activation the *rest* of the network uses (name, module or callable).
