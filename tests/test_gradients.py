@@ -56,9 +56,9 @@ MODULES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(MODULES))
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_gradcheck_every_module(name, mode):
+def functional_module(name, mode="train"):
+    """``(fn, inputs)``: module ``name`` (random parameters, planted outliers) as a pure
+    function of (input, *parameters) — each call sees fresh copies of the running stats."""
     make, shape = MODULES[name]
     module = randomize_params(make().double())
     if name.startswith("tlu") or name.startswith("affine_tlu"):
@@ -77,11 +77,17 @@ def test_gradcheck_every_module(name, mode):
     buffers = dict(module.named_buffers())
 
     def fn(inp, *ps):
-        # fresh copies of the running stats each call, so every evaluation sees the same state
         state = {**dict(zip(names, ps)), **{k: v.clone() for k, v in buffers.items()}}
         return torch.func.functional_call(module, state, (inp,))
 
-    assert gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
+    return fn, (x, *params)
+
+
+@pytest.mark.parametrize("name", sorted(MODULES))
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_gradcheck_every_module(name, mode):
+    fn, inputs = functional_module(name, mode)
+    assert gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 CASES = [
@@ -165,26 +171,9 @@ def test_gradgradcheck_every_module(name, backend):
     core. (Before, the reference path's backward treated μ and σ as constants there.)"""
     from normlab.kernels import use_backend
 
-    make, shape = MODULES[name]
-    module = randomize_params(make().double())
-    if name.startswith("tlu") or name.startswith("affine_tlu"):
-        with torch.no_grad():
-            for p in module.parameters():
-                p.uniform_(-0.3, 0.3)
-    if name == "brn":
-        with torch.no_grad():
-            module.running_mean.fill_(1000.0), module.running_var.fill_(1e4)
-    x = planted(shape).requires_grad_()
-    names = [n for n, _ in module.named_parameters()]
-    params = [p for _, p in module.named_parameters()]
-    buffers = dict(module.named_buffers())
-
-    def fn(inp, *ps):
-        state = {**dict(zip(names, ps)), **{k: v.clone() for k, v in buffers.items()}}
-        return torch.func.functional_call(module, state, (inp,))
-
+    fn, inputs = functional_module(name)
     with use_backend(backend):
-        assert torch.autograd.gradgradcheck(fn, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4,
+        assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-6, rtol=1e-4,
                                             fast_mode=True)
 
 

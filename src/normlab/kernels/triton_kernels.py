@@ -68,6 +68,45 @@ if triton is not None:
         return x, offs, mask, j
 
     @triton.jit
+    def _plain_moments(s1, s2, shift, m, CENTERED: tl.constexpr):
+        """(μ, σ²) from Σu, Σu² with u = x − shift (centered), or (0, ν²) from Σx² (eq. 2–3)."""
+        d0 = s1 / m
+        if CENTERED:
+            mean0 = shift + d0
+            var0 = tl.maximum(s2 / m - d0 * d0, 0.0)
+        else:
+            mean0 = d0 * 0.0
+            var0 = s2 / m
+        return mean0, var0
+
+    @triton.jit
+    def _final_moments(s1, s2, shift, m, mean0, kept, f1, f2, kap, CENTERED: tl.constexpr,
+                       FILTER: tl.constexpr):
+        """(μ′, σ′², M): the filtered moments (eq. 6–7, divided by κ) from the kept count and
+        the sums f1, f2 of x − μ0 over the kept values; a set that kept nothing falls back to
+        its plain sums s1, s2 of x − shift. Without a filter, the plain moments."""
+        cnt = s1 * 0.0 + m
+        sf = s1
+        sff = s2
+        if FILTER:
+            none_kept = kept == 0.0
+            dm = mean0 - shift
+            cnt = tl.where(none_kept, m, kept)
+            sf = tl.where(none_kept, s1 - m * dm, f1)
+            sff = tl.where(none_kept, s2 - 2.0 * dm * s1 + m * dm * dm, f2)
+            shift = mean0
+        d = sf / cnt
+        if CENTERED:
+            mean = shift + d
+            var = tl.maximum(sff / cnt - d * d, 0.0)
+        else:
+            mean = d * 0.0
+            var = sff / cnt
+        if FILTER:
+            var = var / kap
+        return mean, var, cnt
+
+    @triton.jit
     def fwd_kernel(X, Y, W, B, TAU, AK, EPSX, STATS, S, G2, sA, sB, JH, L, sJ, sL, P_MUL, P_J,
                    eps, thr, kap,
                    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_EPSX: tl.constexpr,
@@ -93,16 +132,10 @@ if triton is not None:
                 a2 += u * u
         s1 = tl.sum(tl.sum(a1, 1), 0)
         s2 = tl.sum(tl.sum(a2, 1), 0)
-        d0 = s1 / m
-        if CENTERED:
-            mean0 = shift + d0
-            var0 = tl.maximum(s2 / m - d0 * d0, 0.0)
-        else:
-            mean0 = 0.0
-            var0 = s2 / m
-        cnt = m
-        sf = s1
-        sff = s2
+        mean0, var0 = _plain_moments(s1, s2, shift, m, CENTERED)
+        kept = m
+        f1 = s1
+        f2 = s2
         if FILTER:
             r0 = 1.0 / tl.sqrt(var0 + eps)
             b1 = tl.zeros((BLOCK_J, BLOCK_L), tl.float32)
@@ -117,22 +150,10 @@ if triton is not None:
                     b2 += u
                     b3 += u * u
             kept = tl.sum(tl.sum(b1, 1), 0)
-            none_kept = kept == 0.0
-            cnt = tl.where(none_kept, m, kept)
-            # sums of (x - mean0): from pass 1 when nothing was kept
-            sf = tl.where(none_kept, s1 - m * (mean0 - shift), tl.sum(tl.sum(b2, 1), 0))
-            sff = tl.where(none_kept, s2 - 2.0 * (mean0 - shift) * s1
-                           + m * (mean0 - shift) * (mean0 - shift), tl.sum(tl.sum(b3, 1), 0))
-            shift = mean0
-        d = sf / cnt
-        if CENTERED:
-            mean = shift + d
-            var = tl.maximum(sff / cnt - d * d, 0.0)
-        else:
-            mean = 0.0
-            var = sff / cnt
-        if FILTER:
-            var = var / kap
+            f1 = tl.sum(tl.sum(b2, 1), 0)
+            f2 = tl.sum(tl.sum(b3, 1), 0)
+        mean, var, cnt = _final_moments(s1, s2, shift, m, mean0, kept, f1, f2, kap, CENTERED,
+                                        FILTER)
         rstd = 1.0 / tl.sqrt(var + eps)
         for j0 in range(0, JH, BLOCK_J):
             for l0 in range(0, L, BLOCK_L):
@@ -315,13 +336,9 @@ if triton is not None:
         s2 = _bn_combine(PART, 1, c, cmask, C, SPLIT, BLOCK_C, BLOCK_P)
         if CENTERED:
             shift = tl.load(X + c.to(tl.int64) * sc, mask=cmask, other=0.0).to(tl.float32)
-            d0 = s1 / m
-            mean0 = shift + d0
-            var0 = tl.maximum(s2 / m - d0 * d0, 0.0)
         else:
             shift = tl.zeros((BLOCK_C,), tl.float32)
-            mean0 = tl.zeros((BLOCK_C,), tl.float32)
-            var0 = s2 / m
+        mean0, var0 = _plain_moments(s1, s2, shift, m, CENTERED)
         return shift, s1, s2, mean0, var0
 
     @triton.jit
@@ -394,28 +411,15 @@ if triton is not None:
         m = R.to(tl.float32)
         shift, s1, s2, mean0, var0 = _bn_plain_moments(PART, X, c, cmask, C, SPLIT, sc, m,
                                                        CENTERED, BLOCK_C, BLOCK_P)
-        cnt = tl.zeros((BLOCK_C,), tl.float32) + m
-        sf = s1
-        sff = s2
+        kept = s1
+        f1 = s1
+        f2 = s2
         if FILTER:
             kept = _bn_combine(FPART, 0, c, cmask, C, SPLIT, BLOCK_C, BLOCK_P)
-            none_kept = kept == 0.0
-            dm = mean0 - shift  # pass-1 sums are shifted by `shift`, the filter's by mean0
-            cnt = tl.where(none_kept, m, kept)
-            sf = tl.where(none_kept, s1 - m * dm,
-                          _bn_combine(FPART, 1, c, cmask, C, SPLIT, BLOCK_C, BLOCK_P))
-            sff = tl.where(none_kept, s2 - 2.0 * dm * s1 + m * dm * dm,
-                           _bn_combine(FPART, 2, c, cmask, C, SPLIT, BLOCK_C, BLOCK_P))
-            shift = mean0
-        d = sf / cnt
-        if CENTERED:
-            mean = shift + d
-            var = tl.maximum(sff / cnt - d * d, 0.0)
-        else:
-            mean = tl.zeros((BLOCK_C,), tl.float32)
-            var = sff / cnt
-        if FILTER:
-            var = var / kap
+            f1 = _bn_combine(FPART, 1, c, cmask, C, SPLIT, BLOCK_C, BLOCK_P)
+            f2 = _bn_combine(FPART, 2, c, cmask, C, SPLIT, BLOCK_C, BLOCK_P)
+        mean, var, cnt = _final_moments(s1, s2, shift, m, mean0, kept, f1, f2, kap, CENTERED,
+                                        FILTER)
         rstd = 1.0 / tl.sqrt(var + eps)
         if HAS_W:
             w = tl.load(W + c, mask=cmask, other=1.0).to(tl.float32)
