@@ -13,7 +13,7 @@ import torch
 import normlab
 from normlab import functional as F
 from normlab import kernels as K
-from normlab.kernels import cpu
+from normlab.kernels import cpu, layout
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"no fused CPU kernels: {cpu.build_error()}")
 
@@ -173,7 +173,9 @@ def test_dispatch_rules():
     w = torch.randn(1, 3, 1)
     assert K.selected_path(x, w, None, (0, 2)) == "cpu"
     assert K.selected_path(x.double(), w, None, (0, 2)) == "reference"  # dtype mismatch
-    assert K.selected_path(x.half(), None, None, (0, 2)) == "reference"
+    assert K.selected_path(x.half(), None, None, (0, 2)) == "cpu"  # upcast to float32
+    assert K.selected_path(x.bfloat16(), w, None, (0, 2)) == "cpu"  # float32 γ with half x
+    assert K.selected_path(x.half(), w.double(), None, (0, 2)) == "reference"
     assert K.selected_path(x.transpose(0, 2), None, None, (0, 2)) == "reference"
     assert K.selected_path(x, None, None, (0, 1)) == "reference"  # not a fused layout
     with K.use_backend("reference"):
@@ -192,3 +194,253 @@ def test_eval_filtered_bn_is_native_batch_norm():
     ref.load_state_dict(m.state_dict())
     x = torch.randn(2, 4, 3, 3)
     assert torch.equal(m(x), ref(x))
+
+
+# ---- channels_last (NHWC) and half precision on the fused CPU path -----------------------
+
+def _nhwc(shape_ncl, dtype=torch.float64, seed=0):
+    """(N, C, L) data stored channels_last: strides (L·C, 1, C), with planted outliers."""
+    n, c, l = shape_ncl
+    x = _data((n, l, c), dtype=dtype, seed=seed).permute(0, 2, 1)
+    assert x.stride() == (l * c, 1, c)
+    return x
+
+
+def _params(shape, dtype=torch.float64, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen, dtype=dtype),
+            torch.randn(shape, generator=gen, dtype=dtype))
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7), (6, 4, 15), (2, 16, 9)])
+@pytest.mark.parametrize("threshold", [None, 2.0])
+@pytest.mark.parametrize("centered", [True, False])
+@pytest.mark.parametrize("gaussian_consistent", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_channels_last_batch_layout_matches_reference(shape, threshold, centered,
+                                                      gaussian_consistent, affine):
+    x = _nhwc(shape)
+    w, b = _params((1, shape[1], 1)) if affine else (None, None)
+    res = _run_both(x, (w, b, None, None, None), (0, 2), threshold=threshold, centered=centered,
+                    gaussian_consistent=gaussian_consistent)
+    _assert_same(res, 1e-10)
+    y, _, grads = res[1]
+    assert y.stride() == x.stride() and grads[0].stride() == x.stride()
+
+
+def test_channels_last_batch_layout_keep_nothing():
+    # evenly spaced values: T = 1e-3 keeps nothing in any channel, so all values are kept
+    x = torch.linspace(-3, 3, 2 * 15 * 4, dtype=torch.float64).reshape(2, 15, 4).permute(0, 2, 1)
+    w, b = _params((1, 4, 1))
+    res = _run_both(x, (w, b, None, None, None), (0, 2), threshold=1e-3)
+    _assert_same(res, 1e-10)
+    torch.testing.assert_close(res[1][1][2], torch.full((4,), 30.0, dtype=x.dtype))
+    # channel 1 is ±1 (every |z| = 1 > T: keeps nothing), the others keep some values
+    x = _nhwc((4, 3, 10))
+    x[:, 1] = torch.tensor([1.0, -1.0], dtype=x.dtype).repeat(20).reshape(4, 10)
+    res = _run_both(x, (w[:, :3], b[:, :3], None, None, None), (0, 2), threshold=0.5)
+    _assert_same(res, 1e-10)
+    count = res[1][1][2]
+    assert count[1] == 40 and 0 < count[0] < 40 and 0 < count[2] < 40
+
+
+@pytest.mark.parametrize("activation", ["none", "tlu", "affine_tlu", "relu"])
+@pytest.mark.parametrize("threshold", [None, 1.5])
+def test_channels_last_rows_layout_matches_reference(activation, threshold):
+    n, g, cg, hw = 3, 2, 3, 10  # GN / GFRN view (N, G, C/G, HW) of an NHWC tensor
+    x = _data((n, hw, g * cg)).permute(0, 2, 1).reshape(n, g, cg, hw)
+    assert x.stride() == (hw * g * cg, cg, 1, g * cg)
+    shape = (1, g, cg, 1)
+    w, b = _params(shape)
+    gen = torch.Generator().manual_seed(4)
+    tau = torch.randn(shape, generator=gen, dtype=x.dtype) * 0.3
+    kappa = torch.rand(shape, generator=gen, dtype=x.dtype) * 0.5
+    epsx = torch.tensor(1e-3, dtype=x.dtype)
+    for centered in (True, False):
+        res = _run_both(x, (w, b, tau, kappa, epsx), (2, 3), activation=activation,
+                        threshold=threshold, centered=centered, eps=1e-6)
+        _assert_same(res, 1e-10)
+        assert res[1][0].stride() == x.stride() and res[1][2][0].stride() == x.stride()
+
+
+@pytest.mark.parametrize("threshold", [None, 2.0, 1e-3])
+def test_channels_last_instance_and_group_without_affine(threshold):
+    # no parameters: the plan is widened to (N, C, 1, L) / (N, G, Cg, L) to read NHWC
+    x = _nhwc((3, 5, 7))
+    _assert_same(_run_both(x, (None, None, None, None, None), (2,), threshold=threshold), 1e-10)
+    xg = _data((2, 9, 6)).permute(0, 2, 1).reshape(2, 3, 2, 9)
+    _assert_same(_run_both(xg, (None, None, None, None, None), (2, 3), threshold=threshold),
+                 1e-10)
+
+
+def test_channels_last_strided_views_stay_on_reference():
+    x = _nhwc((3, 4, 10))
+    assert K.selected_path(x, None, None, (0, 2)) == "cpu"
+    assert K.selected_path(x[:, :, ::2], None, None, (0, 2)) == "reference"  # gaps
+    assert K.selected_path(x[:, :3], None, None, (0, 2)) == "reference"  # channel slice
+    with pytest.raises(ValueError, match="contiguous or channels_last"):
+        pl = layout.plan(x[:, :, ::2], (), (0, 2))
+        cpu.FusedNormCPU.apply(x[:, :, ::2], None, None, None, None, None, pl, 2.0, True,
+                               1e-5, False, 0)
+
+
+def test_gradcheck_channels_last():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64).permute(0, 2, 1)
+    x = x.detach().requires_grad_()  # (N, C, L) = (3, 5, 4), strides (20, 1, 5)
+    w = torch.randn(1, 5, 1, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(1, 5, 1, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert K.selected_path(x, w, b, (0, 2)) == "cpu"
+    torch.autograd.gradcheck(
+        lambda x, w, b: K.normalize_affine(x, w, b, (0, 2), threshold=1.5)[0], (x, w, b))
+    tau = torch.randn(1, 5, 1, generator=gen, dtype=torch.float64, requires_grad=True)
+    epsx = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(
+        lambda x, w, b, t, e: K.normalize_affine_act(
+            x, w, b, (2,), activation="tlu", tau=t, centered=False, eps_extra=e,
+            threshold=1.5)[0],
+        (x, w, b, tau, epsx))
+
+
+def test_float32_channels_last_close_to_reference():
+    x = _nhwc((8, 6, 40), dtype=torch.float32)
+    w, b = _params((1, 6, 1), dtype=torch.float32)
+    _assert_same(_run_both(x, (w, b, None, None, None), (0, 2), threshold=2.0), 2e-5)
+    xr = x.reshape(8, 2, 3, 40)
+    w, b = _params((1, 2, 3, 1), dtype=torch.float32)
+    _assert_same(_run_both(xr, (w, b, None, None, None), (2, 3), threshold=2.0), 2e-5)
+
+
+# fp16: 2^-11 relative rounding, bf16: 2^-8; both paths compute in float32 and round once
+HALF_TOL = {torch.float16: 4e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("param_dtype", ["float32", "half"])
+def test_half_precision_matches_reference(dtype, channels_last, param_dtype):
+    pdt = torch.float32 if param_dtype == "float32" else dtype
+    x = _nhwc((4, 6, 9), dtype=torch.float32) if channels_last else _data((4, 6, 9), torch.float32)
+    x = x.to(dtype)
+    assert x.is_contiguous() != channels_last
+    w, b = _params((1, 6, 1), dtype=pdt)
+    for threshold in (None, 2.0):
+        res = _run_both(x, (w, b, None, None, None), (0, 2), threshold=threshold)
+        _assert_same(res, HALF_TOL[dtype])
+        y, stats, grads = res[1]
+        assert y.dtype == dtype and grads[0].dtype == dtype and y.stride() == x.stride()
+        assert grads[1].dtype == pdt and stats[0].dtype == torch.float32
+    # rows family: FRN + TLU with learned ε on the same data viewed (N, C, 1, L)
+    xr = x.unsqueeze(2)
+    w, b = _params((1, 6, 1, 1), dtype=pdt)
+    tau = torch.full((1, 6, 1, 1), -0.2, dtype=pdt)
+    epsx = torch.tensor(1e-3)
+    res = _run_both(xr, (w, b, tau, None, epsx), (2, 3), activation="tlu", centered=False)
+    _assert_same(res, HALF_TOL[dtype])
+
+
+def test_module_filtered_bn_channels_last():
+    torch.manual_seed(0)
+    c = 5
+    x = (torch.randn(3, c, 4, 7) * 2 + 1).to(memory_format=torch.channels_last)
+    x[0, :, 0, 0] += 12.0  # outliers
+    grad = torch.randn(x.shape).to(memory_format=torch.channels_last)
+    m = normlab.FilteredBatchNorm2d(c)
+    assert K.selected_path(m._stats_view(x), m.weight.view(1, c, 1), None, (0, 2)) == "cpu"
+    xx = x.clone().requires_grad_()
+    y = m(xx)
+    y.backward(grad)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    assert xx.grad.is_contiguous(memory_format=torch.channels_last)
+    ref = normlab.FilteredBatchNorm2d(c)
+    xr = x.contiguous().requires_grad_()
+    with K.use_backend("reference"):
+        yr = ref(xr)
+    yr.backward(grad.contiguous())
+    torch.testing.assert_close(y, yr, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(xx.grad, xr.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(m.running_var, ref.running_var, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threshold", [None, 1e6])
+def test_module_bn_channels_last_equals_torch_batch_norm(threshold):
+    # threshold=None is torch's own call; 1e6 keeps every value, through the fused kernels
+    torch.manual_seed(1)
+    c = 6
+    m = normlab.FilteredBatchNorm2d(c, threshold=threshold)
+    ref = torch.nn.BatchNorm2d(c)
+    ref.load_state_dict(m.state_dict())
+    for step in range(3):
+        x = (torch.randn(4, c, 5, 3) * 3 + step).to(memory_format=torch.channels_last)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = m(xa), ref(xb)
+        assert ya.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(ya, yb, atol=1e-5, rtol=1e-5)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        torch.testing.assert_close(xa.grad, xb.grad, atol=1e-4, rtol=1e-4)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(m, name), getattr(ref, name), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(m.weight.grad, ref.weight.grad, atol=1e-4, rtol=1e-4)
+    m.eval(), ref.eval()
+    x = torch.randn(2, c, 5, 3).to(memory_format=torch.channels_last)
+    torch.testing.assert_close(m(x), ref(x))
+
+
+def test_modules_channels_last_take_fused_path_and_keep_format():
+    torch.manual_seed(0)
+    x = _data((4, 8, 5, 5), dtype=torch.float32).to(memory_format=torch.channels_last)
+    for make in (lambda: normlab.FilteredGroupNorm(2, 8),
+                 lambda: normlab.FilterResponseNorm2d(8, learnable_eps=True)):
+        outs = []
+        for backend, fmt in (("reference", torch.contiguous_format), ("auto", torch.channels_last)):
+            torch.manual_seed(1)
+            m = make()
+            xx = x.clone(memory_format=fmt).requires_grad_()
+            with K.use_backend(backend):
+                y = m(xx)
+                y.square().sum().backward()
+            outs.append((y.detach(), xx.grad, [p.grad for p in m.parameters()]))
+        (y1, g1, p1), (y2, g2, p2) = outs
+        assert y2.is_contiguous(memory_format=torch.channels_last)
+        assert g2.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(y2, y1, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(g2, g1, atol=1e-4, rtol=1e-4)
+        for a, c in zip(p1, p2):
+            torch.testing.assert_close(c, a, atol=1e-4, rtol=1e-4)
+
+
+def test_half_backward_saves_only_the_half_input():
+    x = torch.randn(8, 16, 6, 6).to(torch.bfloat16).requires_grad_()
+    m = normlab.FilteredBatchNorm2d(16)
+    saved = []
+
+    def pack(t):
+        saved.append((t.numel(), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        m(x)
+    assert [d for n, d in saved if n >= x.numel()] == [torch.bfloat16]
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_threaded_kernels_match_reference(monkeypatch, threads):
+    """Small inputs run on one thread; force the threaded passes (uneven splits, N < threads)."""
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        x = _nhwc((3, 5, 7))
+        w, b = _params((1, 5, 1))
+        for xx in (x, x.contiguous()):
+            _assert_same(_run_both(xx, (w, b, None, None, None), (0, 2), threshold=2.0), 1e-10)
+        xr = _data((2, 10, 6)).permute(0, 2, 1).reshape(2, 3, 2, 10)  # N = 2 samples
+        w, b = _params((1, 3, 2, 1))
+        tau = torch.full((1, 3, 2, 1), -0.1, dtype=xr.dtype)
+        for xx in (xr, xr.contiguous()):
+            _assert_same(_run_both(xx, (w, b, tau, None, None), (2, 3), activation="tlu",
+                                   threshold=2.0), 1e-10)
+    finally:
+        torch.set_num_threads(before)

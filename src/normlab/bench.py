@@ -10,7 +10,10 @@ for the minimum traffic (forward: read x, write y; backward: read x and ∂ℓ/�
 ``peak MB`` is the CUDA allocator's peak during fwd+bwd (CUDA only). The training-step
 table times forward + backward + SGD step of LeNet-5 and ResNet-18 on CIFAR-size input.
 
-Example: ``normlab bench --quick`` (CPU, seconds) or ``normlab bench --device cuda``.
+Layer rows run in ``--dtype`` and, with ``--channels-last``, in NHWC memory format, against
+torch's BN/GN in the same dtype and format (on CPU, normlab's fused kernels upcast
+float16/bfloat16 to float32 internally). Example: ``normlab bench --quick`` (CPU, seconds),
+``normlab bench --dtype bfloat16 --channels-last`` or ``normlab bench --device cuda``.
 """
 
 from __future__ import annotations
@@ -243,10 +246,7 @@ def main(args: argparse.Namespace) -> int:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device} requested but torch.cuda.is_available() is False")
-    dtype = DTYPES[args.dtype]
-    if device == "cpu" and dtype != torch.float32:
-        raise ValueError(f"--dtype {args.dtype} on CPU: torch's CPU norms are slow in half "
-                         f"precision and normlab's fused CPU kernels are float32/float64; use float32")
+    dtype = DTYPES[args.dtype]  # every dtype on every device: ratios are to torch in that dtype
     shape = _parse_shape(args.shape) if args.shape else ((16, 32, 16, 16) if args.quick else (64, 64, 32, 32))
     rounds = args.rounds or (5 if args.quick else 15)
     print(f"# normlab bench on {machine_description(device)}")

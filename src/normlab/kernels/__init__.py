@@ -4,8 +4,10 @@
 :func:`normalize_affine_act` the one that also fuses FRN's TLU); they pick an implementation
 by device, dtype and layout:
 
-* ``"cpu"`` – fused C/OpenMP kernels (:mod:`normlab.kernels.cpu`), float32/float64,
-  contiguous inputs, built at first use; skipped if no compiler is available.
+* ``"cpu"`` – fused C/OpenMP kernels (:mod:`normlab.kernels.cpu`), built at first use
+  (skipped if no compiler is available): float32/float64, and float16/bfloat16 upcast to
+  float32 inside the Function; contiguous or channels_last inputs (NCHW and NHWC, for BN and
+  for the per-sample norms); ``y`` and ``∂ℓ/∂x`` keep ``x``'s strides.
 * ``"triton"`` – Triton kernels on CUDA tensors (:mod:`normlab.kernels.triton_kernels`),
   float32/float16/bfloat16, any strides (NCHW and channels_last).
 * ``"reference"`` – :class:`analytic.NormalizeAffineFunction`, the portable reference
@@ -78,21 +80,25 @@ def _is_compiling() -> bool:
                 and compiler.is_compiling())
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 def _choose(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...]
             ) -> tuple[str, Plan | None]:
     if _backend == "reference" or _is_compiling() or x.dim() == 0:
         return "reference", None
     # parameters share x's device and dtype, or stay float32 for half inputs (autocast/AMP)
     if any(p is not None and (p.device != x.device or not (
-            p.dtype == x.dtype or (p.dtype == torch.float32 and x.device.type == "cuda"
-                                   and x.dtype in (torch.float16, torch.bfloat16))))
+            p.dtype == x.dtype or (p.dtype == torch.float32 and x.dtype in _HALF)))
            for p in params):
         return "reference", None
-    pl = plan(x, params, dims)
+    # the CPU kernels need x contiguous or channels_last; widen finds the latter for
+    # parameter-free GN/IN (the Triton kernels take any strides)
+    pl = plan(x, params, dims, widen=x.device.type == "cpu")
     if pl is None or x.numel() == 0:
         return "reference", None
     if x.device.type == "cpu":
-        if x.dtype not in (torch.float32, torch.float64) or not x.is_contiguous():
+        if x.dtype not in (torch.float32, torch.float64, *_HALF) or pl.layout == "strided":
             return "reference", None
         from . import cpu
         return ("cpu", pl) if cpu.available() else ("reference", None)

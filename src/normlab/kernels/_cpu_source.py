@@ -11,7 +11,15 @@ would keep nothing); filtered moments over kept values (eq. 6–7, divided by κ
 Gaussian-consistent); ``y = γ (x − μ) r + β`` (eq. 8), optionally ``z = max(y, τ)`` (FRN seed
 eq. 3) or ``max(y, κ_a y + τ)`` (affine TLU). Backward, with ``g = γ ∂ℓ/∂y``:
 ``∂ℓ/∂x = r (g − f (Σg/M + x̂ Σg x̂/(κM)))`` (no ``Σg`` term when uncentered).
+
+Two memory layouts: contiguous (``bn_*``, ``row_*``: a set's values are contiguous runs) and
+channels_last (``bnc_*``, ``rowc_*``: rows of C contiguous channel values, a set is a column
+or a block of columns; the loops vectorize over channels with per-channel constant vectors).
+The channels_last kernels take a scratch buffer of ``(nt + 1) · WORK_PER · C`` doubles.
 """
+
+# doubles of scratch per thread (and once more, shared) per channel in the channels_last kernels
+WORK_PER = 24
 
 BODY = r"""
 /* ---- leaf loops: one contiguous run of at most CHUNK values, accumulating in T. They are
@@ -126,6 +134,47 @@ static void SFX(run_sums)(const T *x, int64_t nseg, int64_t seg_stride, int64_t 
     o[0] = s; o[1] = ss;
 }
 
+/* Plain moments from sums s = Σ (x − shift), ss = Σ (x − shift)² over m values:
+   μ0 = shift + s/m, σ0² = ss/m − (s/m)² (centered) or μ0 = 0, ν² = ss/m (uncentered);
+   also r0 = (σ0² + ε)^(-1/2), the scale of the filter test. */
+static void SFX(plain_moments)(double s, double ss, double m, T shift, int centered, double eps,
+                               T *mean0, T *var0, T *r0)
+{
+    double d0 = s / m;
+    double mu0 = centered ? shift + d0 : 0.0;
+    double v0 = centered ? ss / m - d0 * d0 : ss / m;
+    if (v0 < 0) v0 = 0;
+    *mean0 = (T)mu0; *var0 = (T)v0;
+    *r0 = (T)1 / (T)sqrt((double)(*var0 + (T)eps));
+}
+
+/* Moments used to normalize. Without a filter (thr <= 0): the plain sums (s, ss, shifted by
+   `shift`, m values). With one: the kept count M and kept sums sf = Σ f (x − μ0),
+   sff = Σ f (x − μ0)² (eq. 6–7); a set that kept nothing (M = 0) keeps all m values (its plain
+   sums re-shifted to μ0). The filtered variance is divided by kap (κ(T), or 1). */
+static void SFX(final_moments)(double s, double ss, double m, T shift, T mean0,
+                               double M, double sf, double sff, int centered, double eps,
+                               double thr, double kap, T *mean_o, T *var_o, T *rstd_o, T *cnt_o)
+{
+    double sh = shift;
+    if (thr > 0) {
+        if (M == 0) {
+            double dm = (double)mean0 - shift;
+            M = m; sf = s - m * dm; sff = ss - 2 * dm * s + m * dm * dm;
+        }
+        sh = mean0;
+    } else {
+        M = m; sf = s; sff = ss;
+    }
+    double d = sf / M;
+    double mu = centered ? sh + d : 0.0;
+    double var = centered ? sff / M - d * d : sff / M;
+    if (var < 0) var = 0;
+    if (thr > 0) var /= kap;
+    *mean_o = (T)mu; *var_o = (T)var; *cnt_o = (T)M;
+    *rstd_o = (T)1 / (T)sqrt((double)((T)var + (T)eps));
+}
+
 /* Statistics of one set (plain, then filtered), written to the six outputs. */
 static void SFX(set_stats)(const T *x, int64_t nseg, int64_t seg_stride, int64_t seg_len,
                            int centered, double eps, double thr, double kap,
@@ -134,15 +183,10 @@ static void SFX(set_stats)(const T *x, int64_t nseg, int64_t seg_stride, int64_t
     double m = (double)nseg * seg_len, ps[2];
     T shift = centered ? x[0] : (T)0;   /* shifted sums: no cancellation for large means */
     SFX(run_sums)(x, nseg, seg_stride, seg_len, shift, ps);
-    double d0 = ps[0] / m;
-    double mu0 = centered ? shift + d0 : 0.0;
-    double v0 = centered ? ps[1] / m - d0 * d0 : ps[1] / m;
-    if (v0 < 0) v0 = 0;
-    T mean0 = (T)mu0, var0 = (T)v0;
-    T r0 = (T)1 / (T)sqrt((double)(var0 + (T)eps));
-    double M = m, sf = ps[0], sff = ps[1];
+    T mean0, var0, r0;
+    SFX(plain_moments)(ps[0], ps[1], m, shift, centered, eps, &mean0, &var0, &r0);
+    double M = 0, sf = 0, sff = 0;
     if (thr > 0) {
-        M = 0; sf = 0; sff = 0;
         T t[3];
         for (int64_t k = 0; k < nseg; ++k)
             for (int64_t c0 = 0; c0 < seg_len; c0 += CHUNK) {
@@ -150,20 +194,10 @@ static void SFX(set_stats)(const T *x, int64_t nseg, int64_t seg_stride, int64_t
                 SFX(leaf_filter)(x + k * seg_stride + c0, n, mean0, r0, (T)thr, mean0, t);
                 M += t[0]; sf += t[1]; sff += t[2];
             }
-        double dm = (double)mean0 - shift;   /* filter sums are shifted by mean0 */
-        if (M == 0) {                        /* kept nothing: keep all */
-            M = m; sf = ps[0] - m * dm; sff = ps[1] - 2 * dm * ps[0] + m * dm * dm;
-        }
-        shift = mean0;
     }
-    double d = sf / M;
-    double mu = centered ? shift + d : 0.0;
-    double var = centered ? sff / M - d * d : sff / M;
-    if (var < 0) var = 0;
-    if (thr > 0) var /= kap;
     *mean0_o = mean0; *var0_o = var0;
-    *mean_o = (T)mu; *var_o = (T)var; *cnt_o = (T)M;
-    *rstd_o = (T)1 / (T)sqrt((double)((T)var + (T)eps));
+    SFX(final_moments)(ps[0], ps[1], m, shift, mean0, M, sf, sff, centered, eps, thr, kap,
+                       mean_o, var_o, rstd_o, cnt_o);
 }
 
 static void SFX(run_affine)(const T *x, T *y, int64_t nseg, int64_t seg_stride, int64_t seg_len,
@@ -311,9 +345,365 @@ void SFX(row_bwd)(const T *x, const T *dz, T *dx, const T *w, const T *b, const 
         }
     }
 }
+
+/* ==== channels_last layout ===========================================================
+   x is stored as rows of C contiguous values (row stride C), one row per (sample, position):
+   BN's (N, C, L) with strides (L·C, 1, C) is an (N·L, C) matrix, and sample n of the row
+   family is an (L, C) block. Channel c is column c, so every leaf loop below runs over the C
+   channels of one row (vectorized) with per-channel C-vectors for the shift, mask and affine
+   constants, and adds into per-channel partial sums in T (at most CHUNK rows each, then
+   added into double, as in the contiguous kernels). */
+
+/* o0[c] += Σ (x − s[c]),  o1[c] += Σ (x − s[c])²  (plain shifted sums) */
+static NOINLINE void SFX(col_sums)(const T *restrict x, int64_t nrow, int64_t C,
+                                   const T *restrict s, T *restrict o0, T *restrict o1)
+{
+    for (int64_t r = 0; r < nrow; ++r) {
+        const T *restrict p = x + r * C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; ++c) { T u = p[c] - s[c]; o0[c] += u; o1[c] += u * u; }
+    }
+}
+
+/* f = [|x − m0[c]| r0[c] ≤ th];  o0 += f,  o1 += f (x − m0),  o2 += f (x − m0)²  (eq. 5–7) */
+static NOINLINE void SFX(col_filter)(const T *restrict x, int64_t nrow, int64_t C,
+                                     const T *restrict m0, const T *restrict r0, T th,
+                                     T *restrict o0, T *restrict o1, T *restrict o2)
+{
+    for (int64_t r = 0; r < nrow; ++r) {
+        const T *restrict p = x + r * C;
+        #pragma omp simd
+        for (int64_t c = 0; c < C; ++c) {
+            T u = p[c] - m0[c];
+            T f = FABS(u * r0[c]) <= th ? (T)1 : (T)0;
+            u = u * f;
+            o0[c] += f; o1[c] += u; o2[c] += u * u;
+        }
+    }
+}
+
+/* y = x a[c] + b[c] (eq. 8), then act 1: max(y, t[c]), act 2: max(y, k[c] y + t[c]) */
+static NOINLINE void SFX(col_affine)(const T *restrict x, T *restrict y, int64_t nrow, int64_t C,
+                                     const T *restrict a, const T *restrict b, int act,
+                                     const T *restrict t, const T *restrict k)
+{
+    for (int64_t r = 0; r < nrow; ++r) {
+        const T *restrict p = x + r * C;
+        T *restrict q = y + r * C;
+        if (act == 0) {
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) q[c] = p[c] * a[c] + b[c];
+        } else if (act == 1) {
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) { T v = p[c] * a[c] + b[c]; q[c] = v >= t[c] ? v : t[c]; }
+        } else {
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                T v = p[c] * a[c] + b[c]; T h = k[c] * v + t[c]; q[c] = v >= h ? v : h;
+            }
+        }
+    }
+}
+
+/* With dy = ∂ℓ/∂y recovered from dz = ∂ℓ/∂z through the activation (recomputed from x):
+   o0 += Σ dy, o1 += Σ dy (x − mu[c]), o2 += Σ dz where the TLU chose τ (∂ℓ/∂τ),
+   o3 += Σ dz y there (∂ℓ/∂κ of the affine TLU). act 0 leaves o2, o3 alone. */
+static NOINLINE void SFX(col_bwd_sums)(const T *restrict x, const T *restrict d, int64_t nrow,
+                                       int64_t C, const T *restrict mu, int act,
+                                       const T *restrict a, const T *restrict b,
+                                       const T *restrict t, const T *restrict k,
+                                       T *restrict o0, T *restrict o1, T *restrict o2,
+                                       T *restrict o3)
+{
+    for (int64_t r = 0; r < nrow; ++r) {
+        const T *restrict p = x + r * C, *restrict g = d + r * C;
+        if (act == 0) {
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) { T dd = g[c]; o0[c] += dd; o1[c] += dd * (p[c] - mu[c]); }
+        } else if (act == 1) {
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                T v = p[c], dd = g[c];
+                T keep = (v * a[c] + b[c]) >= t[c] ? (T)1 : (T)0;
+                T dy = keep * dd;
+                o0[c] += dy; o1[c] += dy * (v - mu[c]); o2[c] += dd - dy;
+            }
+        } else {
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                T v = p[c], dd = g[c];
+                T y = v * a[c] + b[c];
+                T keep = y >= k[c] * y + t[c] ? (T)1 : (T)0;
+                T dy = keep * dd + ((T)1 - keep) * k[c] * dd;
+                T rest = ((T)1 - keep) * dd;
+                o0[c] += dy; o1[c] += dy * (v - mu[c]); o2[c] += rest; o3[c] += rest * y;
+            }
+        }
+    }
+}
+
+/* dx = A[c] dy − f (B[c] + (x − mu[c]) Cc[c]),  f = [|x − m0[c]| r0[c] ≤ th[c]] */
+static NOINLINE void SFX(col_bwd_dx)(const T *restrict x, const T *restrict d, T *restrict q,
+                                     int64_t nrow, int64_t C, int act, const T *restrict a,
+                                     const T *restrict b, const T *restrict t,
+                                     const T *restrict k, const T *restrict A,
+                                     const T *restrict B, const T *restrict Cc,
+                                     const T *restrict mu, const T *restrict m0,
+                                     const T *restrict r0, const T *restrict th)
+{
+    for (int64_t r = 0; r < nrow; ++r) {
+        const T *restrict p = x + r * C, *restrict g = d + r * C;
+        T *restrict o = q + r * C;
+        if (act == 0) {
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                T v = p[c];
+                T f = FABS((v - m0[c]) * r0[c]) <= th[c] ? (T)1 : (T)0;
+                o[c] = A[c] * g[c] - f * (B[c] + (v - mu[c]) * Cc[c]);
+            }
+        } else if (act == 1) {
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                T v = p[c], dd = g[c];
+                T dy = (v * a[c] + b[c]) >= t[c] ? dd : (T)0;
+                T f = FABS((v - m0[c]) * r0[c]) <= th[c] ? (T)1 : (T)0;
+                o[c] = A[c] * dy - f * (B[c] + (v - mu[c]) * Cc[c]);
+            }
+        } else {
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c) {
+                T v = p[c], dd = g[c];
+                T y = v * a[c] + b[c];
+                T dy = y >= k[c] * y + t[c] ? dd : k[c] * dd;
+                T f = FABS((v - m0[c]) * r0[c]) <= th[c] ? (T)1 : (T)0;
+                o[c] = A[c] * dy - f * (B[c] + (v - mu[c]) * Cc[c]);
+            }
+        }
+    }
+}
+
+/* Per-channel sums over rows [lo, hi) of x (and d), into acc (nacc C-vectors of double):
+   mode 0 plain sums (v = {shift}), mode 1 filter sums (v = {m0, r0}, th),
+   mode 2 backward sums (v = {mu, a, b, t, k}, act). tp: nacc·C values of T scratch. */
+static void SFX(col_accumulate)(int mode, const T *x, const T *d, int64_t lo, int64_t hi,
+                                int64_t C, const T *const *v, int act, T th, int nacc,
+                                double *acc, T *tp)
+{
+    int64_t nv = nacc * C;
+    for (int64_t i = 0; i < nv; ++i) acc[i] = 0;
+    for (int64_t r = lo; r < hi; r += CHUNK) {
+        int64_t n = hi - r < CHUNK ? hi - r : CHUNK;
+        for (int64_t i = 0; i < nv; ++i) tp[i] = 0;
+        if (mode == 0)
+            SFX(col_sums)(x + r * C, n, C, v[0], tp, tp + C);
+        else if (mode == 1)
+            SFX(col_filter)(x + r * C, n, C, v[0], v[1], th, tp, tp + C, tp + 2 * C);
+        else
+            SFX(col_bwd_sums)(x + r * C, d + r * C, n, C, v[0], act, v[1], v[2], v[3], v[4],
+                              tp, tp + C, tp + 2 * C, tp + 3 * C);
+        for (int64_t i = 0; i < nv; ++i) acc[i] += tp[i];
+    }
+}
+
+/* The same sums over all R rows: thread t takes rows [R t/nt, R (t+1)/nt) with its own
+   accumulators (work + t·WORK_PER·C), then the thread sums are added per channel into out. */
+static void SFX(col_reduce)(int mode, const T *x, const T *d, int64_t R, int64_t C,
+                            const T *const *v, int act, T th, int nacc, double *work, int nt,
+                            double *out)
+{
+    #pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int t = 0; t < nt; ++t) {
+        double *wk = work + (int64_t)t * WORK_PER * C;
+        SFX(col_accumulate)(mode, x, d, R * t / nt, R * (t + 1) / nt, C, v, act, th, nacc,
+                            wk, (T *)(wk + 4 * C));
+    }
+    for (int64_t i = 0; i < nacc * C; ++i) {
+        double s = 0;
+        for (int t = 0; t < nt; ++t) s += work[(int64_t)t * WORK_PER * C + i];
+        out[i] = s;
+    }
+}
+
+/* ---- channels_last batch norm: x (N, C, L) with strides (L·C, 1, C), i.e. an (N·L, C)
+   matrix; statistics per column. Three passes over the rows, each split among the threads:
+   plain sums, filter sums (thr > 0), y = x a + b. work: (nt + 1)·WORK_PER·C doubles. ---- */
+void SFX(bnc_fwd)(const T *x, T *y, const T *w, const T *b, int64_t N, int64_t C, int64_t L,
+                  int centered, double eps, double thr, double kap,
+                  T *mean0, T *var0, T *mean, T *var, T *rstd, T *cnt, double *work, int nt)
+{
+    int64_t R = N * L;
+    double m = (double)R;
+    double *tail = work + (int64_t)nt * WORK_PER * C;      /* shared after the thread areas */
+    double *fs = tail, *ps = tail + 4 * C;                 /* filter sums (3C), plain (2C) */
+    T *sh = (T *)(tail + 6 * C), *r0 = sh + C, *av = r0 + C, *bv = av + C;
+    for (int64_t c = 0; c < C; ++c) sh[c] = centered ? x[c] : (T)0;   /* row 0: x[0, c, 0] */
+    const T *v0[1] = {sh};
+    SFX(col_reduce)(0, x, NULL, R, C, v0, 0, (T)0, 2, work, nt, ps);
+    for (int64_t c = 0; c < C; ++c)
+        SFX(plain_moments)(ps[c], ps[C + c], m, sh[c], centered, eps, mean0 + c, var0 + c, r0 + c);
+    if (thr > 0) {
+        const T *v1[2] = {mean0, r0};
+        SFX(col_reduce)(1, x, NULL, R, C, v1, 0, (T)thr, 3, work, nt, fs);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+        double M = thr > 0 ? fs[c] : 0, sf = thr > 0 ? fs[C + c] : 0, sff = thr > 0 ? fs[2 * C + c] : 0;
+        SFX(final_moments)(ps[c], ps[C + c], m, sh[c], mean0[c], M, sf, sff, centered, eps,
+                           thr, kap, mean + c, var + c, rstd + c, cnt + c);
+        av[c] = (w ? w[c] : (T)1) * rstd[c];
+        bv[c] = (b ? b[c] : (T)0) - mean[c] * av[c];
+    }
+    #pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int t = 0; t < nt; ++t) {
+        int64_t lo = R * t / nt, hi = R * (t + 1) / nt;
+        SFX(col_affine)(x + lo * C, y + lo * C, hi - lo, C, av, bv, 0, NULL, NULL);
+    }
+}
+
+void SFX(bnc_bwd)(const T *x, const T *dy, T *dx, const T *w, int64_t N, int64_t C, int64_t L,
+                  int centered, double eps, double thr, double kap,
+                  const T *mean0, const T *var0, const T *mean, const T *rstd, const T *cnt,
+                  T *s_dy, T *s_dyxhat, double *work, int nt)
+{
+    int64_t R = N * L;
+    double m = (double)R;
+    double *tail = work + (int64_t)nt * WORK_PER * C, *sums = tail;   /* 4C */
+    T *A = (T *)(tail + 4 * C), *B = A + C, *Cc = B + C, *r0 = Cc + C, *th = r0 + C;
+    const T *v[5] = {mean, NULL, NULL, NULL, NULL};
+    SFX(col_reduce)(2, x, dy, R, C, v, 0, (T)0, 4, work, nt, sums);
+    for (int64_t c = 0; c < C; ++c) {
+        double r = rstd[c], sd = sums[c], sdxh = r * sums[C + c];
+        s_dy[c] = (T)sd; s_dyxhat[c] = (T)sdxh;
+        double wc = w ? w[c] : 1.0, M = cnt[c];
+        int filt = thr > 0 && M < m;
+        double kk = thr > 0 ? kap : 1.0;
+        A[c] = (T)(r * wc);
+        B[c] = (T)(centered ? r * wc * sd / M : 0.0);
+        Cc[c] = (T)(r * r * wc * sdxh / (kk * M));
+        r0[c] = (T)1 / (T)sqrt((double)(var0[c] + (T)eps));
+        th[c] = filt ? (T)thr : (T)INFINITY;
+    }
+    if (!dx) return;
+    #pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int t = 0; t < nt; ++t) {
+        int64_t lo = R * t / nt, hi = R * (t + 1) / nt;
+        SFX(col_bwd_dx)(x + lo * C, dy + lo * C, dx + lo * C, hi - lo, C, 0, NULL, NULL, NULL,
+                        NULL, A, B, Cc, mean, mean0, r0, th);
+    }
+}
+
+/* ---- channels_last row family: x read as (N, G, Cg, L) stored in the order (N, L, G, Cg);
+   sample n is an (L, C) block (C = G·Cg) and set (n, g) is its columns [g·Cg, (g+1)·Cg).
+   Threads split the samples; a sample's block is read from memory by the first pass and
+   re-read from cache by the others. Per-channel sums are combined into group sums.
+   work: (nt + 1)·WORK_PER·C doubles. ---- */
+void SFX(rowc_fwd)(const T *x, T *y, const T *w, const T *b, const T *tau, const T *ak,
+                   int64_t N, int64_t G, int64_t Cg, int64_t L, int centered, double eps,
+                   double thr, double kap, int act,
+                   T *mean0, T *var0, T *mean, T *var, T *rstd, T *cnt, double *work, int nt)
+{
+    int64_t C = G * Cg;
+    double m = (double)Cg * L;
+    #pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int t = 0; t < nt; ++t) {
+        double *wk = work + (int64_t)t * WORK_PER * C;
+        double *acc = wk, *gs = wk + 8 * C;                /* 3C sums; group plain sums 2G */
+        T *tp = (T *)(wk + 4 * C);
+        T *m0 = (T *)(wk + 10 * C), *r0 = m0 + C, *av = r0 + C, *bv = av + C;
+        for (int64_t n = N * t / nt; n < N * (t + 1) / nt; ++n) {
+            const T *xs = x + n * L * C;
+            T *ys = y + n * L * C;
+            for (int64_t c = 0; c < C; ++c) m0[c] = centered ? xs[c / Cg * Cg] : (T)0;
+            const T *v0[1] = {m0};                          /* the shift: first value of the set */
+            SFX(col_accumulate)(0, xs, NULL, 0, L, C, v0, 0, (T)0, 2, acc, tp);
+            for (int64_t g = 0; g < G; ++g) {
+                int64_t s = n * G + g;
+                double a0 = 0, a1 = 0;
+                for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) { a0 += acc[c]; a1 += acc[C + c]; }
+                gs[g] = a0; gs[G + g] = a1;
+                T r0g;
+                SFX(plain_moments)(a0, a1, m, m0[g * Cg], centered, eps, mean0 + s, var0 + s, &r0g);
+                for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) { m0[c] = mean0[s]; r0[c] = r0g; }
+            }
+            if (thr > 0) {
+                const T *v1[2] = {m0, r0};
+                SFX(col_accumulate)(1, xs, NULL, 0, L, C, v1, 0, (T)thr, 3, acc, tp);
+            }
+            for (int64_t g = 0; g < G; ++g) {
+                int64_t s = n * G + g;
+                double M = 0, sf = 0, sff = 0;
+                if (thr > 0)
+                    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+                        M += acc[c]; sf += acc[C + c]; sff += acc[2 * C + c];
+                    }
+                T shift = centered ? xs[g * Cg] : (T)0;
+                SFX(final_moments)(gs[g], gs[G + g], m, shift, mean0[s], M, sf, sff, centered,
+                                   eps, thr, kap, mean + s, var + s, rstd + s, cnt + s);
+                for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+                    av[c] = (w ? w[c] : (T)1) * rstd[s];
+                    bv[c] = (b ? b[c] : (T)0) - mean[s] * av[c];
+                }
+            }
+            SFX(col_affine)(xs, ys, L, C, av, bv, act, tau, ak);
+        }
+    }
+}
+
+void SFX(rowc_bwd)(const T *x, const T *dz, T *dx, const T *w, const T *b, const T *tau,
+                   const T *ak, int64_t N, int64_t G, int64_t Cg, int64_t L, int centered,
+                   double eps, double thr, double kap, int act,
+                   const T *mean0, const T *var0, const T *mean, const T *rstd, const T *cnt,
+                   T *s_dy, T *s_dyxhat, T *s_dtau, T *s_dak, T *s_gxhat, double *work, int nt)
+{
+    int64_t C = G * Cg;
+    double m = (double)Cg * L;
+    #pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (int t = 0; t < nt; ++t) {
+        double *wk = work + (int64_t)t * WORK_PER * C, *acc = wk;     /* 4C sums */
+        T *tp = (T *)(wk + 4 * C);
+        T *muv = (T *)(wk + 8 * C), *av = muv + C, *bv = av + C, *A = bv + C, *B = A + C;
+        T *Cc = B + C, *m0 = Cc + C, *r0 = m0 + C, *th = r0 + C;
+        for (int64_t n = N * t / nt; n < N * (t + 1) / nt; ++n) {
+            const T *xs = x + n * L * C, *ds = dz + n * L * C;
+            for (int64_t c = 0; c < C; ++c) {
+                int64_t s = n * G + c / Cg;
+                muv[c] = mean[s];
+                av[c] = (w ? w[c] : (T)1) * rstd[s];
+                bv[c] = (b ? b[c] : (T)0) - mean[s] * av[c];
+            }
+            const T *v[5] = {muv, av, bv, tau, ak};
+            SFX(col_accumulate)(2, xs, ds, 0, L, C, v, act, (T)0, 4, acc, tp);
+            for (int64_t g = 0; g < G; ++g) {
+                int64_t s = n * G + g;
+                double rs = rstd[s], sg = 0, sgxh = 0;
+                for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+                    double wc = w ? w[c] : 1.0, sdxh = rs * acc[C + c];
+                    s_dy[n * C + c] = (T)acc[c]; s_dyxhat[n * C + c] = (T)sdxh;
+                    s_dtau[n * C + c] = (T)acc[2 * C + c]; s_dak[n * C + c] = (T)acc[3 * C + c];
+                    sg += wc * acc[c]; sgxh += wc * sdxh;
+                }
+                s_gxhat[s] = (T)sgxh;
+                double M = cnt[s];
+                int filt = thr > 0 && M < m;
+                double kk = thr > 0 ? kap : 1.0;
+                T Bg = (T)(centered ? rs * sg / M : 0.0);
+                T Ccg = (T)(rs * rs * sgxh / (kk * M));
+                T r0g = (T)1 / (T)sqrt((double)(var0[s] + (T)eps));
+                T thg = filt ? (T)thr : (T)INFINITY;
+                for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
+                    A[c] = (T)(rs * (w ? (double)w[c] : 1.0));
+                    B[c] = Bg; Cc[c] = Ccg; m0[c] = mean0[s]; r0[c] = r0g; th[c] = thg;
+                }
+            }
+            if (dx)
+                SFX(col_bwd_dx)(xs, ds, dx + n * L * C, L, C, act, av, bv, tau, ak, A, B, Cc,
+                                muv, m0, r0, th);
+        }
+    }
+}
 """
 
 HEADER = ("#include <stdint.h>\n#include <math.h>\n#include <stddef.h>\n#define CHUNK 1024\n"
+            f"#define WORK_PER {WORK_PER}\n"
             "#if defined(__GNUC__) && !defined(__clang__)\n#define NOINLINE __attribute__((noinline, noipa))\n"
             "#else\n#define NOINLINE __attribute__((noinline))\n#endif\n")
 

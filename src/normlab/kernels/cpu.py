@@ -7,10 +7,21 @@ cache. Per set, forward is ≈ one read and one write of ``x``; backward ≈ two
 ``x`` and ``∂ℓ/∂y`` and one write, with the robust-filter mask recomputed from ``x`` and the
 saved plain moments. Only ``x`` and per-set statistics are saved for backward.
 
+Layouts (``Plan.layout``): contiguous, and channels_last — ``x`` stored as rows of ``C``
+contiguous channel values (a ``channels_last`` NHWC activation after the modules' reshape).
+There the loops run over channels with per-channel accumulators: batch norm makes three
+passes over the rows split among the threads (plain sums, filter sums, normalize; a channel
+is spread over the whole tensor, so nothing is re-read from cache), the row family (GN/FRN/
+IN) one sample at a time as above. ``y`` and ``∂ℓ/∂x`` keep ``x``'s strides.
+
+dtypes: float32 and float64 natively; float16/bfloat16 inputs are upcast to float32 for the
+kernels (parameters too; statistics stay float32, as in the reference) and ``y``/``∂ℓ/∂x`` cast
+back. Only the half ``x`` is saved; backward upcasts it again.
+
 Build: ``gcc -O3 -march=native -fno-trapping-math -fopenmp`` (no torch headers, ~1 s), cached under
 ``$NORMLAB_CACHE_DIR`` or ``~/.cache/normlab/kernels`` keyed by a hash of the source, the
 flags and the CPU. No compiler, a failed build, or ``NORMLAB_NO_COMPILE=1`` simply leave the
-reference Function (:mod:`normlab.kernels.analytic`) in charge. float32 and float64 only.
+reference Function (:mod:`normlab.kernels.analytic`) in charge.
 """
 
 from __future__ import annotations
@@ -123,7 +134,18 @@ def _declare(lib: ctypes.CDLL) -> None:
         getattr(lib, f"row_bwd_{sfx}").argtypes = [P, P, P, P, P, P, P, I64, I64, I64, I64, I,
                                                     D, D, D, I, P, P, P, P, P,
                                                     P, P, P, P, P, I]
-        for kind in ("bn_fwd", "bn_bwd", "row_fwd", "row_bwd"):
+        # channels_last: same arguments, plus a scratch buffer before the thread count
+        getattr(lib, f"bnc_fwd_{sfx}").argtypes = [P, P, P, P, I64, I64, I64, I, D, D, D,
+                                                    P, P, P, P, P, P, P, I]
+        getattr(lib, f"bnc_bwd_{sfx}").argtypes = [P, P, P, P, I64, I64, I64, I, D, D, D,
+                                                    P, P, P, P, P, P, P, P, I]
+        getattr(lib, f"rowc_fwd_{sfx}").argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, I,
+                                                     D, D, D, I, P, P, P, P, P, P, P, I]
+        getattr(lib, f"rowc_bwd_{sfx}").argtypes = [P, P, P, P, P, P, P, I64, I64, I64, I64, I,
+                                                     D, D, D, I, P, P, P, P, P,
+                                                     P, P, P, P, P, P, I]
+        for kind in ("bn_fwd", "bn_bwd", "row_fwd", "row_bwd",
+                     "bnc_fwd", "bnc_bwd", "rowc_fwd", "rowc_bwd"):
             getattr(lib, f"{kind}_{sfx}").restype = None
 
 
@@ -151,48 +173,110 @@ def _sfx(dtype: torch.dtype) -> str:
     return "f32" if dtype == torch.float32 else "f64"
 
 
+# below this many values a call runs on one thread: waking OpenMP threads costs more than the
+# work (milliseconds when other processes hold the cores)
+PARALLEL_MIN_NUMEL = 1 << 15
+
+
+def _threads(x: Tensor) -> int:
+    return torch.get_num_threads() if x.numel() >= PARALLEL_MIN_NUMEL else 1
+
+
+def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The kernels run in float32 or float64; half inputs use float32 (``stats_dtype``)."""
+    return F.stats_dtype(dtype)
+
+
+def _vector(p: Tensor | None, pl: Plan, dtype: torch.dtype) -> Tensor | None:
+    """A parameter as the kernels' contiguous ``(G·Cg,)`` vector in the kernel dtype."""
+    v = canonical_param(p, pl)
+    return None if v is None else v.to(dtype)
+
+
+def _same_layout(a: Tensor, b: Tensor) -> bool:
+    """Same shape and the same strides on every axis longer than 1."""
+    return a.shape == b.shape and all(
+        n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+
+
+def _empty_as(x: Tensor, pl: Plan, dtype: torch.dtype) -> Tensor:
+    """An uninitialized tensor shaped like ``x`` in the plan's memory layout."""
+    if pl.layout == "contiguous":
+        return torch.empty(x.shape, dtype=dtype)
+    return torch.empty_strided(x.shape, x.stride(), dtype=dtype)  # x's (dense) NHWC strides
+
+
+def _as_kernel_input(t: Tensor, x: Tensor, pl: Plan, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` and laid out like ``x``; copies only when it is not already."""
+    if t.dtype == dtype and _same_layout(t, x):
+        return t
+    return _empty_as(x, pl, dtype).copy_(t)
+
+
+def _work(pl: Plan, nt: int) -> Tensor | None:
+    """Scratch of the channels_last kernels: per-thread (and shared) per-channel vectors."""
+    if pl.layout != "channels_last":
+        return None
+    return torch.empty((nt + 1) * _cpu_source.WORK_PER * pl.g * pl.cg, dtype=torch.float64)
+
+
 class FusedNormCPU(torch.autograd.Function):
     """``z = act(γ · normalize(x) + β)`` with (filtered) statistics; fused C forward/backward.
 
     Same math as :class:`normlab.kernels.analytic.NormalizeAffineFunction` (whose docstring
     derives the backward), plus an optional TLU / affine-TLU (FRN seed eq. 3–5) fused into
     the same passes. Saves ``x``, the parameters and per-set statistics only.
-    Inputs: x (contiguous), weight, bias, eps_extra, tau, kappa_act, plan, threshold,
-    centered, eps, gaussian_consistent, act.
+    Inputs: x (float16/bfloat16/float32/float64, in the plan's layout: contiguous or
+    channels_last), weight, bias, eps_extra, tau, kappa_act (x's dtype, or float32 for half
+    x), plan, threshold, centered, eps, gaussian_consistent, act. ``y`` comes back in x's
+    dtype and strides, the statistics in the kernel dtype (float32 for half x).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, centered,
                 eps, gaussian_consistent, act):
+        if pl.layout not in ("contiguous", "channels_last"):
+            raise ValueError(f"FusedNormCPU needs x contiguous or channels_last, got layout "
+                             f"{pl.layout!r}; use the reference Function")
         lib = _load()
         eps_total = eps + (float(eps_extra) if eps_extra is not None else 0.0)
         thr = -1.0 if threshold is None else float(threshold)
         kap = (F.truncated_normal_variance_factor(threshold)
                if gaussian_consistent and threshold is not None else 1.0)
-        w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
+        kdt = _kernel_dtype(x.dtype)
+        w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
         if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
-            t = torch.zeros(pl.g * pl.cg, dtype=x.dtype)
-        y = torch.empty_like(x, memory_format=torch.contiguous_format)
+            t = torch.zeros(pl.g * pl.cg, dtype=kdt)
+        xk = _as_kernel_input(x, x, pl, kdt)  # half: a float32 copy in the same layout
+        y = _empty_as(x, pl, kdt)
         nsets = pl.g if pl.kind == "channel" else pl.n * pl.g
-        stats = torch.empty(6, nsets, dtype=x.dtype)
+        stats = torch.empty(6, nsets, dtype=kdt)
         mean0, var0, mean, var, rstd, count = stats.unbind(0)
-        nt = torch.get_num_threads()
-        sfx = _sfx(x.dtype)
-        if pl.kind == "channel":
-            getattr(lib, f"bn_fwd_{sfx}")(_ptr(x), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
-                                          int(centered), eps_total, thr, kap,
-                                          *map(_ptr, (mean0, var0, mean, var, rstd, count)), nt)
-        else:
-            getattr(lib, f"row_fwd_{sfx}")(_ptr(x), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
+        nt = _threads(x)
+        work = _work(pl, nt)
+        sfx = _sfx(kdt)
+        outs = tuple(map(_ptr, (mean0, var0, mean, var, rstd, count)))
+        if pl.kind == "channel" and pl.layout == "contiguous":
+            getattr(lib, f"bn_fwd_{sfx}")(_ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
+                                          int(centered), eps_total, thr, kap, *outs, nt)
+        elif pl.kind == "channel":
+            getattr(lib, f"bnc_fwd_{sfx}")(_ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
+                                           int(centered), eps_total, thr, kap, *outs,
+                                           _ptr(work), nt)
+        elif pl.layout == "contiguous":
+            getattr(lib, f"row_fwd_{sfx}")(_ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
                                            pl.n * pl.g, pl.g, pl.cg, pl.l, int(centered),
-                                           eps_total, thr, kap, act,
-                                           *map(_ptr, (mean0, var0, mean, var, rstd, count)), nt)
+                                           eps_total, thr, kap, act, *outs, nt)
+        else:
+            getattr(lib, f"rowc_fwd_{sfx}")(_ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
+                                            pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total,
+                                            thr, kap, act, *outs, _ptr(work), nt)
         ctx.save_for_backward(x, weight, bias, eps_extra, tau, akappa, stats)
         ctx.config = (pl, thr, kap, centered, eps_total, act, (threshold, eps, gaussian_consistent))
         shape = pl.stats_shape
         out_stats = (mean.view(shape), var.view(shape), count.view(shape))
         ctx.mark_non_differentiable(*out_stats)
-        return (y, *out_stats)
+        return (y.to(x.dtype), *out_stats)  # half: cast back, strides kept
 
     @staticmethod
     def backward(ctx, grad_y, _gm, _gv, _gc):
@@ -206,34 +290,49 @@ class FusedNormCPU(torch.autograd.Function):
             return (*grads, None, None, None, None, None, None)
         lib = _load()
         mean0, var0, mean, _var, rstd, count = stats.unbind(0)
-        w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
+        kdt = stats.dtype
+        w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
         if act == ACT_CODES["tlu"] and t is None:
-            t = torch.zeros(pl.g * pl.cg, dtype=x.dtype)
-        dz = grad_y.to(x.dtype).contiguous()
-        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        nt = torch.get_num_threads()
-        sfx = _sfx(x.dtype)
+            t = torch.zeros(pl.g * pl.cg, dtype=kdt)
+        xk = _as_kernel_input(x, x, pl, kdt)
+        dz = _as_kernel_input(grad_y, x, pl, kdt)  # ∂ℓ/∂z in x's layout
+        dx = _empty_as(x, pl, kdt) if ctx.needs_input_grad[0] else None
+        nt = _threads(x)
+        work = _work(pl, nt)
+        sfx = _sfx(kdt)
+        saved = tuple(map(_ptr, (mean0, var0, mean, rstd, count)))
         if pl.kind == "channel":
-            s_dy, s_dyxhat = torch.empty(2, pl.g, dtype=x.dtype).unbind(0)
-            getattr(lib, f"bn_bwd_{sfx}")(_ptr(x), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g, pl.l,
-                                          int(centered), eps_total, thr, kap,
-                                          *map(_ptr, (mean0, var0, mean, rstd, count)),
-                                          _ptr(s_dy), _ptr(s_dyxhat), nt)
+            s_dy, s_dyxhat = torch.empty(2, pl.g, dtype=kdt).unbind(0)
+            if pl.layout == "contiguous":
+                getattr(lib, f"bn_bwd_{sfx}")(_ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
+                                              pl.l, int(centered), eps_total, thr, kap, *saved,
+                                              _ptr(s_dy), _ptr(s_dyxhat), nt)
+            else:
+                getattr(lib, f"bnc_bwd_{sfx}")(_ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
+                                               pl.l, int(centered), eps_total, thr, kap, *saved,
+                                               _ptr(s_dy), _ptr(s_dyxhat), _ptr(work), nt)
             s_gxhat = s_dyxhat * w if w is not None else s_dyxhat
             sums = {"dy": s_dy, "dyxhat": s_dyxhat}
         else:
             rows = pl.n * pl.g
-            buf = torch.empty(4, rows * pl.cg, dtype=x.dtype)
+            buf = torch.empty(4, rows * pl.cg, dtype=kdt)
             s_dy, s_dyxhat, s_dtau, s_dak = buf.unbind(0)
-            s_gxhat = torch.empty(rows, dtype=x.dtype)
-            getattr(lib, f"row_bwd_{sfx}")(_ptr(x), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b), _ptr(t),
-                                           _ptr(k), rows, pl.g, pl.cg, pl.l, int(centered),
-                                           eps_total, thr, kap, act,
-                                           *map(_ptr, (mean0, var0, mean, rstd, count)),
-                                           _ptr(s_dy), _ptr(s_dyxhat), _ptr(s_dtau), _ptr(s_dak),
-                                           _ptr(s_gxhat), nt)
+            s_gxhat = torch.empty(rows, dtype=kdt)
+            per_set = (_ptr(s_dy), _ptr(s_dyxhat), _ptr(s_dtau), _ptr(s_dak), _ptr(s_gxhat))
+            if pl.layout == "contiguous":
+                getattr(lib, f"row_bwd_{sfx}")(_ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
+                                               _ptr(t), _ptr(k), rows, pl.g, pl.cg, pl.l,
+                                               int(centered), eps_total, thr, kap, act, *saved,
+                                               *per_set, nt)
+            else:
+                getattr(lib, f"rowc_bwd_{sfx}")(_ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
+                                                _ptr(t), _ptr(k), pl.n, pl.g, pl.cg, pl.l,
+                                                int(centered), eps_total, thr, kap, act, *saved,
+                                                *per_set, _ptr(work), nt)
             per_channel = buf.view(4, pl.n, pl.g * pl.cg).sum(1)
             sums = dict(zip(("dy", "dyxhat", "dtau", "dak"), per_channel.unbind(0)))
+        if dx is not None:
+            dx = dx.to(x.dtype)  # half: cast back, strides kept
         grads = [dx, None, None, None, None, None]
         if weight is not None and ctx.needs_input_grad[1]:
             grads[1] = param_grad(sums["dyxhat"], weight, pl)

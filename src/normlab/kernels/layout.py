@@ -12,7 +12,13 @@ two shapes of problem:
   (GN: ``(N, G, C/G, HW)``; IN/FRN: ``(N, C, 1, L)``; LN: ``(P, 1, D, 1)``).
 
 :func:`plan` returns a :class:`Plan` for those, or ``None`` (the caller then uses the
-reference Function).
+reference Function). ``Plan.layout`` says how ``x``, read as ``(n, g, cg, l)``, lies in memory:
+
+* ``"contiguous"``: in that order (``x.is_contiguous()``);
+* ``"channels_last"``: in the order ``(n, l, g, cg)`` with no gaps, i.e. strides
+  ``(l·C, cg, 1, C)`` with ``C = g·cg`` — what a ``channels_last`` (NHWC) activation becomes
+  after the modules' ``reshape`` (BN: ``(N, C, L)`` with strides ``(L·C, 1, C)``);
+* ``"strided"``: anything else (only the Triton kernels and the reference take it).
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class Plan(NamedTuple):
     param_shape: tuple        # shape a canonical (G*Cg,) parameter is viewed as to broadcast
     stats_shape: tuple        # keepdim shape of the statistics
     dims: tuple = ()          # the reduced axes of x, as given to normalize_affine
+    layout: str = "contiguous"  # memory order of x: "contiguous", "channels_last" or "strided"
 
 
 def _param_span(p: Tensor | None, shape: torch.Size, split: int) -> tuple[int, int] | None:
@@ -58,8 +65,38 @@ def _param_span(p: Tensor | None, shape: torch.Size, split: int) -> tuple[int, i
     return j, m
 
 
-def plan(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...]) -> Plan | None:
-    """Classify ``(x, params, dims)`` as a channel (BN) or rows problem; ``None`` if neither."""
+def _is_channels_last(x: Tensor, n: int, g: int, cg: int, l: int) -> bool:
+    """Whether ``x`` read as ``(n, g, cg, l)`` is stored in the order ``(n, l, g, cg)``."""
+    try:
+        v = x.view(n, g, cg, l)
+    except RuntimeError:  # the axes can't be merged into that view without a copy
+        return False
+    c = g * cg
+    want = (l * c, cg, 1, c)
+    return all(size == 1 or st == w for size, st, w in zip(v.shape, v.stride(), want))
+
+
+def _rows_geometry(shape: torch.Size, split: int, j: int, m: int) -> tuple[int, int, int, int]:
+    """``(n, g, cg, l)`` of a rows plan whose parameters span the axes ``[j, m)``."""
+    return (math.prod(shape[:j]), math.prod(shape[j:split]), math.prod(shape[split:m]),
+            math.prod(shape[m:]))
+
+
+def _layout(x: Tensor, n: int, g: int, cg: int, l: int) -> str:
+    if x.is_contiguous():
+        return "contiguous"
+    return "channels_last" if _is_channels_last(x, n, g, cg, l) else "strided"
+
+
+def plan(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...], *,
+         widen: bool = False) -> Plan | None:
+    """Classify ``(x, params, dims)`` as a channel (BN) or rows problem; ``None`` if neither.
+
+    ``widen=True`` (the CPU kernels): when a non-contiguous ``x`` is not channels_last with
+    the smallest parameter span, try wider spans ``[j, m)`` (parameters are then expanded
+    over the extra axes), so that e.g. a channels_last GN or IN without affine parameters,
+    whose smallest span is empty, is still read as ``(N, G, Cg, L)`` in NHWC order.
+    """
     nd = x.dim()
     shape = x.shape
     if nd == 3 and dims == (0, 2):
@@ -68,7 +105,7 @@ def plan(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...]) -> P
                                   or p.shape[1] not in (1, shape[1])):
                 return None
         return Plan("channel", shape[0], shape[1], 1, shape[2], (1, shape[1], 1),
-                    (1, shape[1], 1), dims)
+                    (1, shape[1], 1), dims, _layout(x, shape[0], shape[1], 1, shape[2]))
     split = nd - len(dims)
     if split < 1 or dims != tuple(range(split, nd)):
         return None
@@ -79,13 +116,17 @@ def plan(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...]) -> P
             return None
         if p is not None:
             j, m = min(j, span[0]), max(m, span[1])
-    n = math.prod(shape[:j])
-    g = math.prod(shape[j:split])
-    cg = math.prod(shape[split:m])
-    l = math.prod(shape[m:])
+    layout = _layout(x, *_rows_geometry(shape, split, j, m))
+    if layout == "strided" and widen:
+        wider = ((jj, mm) for jj in range(j, -1, -1) for mm in range(m, nd + 1))
+        found = next((span for span in wider
+                      if _is_channels_last(x, *_rows_geometry(shape, split, *span))), None)
+        if found is not None:
+            (j, m), layout = found, "channels_last"
+    n, g, cg, l = _rows_geometry(shape, split, j, m)
     param_shape = (1,) * j + tuple(shape[j:m]) + (1,) * (nd - m)
     stats_shape = tuple(shape[:split]) + (1,) * (nd - split)
-    return Plan("rows", n, g, cg, l, param_shape, stats_shape, dims)
+    return Plan("rows", n, g, cg, l, param_shape, stats_shape, dims, layout)
 
 
 def canonical_param(p: Tensor | None, pl: Plan) -> Tensor | None:
