@@ -133,6 +133,8 @@ def canonical_param(p: Tensor | None, pl: Plan) -> Tensor | None:
     """A parameter as a contiguous ``(G * Cg,)`` vector (BN: ``(C,)``)."""
     if p is None:
         return None
+    if p.shape == pl.param_shape and p.is_contiguous():
+        return p.view(-1)  # the common case (a module's (C,) parameter viewed): no copy
     return p.expand(pl.param_shape).reshape(-1).contiguous()
 
 

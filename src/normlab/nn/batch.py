@@ -58,11 +58,12 @@ class _BatchStatsNorm(ChannelStatsNorm):
         """``running ← (1 − a) running + a · batch``, variance unbiased over the kept count M."""
         if not self.track_running_stats:
             return
-        mean = stats.mean.reshape(-1)
         count = stats.count.reshape(-1).to(stats.var.dtype)
-        unbiased = stats.var.reshape(-1) * count / (count - 1).clamp_min(1)
-        self.running_mean.lerp_(mean.to(self.running_mean.dtype), factor)
-        self.running_var.lerp_(unbiased.to(self.running_var.dtype), factor)
+        unbiased = stats.var.reshape(-1) * (count / (count - 1).clamp_min_(1))
+        torch._foreach_lerp_(
+            [self.running_mean, self.running_var],
+            [stats.mean.reshape(-1).to(self.running_mean.dtype),
+             unbiased.to(self.running_var.dtype)], factor)
 
 
 class _FilteredBatchNorm(_BatchStatsNorm):
