@@ -444,3 +444,33 @@ def test_threaded_kernels_match_reference(monkeypatch, threads):
                                    threshold=2.0), 1e-10)
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype,channels_last,momentum", [
+    (torch.float32, False, 0.1), (torch.float32, True, 0.1), (torch.float64, False, None),
+    (torch.bfloat16, False, 0.1), (torch.float32, True, None)])
+def test_running_stats_updated_inside_the_kernel_equal_the_reference(dtype, channels_last,
+                                                                       momentum):
+    """Batch-norm running averages updated by the C kernel (no extra torch ops) equal the
+    reference path's update — mean, variance unbiased over the kept count, cumulative and
+    momentum averages — over several steps, for filtered BN and batch renorm."""
+    from normlab.kernels.analytic import RunningStats
+
+    for make in (lambda: normlab.FilteredBatchNorm2d(5, momentum=momentum, threshold=1.5),
+                 lambda: normlab.BatchRenorm2d(5, momentum=momentum or 0.1, threshold=2.0)):
+        modules = [make().to(torch.float64 if dtype == torch.float64 else torch.float32)
+                   for _ in range(2)]
+        for step in range(3):
+            x = _data((6, 5, 4, 3), dtype=torch.float64, seed=step).to(dtype)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            xv = x.reshape(6, 5, -1)
+            pl = K._choose(xv, (None, None), (0, 2))[1]
+            running = RunningStats(modules[1].running_mean, modules[1].running_var, 0.1)
+            assert cpu.FusedNormCPU.fuses_running(running, xv, pl)
+            with K.use_backend("reference"):
+                modules[0](x)
+            modules[1](x)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            a, b = getattr(modules[0], name), getattr(modules[1], name)
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)

@@ -109,6 +109,24 @@ SCRIPT = textwrap.dedent(r'''
         ]
     del os.environ["NORMLAB_TRITON_BN_SPLIT"]
 
+    # running averages updated inside the batch-norm kernel vs the reference update
+    from normlab.kernels import RunningStats, update_running_stats
+    def running_case(name, xx, ww, bb, **kw):
+        fused = RunningStats(torch.linspace(-1, 1, xx.shape[1]), torch.linspace(0.5, 2, xx.shape[1]), 0.3)
+        expect = RunningStats(fused.mean.clone(), fused.var.clone(), 0.3)
+        _, st = ref(xx.float(), ww, bb, (0, 2), **kw)
+        update_running_stats(expect, st)
+        TK.fused_normalize_affine_act(xx, ww, bb, (0, 2), running=fused, **kw)
+        return name, max(((a - b).abs().max() / (1 + a.abs().max())).item()
+                         for a, b in zip(expect[:2], fused[:2]))
+    os.environ["NORMLAB_TRITON_BN_SPLIT"] = "3"
+    results += [
+        running_case("bn running stats filtered split 3", x, w, b, threshold=2.0),
+        running_case("bn running stats channels_last", xcl.reshape(4, 3, 30), None, None),
+        running_case("bn running stats float16", (x * 0.5).half(), w, b, threshold=2.0),
+    ]
+    del os.environ["NORMLAB_TRITON_BN_SPLIT"]
+
     # create_graph=True: first and second derivatives through the Triton Function
     def second(name, fn_ref, fn_triton, inputs):
         outs = []
@@ -138,7 +156,7 @@ SCRIPT = textwrap.dedent(r'''
     print("RESULTS " + json.dumps(results))
 ''')
 
-TOLERANCE = {"bn float16": 2e-2, "gn bfloat16": 5e-2, "bn float16 params float32": 2e-2,
+TOLERANCE = {"bn running stats float16": 2e-3, "bn float16": 2e-2, "gn bfloat16": 5e-2, "bn float16 params float32": 2e-2,
              "frn bfloat16 params float32": 5e-2}
 
 
@@ -149,7 +167,7 @@ def test_triton_kernels_match_reference_in_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS "))
     results = json.loads(line[len("RESULTS "):])
-    assert len(results) == 25
+    assert len(results) == 28
     for name, err in results:
         assert err < TOLERANCE.get(name, 2e-5), (name, err)
 

@@ -28,13 +28,15 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .analytic import NormalizeAffineFunction
+from .analytic import NormalizeAffineFunction, RunningStats, update_running_stats
 from .analytic import normalize_affine as reference_normalize_affine
 from .layout import Plan, plan
 
 __all__ = [
     "normalize_affine",
     "normalize_affine_act",
+    "RunningStats",
+    "update_running_stats",
     "reference_normalize_affine",
     "NormalizeAffineFunction",
     "selected_path",
@@ -127,15 +129,18 @@ def normalize_affine(
     eps: float = 1e-5,
     eps_extra: Tensor | None = None,
     gaussian_consistent: bool = False,
+    running: RunningStats | None = None,
 ) -> tuple[Tensor, F.Moments]:
     """``y = γ · normalize(x) + β`` with (filtered) statistics over ``dims``; exact backward.
 
     Same contract as :func:`normlab.kernels.analytic.normalize_affine` (see there), served by
-    the fastest available implementation.
+    the fastest available implementation. ``running`` (batch norm): running averages to
+    update from the batch statistics (:class:`RunningStats`) — inside the kernel where the
+    path supports it, else right after.
     """
     return normalize_affine_act(
         x, weight, bias, dims, activation="none", threshold=threshold, centered=centered,
-        eps=eps, eps_extra=eps_extra, gaussian_consistent=gaussian_consistent,
+        eps=eps, eps_extra=eps_extra, gaussian_consistent=gaussian_consistent, running=running,
     )
 
 
@@ -153,6 +158,7 @@ def normalize_affine_act(
     eps: float = 1e-5,
     eps_extra: Tensor | None = None,
     gaussian_consistent: bool = False,
+    running: RunningStats | None = None,
 ) -> tuple[Tensor, F.Moments]:
     """:func:`normalize_affine` followed by an activation, fused where possible.
 
@@ -182,6 +188,8 @@ def normalize_affine_act(
             y = F.affine_tlu(y, kappa, tau)
         elif activation == "relu":
             y = torch.relu(y)
+        if running is not None:
+            update_running_stats(running, stats)
         return y, stats
     if path == "cpu":
         from .cpu import ACT_CODES, FusedNormCPU
@@ -191,6 +199,10 @@ def normalize_affine_act(
         from .triton_kernels import ACT_CODES, FusedNormTriton
         fn = FusedNormTriton
         act = ACT_CODES[activation]
+    fused = running if running is not None and fn.fuses_running(running, x, pl) else None
     y, mean, var, count = fn.apply(x, weight, bias, eps_extra, tau, kappa, pl, threshold,
-                                   centered, float(eps), gaussian_consistent, act)
-    return y, F.Moments(mean, var, count)
+                                   centered, float(eps), gaussian_consistent, act, fused)
+    stats = F.Moments(mean, var, count)
+    if running is not None and fused is None:
+        update_running_stats(running, stats)
+    return y, stats

@@ -237,9 +237,23 @@ static void SFX(run_bwd_dx)(const T *x, const T *d, T *q, int64_t nseg, int64_t 
 }
 
 /* ---- batch norm family: x is (N, C, L) contiguous, statistics per channel c ---------- */
+/* Running averages of a batch norm (rm == NULL: none): running ← running + a (batch − running),
+   the variance unbiased over the kept count, σ′² M / (M − 1) (as torch's BatchNorm). */
+static void SFX(update_running)(T *rm, T *rv, const T *mean, const T *var, const T *cnt,
+                                int64_t C, double a)
+{
+    if (!rm) return;
+    for (int64_t c = 0; c < C; ++c) {
+        double M = cnt[c], unbiased = (double)var[c] * (M / (M > 1 ? M - 1 : 1));
+        rm[c] = (T)(rm[c] + a * ((double)mean[c] - rm[c]));
+        rv[c] = (T)(rv[c] + a * (unbiased - rv[c]));
+    }
+}
+
 void SFX(bn_fwd)(const T *x, T *y, const T *w, const T *b, int64_t N, int64_t C, int64_t L,
                  int centered, double eps, double thr, double kap,
-                 T *mean0, T *var0, T *mean, T *var, T *rstd, T *cnt, int nt)
+                 T *mean0, T *var0, T *mean, T *var, T *rstd, T *cnt, T *rm, T *rv,
+                 double factor, int nt)
 {
     #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t c = 0; c < C; ++c) {
@@ -249,6 +263,7 @@ void SFX(bn_fwd)(const T *x, T *y, const T *w, const T *b, int64_t N, int64_t C,
         T bb = (b ? b[c] : (T)0) - mean[c] * a;
         SFX(run_affine)(x + c * L, y + c * L, N, C * L, L, a, bb, 0, (T)0, (T)0);
     }
+    SFX(update_running)(rm, rv, mean, var, cnt, C, factor);
 }
 
 void SFX(bn_bwd)(const T *x, const T *dy, T *dx, const T *w, int64_t N, int64_t C, int64_t L,
@@ -529,7 +544,8 @@ static void SFX(col_reduce)(int mode, const T *x, const T *d, int64_t R, int64_t
    plain sums, filter sums (thr > 0), y = x a + b. work: (nt + 1)·WORK_PER·C doubles. ---- */
 void SFX(bnc_fwd)(const T *x, T *y, const T *w, const T *b, int64_t N, int64_t C, int64_t L,
                   int centered, double eps, double thr, double kap,
-                  T *mean0, T *var0, T *mean, T *var, T *rstd, T *cnt, double *work, int nt)
+                  T *mean0, T *var0, T *mean, T *var, T *rstd, T *cnt, T *rm, T *rv,
+                  double factor, double *work, int nt)
 {
     int64_t R = N * L;
     double m = (double)R;
@@ -557,6 +573,7 @@ void SFX(bnc_fwd)(const T *x, T *y, const T *w, const T *b, int64_t N, int64_t C
         int64_t lo = R * t / nt, hi = R * (t + 1) / nt;
         SFX(col_affine)(x + lo * C, y + lo * C, hi - lo, C, av, bv, 0, NULL, NULL);
     }
+    SFX(update_running)(rm, rv, mean, var, cnt, C, factor);
 }
 
 void SFX(bnc_bwd)(const T *x, const T *dy, T *dx, const T *w, int64_t N, int64_t C, int64_t L,

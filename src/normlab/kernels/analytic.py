@@ -40,7 +40,7 @@ derivative).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -48,13 +48,37 @@ from torch import Tensor
 from .. import functional as F
 
 __all__ = ["normalize_affine", "NormalizeAffineFunction", "composite_normalize_affine_act",
-           "composite_backward"]
+           "composite_backward", "RunningStats", "update_running_stats"]
 
 
 def _reduce_to(t: Tensor, shape: torch.Size) -> Tensor:
     """Sum ``t`` over the axes where ``shape`` is 1 (autograd's broadcast reduction)."""
     dims = tuple(i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1)
     return t.sum(dim=dims, keepdim=True) if dims else t
+
+
+class RunningStats(NamedTuple):
+    """Running averages of a batch norm, updated in place from each training batch.
+
+    ``mean ← mean + factor · (μ′ − mean)``, ``var ← var + factor · (σ′² M/(M − 1) − var)``
+    with the batch's (filtered) moments and kept count ``M`` (Bessel's correction over the
+    values actually used, as ``torch.nn.BatchNorm*d`` does over all of them). ``factor`` is
+    the momentum, or ``1/num_batches_tracked`` for a cumulative average.
+    """
+
+    mean: Tensor
+    var: Tensor
+    factor: float
+
+
+@torch.no_grad()
+def update_running_stats(running: RunningStats, stats: F.Moments) -> None:
+    """Apply :class:`RunningStats`' update with per-channel ``stats`` (any keepdim shape)."""
+    count = stats.count.reshape(-1).to(stats.var.dtype)
+    unbiased = stats.var.reshape(-1) * (count / (count - 1).clamp_min_(1))
+    torch._foreach_lerp_([running.mean, running.var],
+                         [stats.mean.reshape(-1).to(running.mean.dtype),
+                          unbiased.to(running.var.dtype)], running.factor)
 
 
 def composite_normalize_affine_act(x, weight, bias, eps_extra, tau, kappa, *, dims, threshold,

@@ -126,7 +126,7 @@ def _declare(lib: ctypes.CDLL) -> None:
     P, I64, D, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     for sfx in ("f32", "f64"):
         getattr(lib, f"bn_fwd_{sfx}").argtypes = [P, P, P, P, I64, I64, I64, I, D, D, D,
-                                                   P, P, P, P, P, P, I]
+                                                   P, P, P, P, P, P, P, P, D, I]
         getattr(lib, f"bn_bwd_{sfx}").argtypes = [P, P, P, P, I64, I64, I64, I, D, D, D,
                                                    P, P, P, P, P, P, P, I]
         getattr(lib, f"row_fwd_{sfx}").argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, I,
@@ -136,7 +136,7 @@ def _declare(lib: ctypes.CDLL) -> None:
                                                     P, P, P, P, P, I]
         # channels_last: same arguments, plus a scratch buffer before the thread count
         getattr(lib, f"bnc_fwd_{sfx}").argtypes = [P, P, P, P, I64, I64, I64, I, D, D, D,
-                                                    P, P, P, P, P, P, P, I]
+                                                    P, P, P, P, P, P, P, P, D, P, I]
         getattr(lib, f"bnc_bwd_{sfx}").argtypes = [P, P, P, P, I64, I64, I64, I, D, D, D,
                                                     P, P, P, P, P, P, P, P, I]
         getattr(lib, f"rowc_fwd_{sfx}").argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, I,
@@ -233,8 +233,17 @@ class FusedNormCPU(torch.autograd.Function):
     """
 
     @staticmethod
+    def fuses_running(running, x: Tensor, pl: Plan) -> bool:
+        """Whether the kernel itself can update ``running`` (batch norm, buffers contiguous and
+        in the kernel dtype); else the dispatcher updates them after the call."""
+        kdt = _kernel_dtype(x.dtype)
+        return pl.kind == "channel" and all(
+            t.dtype == kdt and t.device.type == "cpu" and t.is_contiguous()
+            and t.numel() == pl.g for t in (running.mean, running.var))
+
+    @staticmethod
     def forward(ctx, x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, centered,
-                eps, gaussian_consistent, act):
+                eps, gaussian_consistent, act, running=None):
         if pl.layout not in ("contiguous", "channels_last"):
             raise ValueError(f"FusedNormCPU needs x contiguous or channels_last, got layout "
                              f"{pl.layout!r}; use the reference Function")
@@ -256,12 +265,15 @@ class FusedNormCPU(torch.autograd.Function):
         work = _work(pl, nt)
         sfx = _sfx(kdt)
         outs = tuple(map(_ptr, (mean0, var0, mean, var, rstd, count)))
+        # running averages updated by the kernel (batch norm; see fuses_running)
+        run = (_ptr(running.mean), _ptr(running.var), float(running.factor)) \
+            if running is not None else (None, None, 0.0)
         if pl.kind == "channel" and pl.layout == "contiguous":
             getattr(lib, f"bn_fwd_{sfx}")(_ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
-                                          int(centered), eps_total, thr, kap, *outs, nt)
+                                          int(centered), eps_total, thr, kap, *outs, *run, nt)
         elif pl.kind == "channel":
             getattr(lib, f"bnc_fwd_{sfx}")(_ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
-                                           int(centered), eps_total, thr, kap, *outs,
+                                           int(centered), eps_total, thr, kap, *outs, *run,
                                            _ptr(work), nt)
         elif pl.layout == "contiguous":
             getattr(lib, f"row_fwd_{sfx}")(_ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
@@ -287,7 +299,7 @@ class FusedNormCPU(torch.autograd.Function):
                 ctx.needs_input_grad[:6], (x, weight, bias, eps_extra, tau, akappa), grad_y,
                 dims=pl.dims, threshold=threshold, centered=centered, eps=eps,
                 gaussian_consistent=consistent, activation=ACT_NAMES[act, tau is None])
-            return (*grads, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None)
         lib = _load()
         mean0, var0, mean, _var, rstd, count = stats.unbind(0)
         kdt = stats.dtype
@@ -345,4 +357,4 @@ class FusedNormCPU(torch.autograd.Function):
             grads[4] = param_grad(sums["dtau"], tau, pl)
         if akappa is not None and ctx.needs_input_grad[5]:
             grads[5] = param_grad(sums["dak"], akappa, pl)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)

@@ -397,12 +397,14 @@ if triton is not None:
         tl.store(FPART + 2 * C * SPLIT + out, tl.sum(b3, 1), mask=cmask)
 
     @triton.jit
-    def bn_apply_kernel(X, Y, W, B, EPSX, PART, FPART, STATS, C, R, L, sc, sn, sl,
-                        SPLIT, ROWS, eps, thr, kap,
+    def bn_apply_kernel(X, Y, W, B, EPSX, PART, FPART, STATS, RM, RV, C, R, L, sc, sn, sl,
+                        SPLIT, ROWS, eps, thr, kap, factor,
                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_EPSX: tl.constexpr,
-                        CENTERED: tl.constexpr, FILTER: tl.constexpr,
+                        CENTERED: tl.constexpr, FILTER: tl.constexpr, HAS_RUN: tl.constexpr,
                         BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Pass 3: combine the partials into (filtered) μ, σ², then y = γ (x − μ) r + β (eq. 8)."""
+        """Pass 3: combine the partials into (filtered) μ, σ², then y = γ (x − μ) r + β (eq. 8);
+        the first program of each channel block also stores the statistics and, with
+        HAS_RUN, updates the running averages (variance unbiased over the kept count)."""
         c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
         p = tl.program_id(1)
         cmask = c < C
@@ -443,6 +445,13 @@ if triton is not None:
             tl.store(STATS + 3 * C + c, var, mask=cmask)
             tl.store(STATS + 4 * C + c, rstd, mask=cmask)
             tl.store(STATS + 5 * C + c, cnt, mask=cmask)
+            if HAS_RUN:
+                rm = tl.load(RM + c, mask=cmask, other=0.0).to(tl.float32)
+                rv = tl.load(RV + c, mask=cmask, other=0.0).to(tl.float32)
+                unbiased = var * (cnt / tl.maximum(cnt - 1.0, 1.0))
+                tl.store(RM + c, (rm + factor * (mean - rm)).to(RM.dtype.element_ty), mask=cmask)
+                tl.store(RV + c, (rv + factor * (unbiased - rv)).to(RV.dtype.element_ty),
+                         mask=cmask)
 
     @triton.jit
     def bn_bwd_sums_kernel(X, DZ, STATS, BPART, C, R, L, sc, sn, sl, dsc, dsn, dsl, SPLIT, ROWS,
@@ -563,8 +572,9 @@ def bn_launch(x: Tensor) -> BNLaunch:
     return BNLaunch(block_c, block_r, split, rows, block_p)
 
 
-def _bn_forward(x, w, b, eps_extra, threshold, kap, centered, eps):
-    """Batch norm forward with the split kernels; returns (y, stats (6, C) float32)."""
+def _bn_forward(x, w, b, eps_extra, threshold, kap, centered, eps, running=None):
+    """Batch norm forward with the split kernels; returns (y, stats (6, C) float32) and
+    updates ``running`` (RunningStats or None) in the same launch."""
     n, c, l = x.shape
     cfg = bn_launch(x)
     y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
@@ -584,11 +594,13 @@ def _bn_forward(x, w, b, eps_extra, threshold, kap, centered, eps):
                                     float(eps), thr, HAS_EPSX=eps_extra is not None,
                                     CENTERED=bool(centered), BLOCK_C=cfg.block_c,
                                     BLOCK_R=cfg.block_r, BLOCK_P=cfg.block_p, num_warps=warps)
+    rm, rv, factor = running if running is not None else (stats, stats, 0.0)
     bn_apply_kernel[grid](x, y, w if w is not None else x, b if b is not None else x, epsx,
-                          part, fpart, stats, *geo, cfg.split, cfg.rows, float(eps), thr, kap,
-                          HAS_W=w is not None, HAS_B=b is not None,
+                          part, fpart, stats, rm, rv, *geo, cfg.split, cfg.rows, float(eps), thr,
+                          kap, float(factor), HAS_W=w is not None, HAS_B=b is not None,
                           HAS_EPSX=eps_extra is not None, CENTERED=bool(centered),
-                          FILTER=threshold is not None, BLOCK_C=cfg.block_c,
+                          FILTER=threshold is not None, HAS_RUN=running is not None,
+                          BLOCK_C=cfg.block_c,
                           BLOCK_R=cfg.block_r, BLOCK_P=cfg.block_p, num_warps=warps)
     return y, stats
 
@@ -692,8 +704,17 @@ class FusedNormTriton(torch.autograd.Function):
     """
 
     @staticmethod
+    def fuses_running(running, x: Tensor, pl: Plan) -> bool:
+        """Whether the kernels update ``running`` themselves (batch norm, contiguous float
+        buffers on x's device); else the dispatcher updates them after the call."""
+        return pl.kind == "channel" and all(
+            t.device == x.device and t.is_contiguous() and t.numel() == pl.g
+            and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            for t in (running.mean, running.var))
+
+    @staticmethod
     def forward(ctx, x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, centered,
-                eps, gaussian_consistent, act):
+                eps, gaussian_consistent, act, running=None):
         kap = (F.truncated_normal_variance_factor(threshold)
                if gaussian_consistent and threshold is not None else 1.0)
         w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
@@ -702,7 +723,7 @@ class FusedNormTriton(torch.autograd.Function):
             if act != ACT_CODES["none"]:
                 raise ValueError("the Triton batch-norm kernels fuse no activation; "
                                  f"got act={act} (apply it after normalize_affine)")
-            y, stats = _bn_forward(x, w, b, eps_extra, threshold, kap, centered, eps)
+            y, stats = _bn_forward(x, w, b, eps_extra, threshold, kap, centered, eps, running)
         else:
             x = _as_viewable(x, pl)
             if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
@@ -725,7 +746,7 @@ class FusedNormTriton(torch.autograd.Function):
                 ctx.needs_input_grad[:6], (x, weight, bias, eps_extra, tau, akappa), grad_y,
                 dims=pl.dims, threshold=threshold, centered=centered, eps=eps,
                 gaussian_consistent=gaussian_consistent, activation=ACT_NAMES[act, tau is None])
-            return (*grads, None, None, None, None, None, None)
+            return (*grads, None, None, None, None, None, None, None)
         if pl.kind == "rows":
             x = _as_viewable(x, pl)
         w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
@@ -754,21 +775,24 @@ class FusedNormTriton(torch.autograd.Function):
             grads[4] = param_grad(sums["dtau"], tau, pl)
         if akappa is not None and ctx.needs_input_grad[5]:
             grads[5] = param_grad(sums["dak"], akappa, pl)
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def fused_normalize_affine_act(x, weight, bias, dims, *, activation="none", tau=None,
                                kappa=None, threshold=None, centered=True, eps=1e-5,
-                               eps_extra=None, gaussian_consistent=False):
+                               eps_extra=None, gaussian_consistent=False, running=None):
     """Call the Triton Function directly, whatever the device (tests use it on CPU tensors
     with ``TRITON_INTERPRET=1``). Returns ``(z, Moments)``; raises ValueError for a layout
-    the kernels don't cover."""
+    the kernels don't cover. ``running`` must be one the kernels update themselves."""
     from .layout import plan
     dims = tuple(d % x.dim() for d in dims)
     pl = plan(x, (weight, bias, tau, kappa), dims)
     if pl is None:
         raise ValueError(f"no fused layout for x of shape {tuple(x.shape)} with dims {dims}")
+    if running is not None and not FusedNormTriton.fuses_running(running, x, pl):
+        raise ValueError("running averages must be contiguous float buffers of one value per "
+                         f"channel on {x.device} for a batch-norm layout; got {running}")
     y, mean, var, count = FusedNormTriton.apply(
         x, weight, bias, eps_extra, tau, kappa, pl, threshold, centered, float(eps),
-        gaussian_consistent, ACT_CODES[activation])
+        gaussian_consistent, ACT_CODES[activation], running)
     return y, F.Moments(mean, var, count)

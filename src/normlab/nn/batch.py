@@ -13,7 +13,7 @@ import torch.nn.functional as TF
 from torch import Tensor
 
 from .. import functional as F
-from ..kernels import normalize_affine
+from ..kernels import RunningStats, normalize_affine, update_running_stats
 from ._common import ChannelStatsNorm, channel_view, check_input
 
 __all__ = [
@@ -58,12 +58,13 @@ class _BatchStatsNorm(ChannelStatsNorm):
         """``running ← (1 − a) running + a · batch``, variance unbiased over the kept count M."""
         if not self.track_running_stats:
             return
-        count = stats.count.reshape(-1).to(stats.var.dtype)
-        unbiased = stats.var.reshape(-1) * (count / (count - 1).clamp_min_(1))
-        torch._foreach_lerp_(
-            [self.running_mean, self.running_var],
-            [stats.mean.reshape(-1).to(self.running_mean.dtype),
-             unbiased.to(self.running_var.dtype)], factor)
+        update_running_stats(RunningStats(self.running_mean, self.running_var, factor), stats)
+
+    def _running(self, factor: float) -> RunningStats | None:
+        """The running averages for the kernels to update (fused where they can)."""
+        if not self.track_running_stats:
+            return None
+        return RunningStats(self.running_mean, self.running_var, factor)
 
 
 class _FilteredBatchNorm(_BatchStatsNorm):
@@ -111,11 +112,11 @@ class _FilteredBatchNorm(_BatchStatsNorm):
             return TF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                  True, factor, self.eps)
         xv = self._stats_view(x)
-        y, stats = normalize_affine(
+        y, _ = normalize_affine(
             xv, channel_view(self.weight, 3), channel_view(self.bias, 3), (0, 2),
             threshold=self.threshold, eps=self.eps, gaussian_consistent=self.gaussian_consistent,
+            running=self._running(factor),
         )
-        self._update_running_stats(stats, factor)
         return y.view(x.shape)
 
 
@@ -224,11 +225,11 @@ class _BatchRenorm(_BatchStatsNorm):
         bias = self.bias if self.bias is not None else torch.zeros_like(r)
         weight_eff = weight * r.to(weight.dtype)
         bias_eff = bias + weight * d.to(weight.dtype)
-        y, stats = normalize_affine(
+        y, _ = normalize_affine(
             xv, channel_view(weight_eff, 3), channel_view(bias_eff, 3), (0, 2),
             threshold=self.threshold, eps=self.eps, gaussian_consistent=self.gaussian_consistent,
+            running=self._running(factor),
         )
-        self._update_running_stats(stats, factor)
         return y.view(x.shape)
 
 
