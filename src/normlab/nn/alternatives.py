@@ -76,11 +76,11 @@ class _TailBatchNorm(_FilteredBatchNorm):
             return TF.batch_norm(x, self.running_mean, self.running_var, w, b, True, factor,
                                  self.eps)
         xv = self._stats_view(x)
-        y, stats = normalize_affine(
+        y, _ = normalize_affine(
             xv, channel_view(w, 3), channel_view(b, 3), (0, 2), threshold=self.threshold,
             eps=self.eps, gaussian_consistent=self.gaussian_consistent,
+            running=self._running(factor),
         )
-        self._update_running_stats(stats, factor)
         return y.view(x.shape)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -247,11 +247,10 @@ class _ScaleCalibratedBatchNorm(_TailBatchNorm):
         xv = self._stats_view(x)
         if self._uses_batch_stats():
             factor = self._averaging_factor()
-            xhat, moments = normalize_affine(
+            xhat, _ = normalize_affine(
                 xv, None, None, (0, 2), threshold=self.threshold, eps=self.eps,
-                gaussian_consistent=self.gaussian_consistent,
+                gaussian_consistent=self.gaussian_consistent, running=self._running(factor),
             )
-            self._update_running_stats(moments, factor)
         else:
             xhat = TF.batch_norm(xv, self.running_mean, self.running_var, None, None, False,
                                  0.0, self.eps)
