@@ -109,6 +109,20 @@ SCRIPT = textwrap.dedent(r'''
         ]
     del os.environ["NORMLAB_TRITON_BN_SPLIT"]
 
+    # one-channel rows on channels_last (FRN, IN): several rows per program, 40 channels
+    # = two row blocks, the second partial
+    x40 = rnd(3, 40, 3, 5).to(memory_format=torch.channels_last).reshape(3, 40, 1, 15)
+    p40 = [rnd(1, 40, 1, 1) for _ in range(3)]
+    results += [
+        run("frn affine-tlu learned eps channels_last 40", x40, (p40[0], p40[1], p40[2] * 0.3,
+            p40[2].abs() * 0.4, torch.tensor(1e-3)), (2, 3), act="affine_tlu",
+            centered=False, eps=1e-6),
+        run("in filtered channels_last 40", x40, (p40[0], p40[1], None, None, None), (2, 3),
+            threshold=1.5),
+        run("in bfloat16 channels_last 40", x40.bfloat16(), (p40[0], p40[1], None, None,
+            None), (2, 3), threshold=2.0),
+    ]
+
     # running averages updated inside the batch-norm kernel vs the reference update
     from normlab.kernels import RunningStats, update_running_stats
     def running_case(name, xx, ww, bb, **kw):
@@ -156,7 +170,7 @@ SCRIPT = textwrap.dedent(r'''
     print("RESULTS " + json.dumps(results))
 ''')
 
-TOLERANCE = {"bn running stats float16": 2e-3, "bn float16": 2e-2, "gn bfloat16": 5e-2, "bn float16 params float32": 2e-2,
+TOLERANCE = {"in bfloat16 channels_last 40": 5e-2, "bn running stats float16": 2e-3, "bn float16": 2e-2, "gn bfloat16": 5e-2, "bn float16 params float32": 2e-2,
              "frn bfloat16 params float32": 5e-2}
 
 
@@ -167,7 +181,7 @@ def test_triton_kernels_match_reference_in_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS "))
     results = json.loads(line[len("RESULTS "):])
-    assert len(results) == 28
+    assert len(results) == 31
     for name, err in results:
         assert err < TOLERANCE.get(name, 2e-5), (name, err)
 

@@ -300,6 +300,191 @@ if triton is not None:
                     tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
+    # ---- rows of one channel each (FRN, IN, GN with C groups) on channels_last ----------
+    # A row's L values are C apart, so one program per row would read a float per 32-byte
+    # sector. Here a program owns BLOCK_S neighbouring rows (channels g of one sample n) and
+    # reads (BLOCK_S, BLOCK_L) tiles that are contiguous along the channels.
+
+    @triton.jit
+    def _rows1_tile(X, base, l0, smask, L, sL, BLOCK_L: tl.constexpr):
+        l = l0 + tl.arange(0, BLOCK_L)
+        mask = smask[:, None] & (l[None, :] < L)
+        offs = base[:, None] + l[None, :].to(tl.int64) * sL
+        return tl.load(X + offs, mask=mask, other=0.0).to(tl.float32), offs, mask
+
+    @triton.jit
+    def _row_params(W, B, TAU, AK, g, smask, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                    ACT: tl.constexpr, BLOCK_S: tl.constexpr):
+        """γ, β, τ, κ of the rows' channels (1, 0, 0, 0 where absent)."""
+        if HAS_W:
+            w = tl.load(W + g, mask=smask, other=1.0).to(tl.float32)
+        else:
+            w = tl.full((BLOCK_S,), 1.0, tl.float32)
+        if HAS_B:
+            bb = tl.load(B + g, mask=smask, other=0.0).to(tl.float32)
+        else:
+            bb = tl.zeros((BLOCK_S,), tl.float32)
+        t = tl.zeros((BLOCK_S,), tl.float32)
+        k = tl.zeros((BLOCK_S,), tl.float32)
+        if ACT >= 1:
+            t = tl.load(TAU + g, mask=smask, other=0.0).to(tl.float32)
+        if ACT == 2:
+            k = tl.load(AK + g, mask=smask, other=0.0).to(tl.float32)
+        return w, bb, t, k
+
+    @triton.jit
+    def rows1_fwd_kernel(X, Y, W, B, TAU, AK, EPSX, STATS, G, L, sN, sG, sL, eps, thr, kap,
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_EPSX: tl.constexpr,
+                         ACT: tl.constexpr, CENTERED: tl.constexpr, FILTER: tl.constexpr,
+                         BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr):
+        """Rows s = n·G + g for BLOCK_S channels g: moments, filter, z = act(γ x̂ + β)."""
+        n = tl.program_id(0)
+        g = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+        smask = g < G
+        s = n * G + g
+        base = n.to(tl.int64) * sN + g.to(tl.int64) * sG
+        m = L.to(tl.float32)
+        if HAS_EPSX:
+            eps = eps + tl.load(EPSX).to(tl.float32)
+        if CENTERED:
+            shift = tl.load(X + base, mask=smask, other=0.0).to(tl.float32)
+        else:
+            shift = tl.zeros((BLOCK_S,), tl.float32)
+        a1 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
+        a2 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
+        for l0 in range(0, L, BLOCK_L):
+            x, offs, mask = _rows1_tile(X, base, l0, smask, L, sL, BLOCK_L)
+            u = tl.where(mask, x - shift[:, None], 0.0)
+            a1 += u
+            a2 += u * u
+        s1 = tl.sum(a1, 1)
+        s2 = tl.sum(a2, 1)
+        mean0, var0 = _plain_moments(s1, s2, shift, m, CENTERED)
+        kept = s1
+        f1 = s1
+        f2 = s2
+        if FILTER:
+            r0 = 1.0 / tl.sqrt(var0 + eps)
+            b1 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
+            b2 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
+            b3 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
+            for l0 in range(0, L, BLOCK_L):
+                x, offs, mask = _rows1_tile(X, base, l0, smask, L, sL, BLOCK_L)
+                u = x - mean0[:, None]
+                f = tl.where(mask & (tl.abs(u * r0[:, None]) <= thr), 1.0, 0.0)
+                u = u * f
+                b1 += f
+                b2 += u
+                b3 += u * u
+            kept = tl.sum(b1, 1)
+            f1 = tl.sum(b2, 1)
+            f2 = tl.sum(b3, 1)
+        mean, var, cnt = _final_moments(s1, s2, shift, m, mean0, kept, f1, f2, kap, CENTERED,
+                                        FILTER)
+        rstd = 1.0 / tl.sqrt(var + eps)
+        w, bb, t, k = _row_params(W, B, TAU, AK, g, smask, HAS_W, HAS_B, ACT, BLOCK_S)
+        a = w * rstd
+        c = bb - mean * a
+        for l0 in range(0, L, BLOCK_L):
+            x, offs, mask = _rows1_tile(X, base, l0, smask, L, sL, BLOCK_L)
+            y = x * a[:, None] + c[:, None]
+            if ACT == 1:
+                y = tl.maximum(y, t[:, None])
+            if ACT == 2:
+                h = k[:, None] * y + t[:, None]
+                y = tl.where(y >= h, y, h)
+            tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
+        S = tl.num_programs(0) * G
+        tl.store(STATS + 0 * S + s, mean0, mask=smask)
+        tl.store(STATS + 1 * S + s, var0, mask=smask)
+        tl.store(STATS + 2 * S + s, mean, mask=smask)
+        tl.store(STATS + 3 * S + s, var, mask=smask)
+        tl.store(STATS + 4 * S + s, rstd, mask=smask)
+        tl.store(STATS + 5 * S + s, cnt, mask=smask)
+
+    @triton.jit
+    def rows1_bwd_kernel(X, DZ, DX, W, B, TAU, AK, EPSX, STATS, WS, GX, G, L, sN, sG, sL,
+                         dN, dG, dL, eps, thr, kap,
+                         HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_EPSX: tl.constexpr,
+                         ACT: tl.constexpr, CENTERED: tl.constexpr, FILTER: tl.constexpr,
+                         NEED_DX: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr):
+        """Backward of rows1_fwd_kernel: per-row Σ∂ℓ/∂y, Σ∂ℓ/∂y·x̂, TLU sums (→ WS), then
+        ∂ℓ/∂x = r (g − f (Σg/M + x̂ Σg x̂/(κM))) with g = γ ∂ℓ/∂y (no Σg term uncentered)."""
+        n = tl.program_id(0)
+        g = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+        smask = g < G
+        s = n * G + g
+        S = tl.num_programs(0) * G
+        base = n.to(tl.int64) * sN + g.to(tl.int64) * sG
+        dbase = n.to(tl.int64) * dN + g.to(tl.int64) * dG
+        m = L.to(tl.float32)
+        if HAS_EPSX:
+            eps = eps + tl.load(EPSX).to(tl.float32)
+        mean0 = tl.load(STATS + 0 * S + s, mask=smask, other=0.0)
+        var0 = tl.load(STATS + 1 * S + s, mask=smask, other=1.0)
+        mean = tl.load(STATS + 2 * S + s, mask=smask, other=0.0)
+        rstd = tl.load(STATS + 4 * S + s, mask=smask, other=1.0)
+        cnt = tl.load(STATS + 5 * S + s, mask=smask, other=1.0)
+        w, bb, t, k = _row_params(W, B, TAU, AK, g, smask, HAS_W, HAS_B, ACT, BLOCK_S)
+        a = w * rstd
+        c = bb - mean * a
+        c1 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
+        c2 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
+        c3 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
+        c4 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
+        for l0 in range(0, L, BLOCK_L):
+            x, offs, mask = _rows1_tile(X, base, l0, smask, L, sL, BLOCK_L)
+            dz, doffs, _m = _rows1_tile(DZ, dbase, l0, smask, L, dL, BLOCK_L)
+            dy = dz
+            if ACT == 1:
+                y = x * a[:, None] + c[:, None]
+                dy = tl.where(y >= t[:, None], dz, 0.0)
+                c3 += dz - dy
+            if ACT == 2:
+                y = x * a[:, None] + c[:, None]
+                keep = y >= k[:, None] * y + t[:, None]
+                dy = tl.where(keep, dz, dz * k[:, None])
+                rest = tl.where(keep, 0.0, dz)
+                c3 += rest
+                c4 += rest * y
+            c1 += dy
+            c2 += tl.where(mask, dy * (x - mean[:, None]), 0.0)
+        s_dy = tl.sum(c1, 1)
+        s_dyxhat = tl.sum(c2, 1) * rstd
+        tl.store(WS + s.to(tl.int64) * 4 + 0, s_dy, mask=smask)
+        tl.store(WS + s.to(tl.int64) * 4 + 1, s_dyxhat, mask=smask)
+        tl.store(WS + s.to(tl.int64) * 4 + 2, tl.sum(c3, 1), mask=smask)
+        tl.store(WS + s.to(tl.int64) * 4 + 3, tl.sum(c4, 1), mask=smask)
+        sg = w * s_dy
+        sgx = w * s_dyxhat
+        tl.store(GX + s, sgx, mask=smask)
+        if NEED_DX:
+            if FILTER:
+                th = tl.where(cnt < m, thr, 3.0e38)  # all kept (or the fallback): no mask
+                kk = kap
+            else:
+                th = tl.full((BLOCK_S,), 3.0e38, tl.float32)
+                kk = 1.0
+            r0 = 1.0 / tl.sqrt(var0 + eps)
+            if CENTERED:
+                bc = rstd * sg / cnt
+            else:
+                bc = tl.zeros((BLOCK_S,), tl.float32)
+            cc = rstd * rstd * sgx / (kk * cnt)
+            for l0 in range(0, L, BLOCK_L):
+                x, offs, mask = _rows1_tile(X, base, l0, smask, L, sL, BLOCK_L)
+                dz, doffs, _m = _rows1_tile(DZ, dbase, l0, smask, L, dL, BLOCK_L)
+                dy = dz
+                if ACT == 1:
+                    y = x * a[:, None] + c[:, None]
+                    dy = tl.where(y >= t[:, None], dz, 0.0)
+                if ACT == 2:
+                    y = x * a[:, None] + c[:, None]
+                    dy = tl.where(y >= k[:, None] * y + t[:, None], dz, dz * k[:, None])
+                f = tl.where(tl.abs((x - mean0[:, None]) * r0[:, None]) <= th[:, None], 1.0, 0.0)
+                dx = a[:, None] * dy - f * (bc[:, None] + (x - mean[:, None]) * cc[:, None])
+                tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
     # ---- batch norm (channel plan): split reductions over 2-D tiles ---------------------
     # x is (N, C, L) with any strides; rows r = n * L + l (R = N * L) form one channel's
     # set. A program owns BLOCK_C channels and one contiguous chunk of rows, so a channel's
@@ -646,13 +831,37 @@ def _blocks(jh: int, l: int) -> tuple[int, int]:
     return bj, bl
 
 
+def _one_channel_rows(geo) -> bool:
+    """Rows of one channel each whose channels are contiguous (FRN/IN on channels_last):
+    the multi-row kernels read those coalesced."""
+    return geo[4] == 1 and geo[3] == 1 and geo[7] != 1 and geo[1] > 1
+
+
+def _rows1_blocks(g: int, l: int) -> tuple[int, int]:
+    bs = min(_pow2(g), 32)
+    return bs, max(1, min(_pow2(l), 2048 // bs))
+
+
 def _rows_forward(x, pl, w, b, t, k, eps_extra, threshold, kap, centered, eps, act):
-    """Rows family (GN/IN/LN/FRN): one program per row; returns (y, stats (6, rows))."""
+    """Rows family (GN/IN/LN/FRN): one program per row, or per BLOCK_S one-channel rows on
+    channels_last; returns (y, stats (6, rows))."""
     fwd, _ = _kernels()
     geo = _geometry(x, pl)
     y = torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
     S = geo[0]
     stats = torch.empty(6, S, dtype=torch.float32, device=x.device)
+    if _one_channel_rows(geo):
+        G, L = geo[1], geo[5]
+        bs, bl = _rows1_blocks(G, L)
+        rows1_fwd_kernel[(S // G, -(-G // bs))](
+            x, y, w if w is not None else x, b if b is not None else x,
+            t if t is not None else x, k if k is not None else x,
+            eps_extra if eps_extra is not None else x, stats, G, L, geo[2], geo[3], geo[7],
+            float(eps), -1.0 if threshold is None else float(threshold), kap,
+            HAS_W=w is not None, HAS_B=b is not None, HAS_EPSX=eps_extra is not None, ACT=act,
+            CENTERED=bool(centered), FILTER=threshold is not None, BLOCK_S=bs, BLOCK_L=bl,
+            num_warps=8 if bs * bl >= 2048 else 4)
+        return y, stats
     bj, bl = _blocks(geo[4], geo[5])
     dummy = x
     fwd[(S,)](x, y, w if w is not None else dummy, b if b is not None else dummy,
@@ -676,6 +885,28 @@ def _rows_backward(x, dz, pl, w, b, t, k, eps_extra, stats, threshold, kap, cent
         if need_dx else x
     ws = torch.empty(S, jh, 4, dtype=torch.float32, device=x.device)
     gx = torch.empty(S, dtype=torch.float32, device=x.device)
+    dummy = x
+    if _one_channel_rows(geo):
+        G, L = geo[1], geo[5]
+        bs, bl = _rows1_blocks(G, L)
+        rows1_bwd_kernel[(S // G, -(-G // bs))](
+            x, dz, dx, w if w is not None else dummy, b if b is not None else dummy,
+            t if t is not None else dummy, k if k is not None else dummy,
+            eps_extra if eps_extra is not None else dummy, stats, ws, gx, G, L,
+            geo[2], geo[3], geo[7], dgeo[2], dgeo[3], dgeo[7], float(eps),
+            -1.0 if threshold is None else float(threshold), kap,
+            HAS_W=w is not None, HAS_B=b is not None, HAS_EPSX=eps_extra is not None, ACT=act,
+            CENTERED=bool(centered), FILTER=threshold is not None, NEED_DX=need_dx,
+            BLOCK_S=bs, BLOCK_L=bl, num_warps=8 if bs * bl >= 2048 else 4)
+    else:
+        _rows_backward_per_row(bwd, x, dz, dx, w, b, t, k, eps_extra, stats, ws, gx, geo, dgeo,
+                               threshold, kap, centered, eps, act, need_dx)
+    return _param_sums(x, pl, geo, ws, need_dx, dx, gx)
+
+
+def _rows_backward_per_row(bwd, x, dz, dx, w, b, t, k, eps_extra, stats, ws, gx, geo, dgeo,
+                           threshold, kap, centered, eps, act, need_dx):
+    S, jh = geo[0], geo[4]
     bj, bl = _blocks(jh, geo[5])
     dummy = x
     bwd[(S,)](x, dz, dx, w if w is not None else dummy, b if b is not None else dummy,
@@ -687,7 +918,12 @@ def _rows_backward(x, dz, pl, w, b, t, k, eps_extra, stats, threshold, kap, cent
               ACT=act, CENTERED=bool(centered), FILTER=threshold is not None,
               NEED_DX=need_dx, BLOCK_J=bj, BLOCK_L=bl,
               num_warps=8 if bj * bl >= 1024 else 4)
-    # per-parameter sums: value (s, j) feeds parameter (s % G2) * P_MUL + j * P_J
+
+
+def _param_sums(x, pl, geo, ws, need_dx, dx, gx):
+    """Per-parameter sums from the (rows, Cg, 4) workspace: value (s, j) feeds parameter
+    (s % G) * Cg + j."""
+    S, jh = geo[0], geo[4]
     g2, p_mul, p_j = geo[1], geo[8], geo[9]
     sidx = torch.arange(S, device=x.device) % g2
     pidx = (sidx[:, None] * p_mul + torch.arange(jh, device=x.device)[None, :] * p_j)
