@@ -113,7 +113,10 @@ SCRIPT = textwrap.dedent(r'''
     # = two row blocks, the second partial
     x40 = rnd(3, 40, 3, 5).to(memory_format=torch.channels_last).reshape(3, 40, 1, 15)
     p40 = [rnd(1, 40, 1, 1) for _ in range(3)]
+    xg = rnd(2, 12, 4, 5).to(memory_format=torch.channels_last).reshape(2, 3, 4, 20)
     results += [
+        run("gn filtered channels_last (tiles along the group's channels)", xg,
+            (rnd(1, 3, 4, 1), rnd(1, 3, 4, 1), None, None, None), (2, 3), threshold=1.5),
         run("frn affine-tlu learned eps channels_last 40", x40, (p40[0], p40[1], p40[2] * 0.3,
             p40[2].abs() * 0.4, torch.tensor(1e-3)), (2, 3), act="affine_tlu",
             centered=False, eps=1e-6),
@@ -181,7 +184,7 @@ def test_triton_kernels_match_reference_in_interpreter():
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS "))
     results = json.loads(line[len("RESULTS "):])
-    assert len(results) == 31
+    assert len(results) == 32
     for name, err in results:
         assert err < TOLERANCE.get(name, 2e-5), (name, err)
 

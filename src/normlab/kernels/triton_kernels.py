@@ -825,10 +825,15 @@ def _as_viewable(t: Tensor, pl: Plan) -> Tensor:
     return t
 
 
-def _blocks(jh: int, l: int) -> tuple[int, int]:
-    bl = min(1 << max(0, (l - 1).bit_length()), 1024)
-    bj = max(1, min(1024 // bl, 1 << max(0, (jh - 1).bit_length())))
-    return bj, bl
+def _blocks(geo) -> tuple[int, int]:
+    """(BLOCK_J, BLOCK_L) of the per-row kernels: tiles long along the contiguous axis —
+    positions for NCHW, the group's channels for channels_last (GN)."""
+    jh, l, s_j, s_l = geo[4], geo[5], geo[6], geo[7]
+    if s_j == 1 and s_l != 1 and jh > 1:
+        bj = min(_pow2(jh), 32)
+        return bj, max(1, min(_pow2(l), 1024 // bj))
+    bl = min(_pow2(l), 1024)
+    return max(1, min(1024 // bl, _pow2(jh))), bl
 
 
 def _one_channel_rows(geo) -> bool:
@@ -862,7 +867,7 @@ def _rows_forward(x, pl, w, b, t, k, eps_extra, threshold, kap, centered, eps, a
             CENTERED=bool(centered), FILTER=threshold is not None, BLOCK_S=bs, BLOCK_L=bl,
             num_warps=8 if bs * bl >= 2048 else 4)
         return y, stats
-    bj, bl = _blocks(geo[4], geo[5])
+    bj, bl = _blocks(geo)
     dummy = x
     fwd[(S,)](x, y, w if w is not None else dummy, b if b is not None else dummy,
               t if t is not None else dummy, k if k is not None else dummy,
@@ -906,8 +911,8 @@ def _rows_backward(x, dz, pl, w, b, t, k, eps_extra, stats, threshold, kap, cent
 
 def _rows_backward_per_row(bwd, x, dz, dx, w, b, t, k, eps_extra, stats, ws, gx, geo, dgeo,
                            threshold, kap, centered, eps, act, need_dx):
-    S, jh = geo[0], geo[4]
-    bj, bl = _blocks(jh, geo[5])
+    S = geo[0]
+    bj, bl = _blocks(geo)
     dummy = x
     bwd[(S,)](x, dz, dx, w if w is not None else dummy, b if b is not None else dummy,
               t if t is not None else dummy, k if k is not None else dummy,
