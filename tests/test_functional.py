@@ -127,3 +127,13 @@ def test_dims_errors():
         F.moments(torch.randn(3), ())
     with pytest.raises(TypeError, match="expected a torch.Tensor, got list"):
         F.moments([1.0, 2.0], (0,))
+
+
+def test_tlu_and_affine_tlu_keep_the_activation_dtype():
+    """Half activations with float32 τ/κ (autocast-style) stay half, like the fused kernels."""
+    y = torch.tensor([-1.0, 0.2, 3.0], dtype=torch.bfloat16)
+    tau, kappa = torch.tensor([0.5]), torch.tensor([0.25])
+    assert F.tlu(y, tau).dtype == torch.bfloat16
+    z = F.affine_tlu(y, kappa, tau)
+    assert z.dtype == torch.bfloat16
+    torch.testing.assert_close(z.float(), torch.tensor([0.25, 0.55, 3.0]), atol=5e-3, rtol=0)

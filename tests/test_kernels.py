@@ -173,7 +173,7 @@ def test_dispatch_rules():
     w = torch.randn(1, 3, 1)
     assert K.selected_path(x, w, None, (0, 2)) == "cpu"
     assert K.selected_path(x.double(), w, None, (0, 2)) == "reference"  # dtype mismatch
-    assert K.selected_path(x.half(), None, None, (0, 2)) == "cpu"  # upcast to float32
+    assert K.selected_path(x.half(), None, None, (0, 2)) == "cpu"  # half storage, float32 math
     assert K.selected_path(x.bfloat16(), w, None, (0, 2)) == "cpu"  # float32 γ with half x
     assert K.selected_path(x.half(), w.double(), None, (0, 2)) == "reference"
     assert K.selected_path(x.transpose(0, 2), None, None, (0, 2)) == "reference"
@@ -339,6 +339,106 @@ def test_half_precision_matches_reference(dtype, channels_last, param_dtype):
     _assert_same(res, HALF_TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_half_precision_group_rows_match_reference(dtype, channels_last):
+    """GN-shaped rows (Cg > 1) in half precision, filtered, with the affine TLU."""
+    n, g, cg, hw = 3, 2, 4, 10
+    if channels_last:
+        x = _data((n, hw, g * cg), torch.float32).to(dtype).permute(0, 2, 1).reshape(n, g, cg, hw)
+    else:
+        x = _data((n, g, cg, hw), torch.float32).to(dtype)
+    shape = (1, g, cg, 1)
+    w, b = _params(shape, dtype=torch.float32)
+    tau = torch.full(shape, -0.3, dtype=dtype)  # (float32 τ, κ would promote the reference's y)
+    kappa = torch.full(shape, 0.25, dtype=dtype)
+    res = _run_both(x, (w, b, tau, kappa, None), (2, 3), activation="affine_tlu", threshold=2.0)
+    _assert_same(res, HALF_TOL[dtype])
+    y, _, grads = res[1]
+    assert y.dtype == dtype and y.stride() == x.stride() and grads[0].stride() == x.stride()
+
+
+def test_bf16_conversions_match_torch():
+    """The kernels' bfloat16 loads and stores equal torch's conversions bit for bit: every
+    16-bit pattern loaded, and float32 values stored with round-to-nearest-even (random bit
+    patterns, exact ties, overflow to inf, inf, NaN — NaN only as some NaN)."""
+    h = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31, (h.numel(),), generator=gen, dtype=torch.int64)
+    f = bits.to(torch.int32).view(torch.float32).clone()
+    finite = h[h.float().isfinite()].float().unique()
+    ties = (finite[:20000] + finite[1:20001]) / 2  # halfway between neighbours: round to even
+    special = torch.tensor([0.0, -0.0, float("inf"), -float("inf"), float("nan"), 3.4e38,
+                            3.3961e38, 1e-45, -1e-40, 1.0 + 2.0**-8, 1.0 + 3 * 2.0**-8])
+    nan_payloads = torch.tensor([0x7FFFFFFF, 0x7F80FFFF, 0x7FFF8000, -1], dtype=torch.int64)
+    extra = torch.cat([ties, special, nan_payloads.to(torch.int32).view(torch.float32)])
+    f[: extra.numel()] = extra
+    hf, fh = cpu.bf16_convert(h, f)
+    want_hf, want_fh = h.float(), f.to(torch.bfloat16)
+    assert torch.equal(hf.isnan(), want_hf.isnan()) and torch.equal(fh.isnan(), want_fh.isnan())
+    ok = ~want_hf.isnan()
+    assert torch.equal(hf[ok].view(torch.int32), want_hf[ok].view(torch.int32))
+    ok = ~want_fh.isnan()
+    assert torch.equal(fh[ok].view(torch.int16), want_fh[ok].view(torch.int16))
+
+
+def _traced_step(monkeypatch, m, x, grad):
+    """Forward + backward of m under the kernel-call trace and torch's memory profiler:
+    returns the trace [(kernel, x address, ∂ℓ/∂y address)] and the largest per-op allocation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    trace = []
+    monkeypatch.setattr(cpu, "_trace", trace)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        m(x).backward(grad)
+    monkeypatch.setattr(cpu, "_trace", None)
+    return trace, max(e.cpu_memory_usage for e in prof.events())
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_bf16_path_reads_and_writes_half_without_float_copy(monkeypatch, channels_last):
+    """bf16 x goes to the bf16 kernels as is (the kernel's x pointer is x's own storage, and
+    ∂ℓ/∂y's when it is in x's layout), and no float32 tensor of x's size is allocated in
+    forward or backward (torch's profiler, per-op CPU allocations)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(4, 16, 8, 8).to(torch.bfloat16).contiguous(memory_format=fmt)
+    x.requires_grad_()
+    grad = torch.randn(x.shape).to(torch.bfloat16).contiguous(memory_format=fmt)
+    for m in (normlab.FilteredBatchNorm2d(16).to(torch.bfloat16),
+              normlab.FilteredGroupNorm(4, 16), normlab.FilterResponseNorm2d(16)):
+        trace, biggest = _traced_step(monkeypatch, m, x, grad)
+        names = [name for name, _, _ in trace]
+        assert len(names) == 2 and all(n.endswith("_bf16") for n in names), names
+        assert names[0].startswith(("bnc_", "rowc_") if channels_last else ("bn_", "row_"))
+        assert all(xp == x.data_ptr() for _, xp, _ in trace)
+        assert trace[1][2] == grad.data_ptr()
+        assert 0 < biggest < 4 * x.numel(), (type(m).__name__, biggest)
+        x.grad = None
+    # ∂ℓ/∂y in the other layout: one copy into x's layout, in bfloat16
+    other = grad.contiguous(memory_format=torch.contiguous_format if channels_last
+                            else torch.channels_last)
+    trace, biggest = _traced_step(monkeypatch, normlab.FilteredBatchNorm2d(16), x, other)
+    assert trace[1][2] != other.data_ptr() and biggest < 4 * x.numel()
+    ref = x.detach().float().requires_grad_()
+    with K.use_backend("reference"):
+        normlab.FilteredBatchNorm2d(16)(ref).backward(other.float())
+    torch.testing.assert_close(x.grad.float(), ref.grad, atol=0.2, rtol=0.2)
+    assert x.grad.dtype == torch.bfloat16 and x.grad.stride() == x.stride()
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_float16_takes_the_upcast_path(monkeypatch, channels_last):
+    """float16 has no in-kernel conversion: x and ∂ℓ/∂y are copied to float32 for the float32
+    kernels and y / ∂ℓ/∂x cast back, in x's layout (accuracy: test_half_precision_*)."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(4, 16, 8, 8).half().contiguous(memory_format=fmt).requires_grad_()
+    grad = torch.randn(x.shape).half().contiguous(memory_format=fmt)
+    trace, biggest = _traced_step(monkeypatch, normlab.FilteredBatchNorm2d(16).half(), x, grad)
+    assert [n[-4:] for n, _, _ in trace] == ["_f32", "_f32"]
+    assert all(xp != x.data_ptr() for _, xp, _ in trace) and biggest >= 4 * x.numel()
+    assert x.grad.dtype == torch.float16 and x.grad.stride() == x.stride()
+
+
 def test_module_filtered_bn_channels_last():
     torch.manual_seed(0)
     c = 5
@@ -426,22 +526,25 @@ def test_half_backward_saves_only_the_half_input():
 
 
 @pytest.mark.parametrize("threads", [2, 3])
-def test_threaded_kernels_match_reference(monkeypatch, threads):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_threaded_kernels_match_reference(monkeypatch, threads, dtype):
     """Small inputs run on one thread; force the threaded passes (uneven splits, N < threads)."""
     monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 0)
+    pdt = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = HALF_TOL.get(dtype, 1e-10)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        x = _nhwc((3, 5, 7))
-        w, b = _params((1, 5, 1))
+        x = _nhwc((3, 5, 7)).to(dtype)
+        w, b = _params((1, 5, 1), dtype=pdt)
         for xx in (x, x.contiguous()):
-            _assert_same(_run_both(xx, (w, b, None, None, None), (0, 2), threshold=2.0), 1e-10)
-        xr = _data((2, 10, 6)).permute(0, 2, 1).reshape(2, 3, 2, 10)  # N = 2 samples
-        w, b = _params((1, 3, 2, 1))
+            _assert_same(_run_both(xx, (w, b, None, None, None), (0, 2), threshold=2.0), tol)
+        xr = _data((2, 10, 6)).permute(0, 2, 1).reshape(2, 3, 2, 10).to(dtype)  # N = 2 samples
+        w, b = _params((1, 3, 2, 1), dtype=pdt)
         tau = torch.full((1, 3, 2, 1), -0.1, dtype=xr.dtype)
         for xx in (xr, xr.contiguous()):
             _assert_same(_run_both(xx, (w, b, tau, None, None), (2, 3), activation="tlu",
-                                   threshold=2.0), 1e-10)
+                                   threshold=2.0), tol)
     finally:
         torch.set_num_threads(before)
 

@@ -11,8 +11,8 @@ for the minimum traffic (forward: read x, write y; backward: read x and ∂ℓ/�
 table times forward + backward + SGD step of LeNet-5 and ResNet-18 on CIFAR-size input.
 
 Layer rows run in ``--dtype`` and, with ``--channels-last``, in NHWC memory format, against
-torch's BN/GN in the same dtype and format (on CPU, normlab's fused kernels upcast
-float16/bfloat16 to float32 internally). Example: ``normlab bench --quick`` (CPU, seconds),
+torch's BN/GN in the same dtype and format (on CPU, normlab's fused kernels compute in
+float32: bfloat16 is loaded and stored as is, float16 is upcast around them). Example: ``normlab bench --quick`` (CPU, seconds),
 ``normlab bench --dtype bfloat16 --channels-last`` or ``normlab bench --device cuda``.
 """
 

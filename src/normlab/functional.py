@@ -199,5 +199,5 @@ def tlu(y: Tensor, tau: Tensor) -> Tensor:
 
 def affine_tlu(y: Tensor, kappa: Tensor, tau: Tensor) -> Tensor:
     """Affine-TLU ``z = max(y, κy + τ)`` (FRN seed Table 5: PReLU and TLU combined)."""
-    threshold = kappa * y + tau
+    threshold = kappa.to(y.dtype) * y + tau.to(y.dtype)  # keeps y's dtype (as tlu does)
     return torch.where(y >= threshold, y, threshold)

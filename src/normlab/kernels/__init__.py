@@ -5,8 +5,8 @@
 by device, dtype and layout:
 
 * ``"cpu"`` – fused C/OpenMP kernels (:mod:`normlab.kernels.cpu`), built at first use
-  (skipped if no compiler is available): float32/float64, and float16/bfloat16 upcast to
-  float32 inside the Function; contiguous or channels_last inputs (NCHW and NHWC, for BN and
+  (skipped if no compiler is available): float32/float64, bfloat16 read and written as
+  bfloat16 (float32 arithmetic), float16 upcast to float32 inside the Function; contiguous or channels_last inputs (NCHW and NHWC, for BN and
   for the per-sample norms); ``y`` and ``∂ℓ/∂x`` keep ``x``'s strides.
 * ``"triton"`` – Triton kernels on CUDA tensors (:mod:`normlab.kernels.triton_kernels`),
   float32/float16/bfloat16, any strides (NCHW and channels_last).

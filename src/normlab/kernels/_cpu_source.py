@@ -1,7 +1,16 @@
 """C source of the fused CPU kernels (compiled at first use by :mod:`normlab.kernels.cpu`).
 
-One body, instantiated for ``float`` and ``double`` by text substitution of ``T`` and
-``SFX``. Sums accumulate in double. Every kernel is one OpenMP loop over independent
+One body, instantiated once per storage dtype by text substitution (``INSTANCES``): ``S`` is
+the type of the big tensors (x, y, ∂ℓ/∂y, ∂ℓ/∂x), ``T`` the arithmetic type (statistics,
+parameters, partial sums), ``LD``/``ST`` convert one value S → T / T → S, ``SFX`` names the
+functions: ``_f32`` and ``_f64`` (S = T, LD/ST are no-ops) and ``_bf16`` (S = 16-bit storage,
+T = float, bit conversions in ``HALF``: a shift to load, round-to-nearest-even to store), so
+bfloat16 tensors are read and written in place with float arithmetic. Sums accumulate in
+double. float16 has no kernels here (the caller upcasts it to float32): gcc 12's ``_Float16``
+(F16C) conversions stay scalar inside these loops (not vectorized), and branch-free bit-level
+float16 conversions, which do vectorize, cost about four times the bfloat16 ones (a load,
+affine, store loop: 2.4 vs 0.6 ns per value here); both made the kernels slower than
+upcasting with torch's vectorized conversions. Every kernel is one OpenMP loop over independent
 reduction sets (a BN channel, or a GN/FRN/IN/LN row), so a set's values are read from memory
 once and then re-read from cache by the later passes of the same set.
 
@@ -23,21 +32,22 @@ WORK_PER = 24
 
 BODY = r"""
 /* ---- leaf loops: one contiguous run of at most CHUNK values, accumulating in T. They are
-   kept out of line (NOINLINE) so the compiler vectorizes each one as written. ---------- */
-static NOINLINE void SFX(leaf_sums)(const T *p, int64_t n, T shift, T *o)
+   kept out of line (NOINLINE) so the compiler vectorizes each one as written. Every value of
+   x, y, dy, dx is read through LD and written through ST (storage S, arithmetic T). ------ */
+static NOINLINE void SFX(leaf_sums)(const S *p, int64_t n, T shift, T *o)
 {
     T a = 0, b = 0;
     #pragma omp simd reduction(+:a,b)
-    for (int64_t l = 0; l < n; ++l) { T u = p[l] - shift; a += u; b += u * u; }
+    for (int64_t l = 0; l < n; ++l) { T u = LD(p[l]) - shift; a += u; b += u * u; }
     o[0] = a; o[1] = b;
 }
 
-static NOINLINE void SFX(leaf_filter)(const T *p, int64_t n, T mean0, T r0, T th, T shift, T *o)
+static NOINLINE void SFX(leaf_filter)(const S *p, int64_t n, T mean0, T r0, T th, T shift, T *o)
 {
     T a = 0, b = 0, c = 0;
     #pragma omp simd reduction(+:a,b,c)
     for (int64_t l = 0; l < n; ++l) {
-        T v = p[l];
+        T v = LD(p[l]);
         T f = FABS((v - mean0) * r0) <= th ? (T)1 : (T)0;
         T u = (v - shift) * f;
         a += f; b += u; c += u * u;
@@ -45,32 +55,32 @@ static NOINLINE void SFX(leaf_filter)(const T *p, int64_t n, T mean0, T r0, T th
     o[0] = a; o[1] = b; o[2] = c;
 }
 
-static NOINLINE void SFX(leaf_affine)(const T *p, T *q, int64_t n, T a, T b, int act, T t, T k)
+static NOINLINE void SFX(leaf_affine)(const S *p, S *q, int64_t n, T a, T b, int act, T t, T k)
 {
     if (act == 0) {
         #pragma omp simd
-        for (int64_t l = 0; l < n; ++l) q[l] = p[l] * a + b;
+        for (int64_t l = 0; l < n; ++l) q[l] = ST(LD(p[l]) * a + b);
     } else if (act == 1) {
         #pragma omp simd
-        for (int64_t l = 0; l < n; ++l) { T y = p[l] * a + b; q[l] = y >= t ? y : t; }
+        for (int64_t l = 0; l < n; ++l) { T y = LD(p[l]) * a + b; q[l] = ST(y >= t ? y : t); }
     } else {
         #pragma omp simd
-        for (int64_t l = 0; l < n; ++l) { T y = p[l] * a + b; T h = k * y + t; q[l] = y >= h ? y : h; }
+        for (int64_t l = 0; l < n; ++l) { T y = LD(p[l]) * a + b; T h = k * y + t; q[l] = ST(y >= h ? y : h); }
     }
 }
 
 /* o: sum dy, sum dy (x - mu), sum of dz where TLU passed to tau, sum dz*y there (affine) */
-static NOINLINE void SFX(leaf_bwd_sums)(const T *p, const T *d, int64_t n, T mu, int act,
+static NOINLINE void SFX(leaf_bwd_sums)(const S *p, const S *d, int64_t n, T mu, int act,
                                         T a, T b, T t, T k, T *o)
 {
     T s1 = 0, s2 = 0, s3 = 0, s4 = 0;
     if (act == 0) {
         #pragma omp simd reduction(+:s1,s2)
-        for (int64_t l = 0; l < n; ++l) { T dd = d[l]; s1 += dd; s2 += dd * (p[l] - mu); }
+        for (int64_t l = 0; l < n; ++l) { T dd = LD(d[l]); s1 += dd; s2 += dd * (LD(p[l]) - mu); }
     } else if (act == 1) {
         #pragma omp simd reduction(+:s1,s2,s3)
         for (int64_t l = 0; l < n; ++l) {
-            T v = p[l], dd = d[l];
+            T v = LD(p[l]), dd = LD(d[l]);
             T keep = (v * a + b) >= t ? (T)1 : (T)0;
             T dy = keep * dd;
             s1 += dy; s2 += dy * (v - mu); s3 += dd - dy;
@@ -78,7 +88,7 @@ static NOINLINE void SFX(leaf_bwd_sums)(const T *p, const T *d, int64_t n, T mu,
     } else {
         #pragma omp simd reduction(+:s1,s2,s3,s4)
         for (int64_t l = 0; l < n; ++l) {
-            T v = p[l], dd = d[l];
+            T v = LD(p[l]), dd = LD(d[l]);
             T y = v * a + b;
             T keep = y >= k * y + t ? (T)1 : (T)0;
             T dy = keep * dd + ((T)1 - keep) * k * dd;
@@ -90,38 +100,39 @@ static NOINLINE void SFX(leaf_bwd_sums)(const T *p, const T *d, int64_t n, T mu,
 }
 
 /* dx = A dy - f (B + (x - mu) Cc), f = [|x - m0| r0 <= th] */
-static NOINLINE void SFX(leaf_bwd_dx)(const T *p, const T *d, T *q, int64_t n, int act, T a,
+static NOINLINE void SFX(leaf_bwd_dx)(const S *p, const S *d, S *q, int64_t n, int act, T a,
                                       T b, T t, T k, T A, T B, T Cc, T mu, T m0, T r0, T th)
 {
+    int filt = th < (T)INFINITY;   /* else f = 1: the compiler makes a loop without the test */
     if (act == 0) {
         #pragma omp simd
         for (int64_t l = 0; l < n; ++l) {
-            T v = p[l];
-            T f = FABS((v - m0) * r0) <= th ? (T)1 : (T)0;
-            q[l] = A * d[l] - f * (B + (v - mu) * Cc);
+            T v = LD(p[l]);
+            T fc = !filt || FABS((v - m0) * r0) <= th ? B + (v - mu) * Cc : (T)0;
+            q[l] = ST(A * LD(d[l]) - fc);
         }
     } else if (act == 1) {
         #pragma omp simd
         for (int64_t l = 0; l < n; ++l) {
-            T v = p[l], dd = d[l];
+            T v = LD(p[l]), dd = LD(d[l]);
             T dy = (v * a + b) >= t ? dd : (T)0;
-            T f = FABS((v - m0) * r0) <= th ? (T)1 : (T)0;
-            q[l] = A * dy - f * (B + (v - mu) * Cc);
+            T fc = !filt || FABS((v - m0) * r0) <= th ? B + (v - mu) * Cc : (T)0;
+            q[l] = ST(A * dy - fc);
         }
     } else {
         #pragma omp simd
         for (int64_t l = 0; l < n; ++l) {
-            T v = p[l], dd = d[l];
+            T v = LD(p[l]), dd = LD(d[l]);
             T y = v * a + b;
             T dy = y >= k * y + t ? dd : k * dd;
-            T f = FABS((v - m0) * r0) <= th ? (T)1 : (T)0;
-            q[l] = A * dy - f * (B + (v - mu) * Cc);
+            T fc = !filt || FABS((v - m0) * r0) <= th ? B + (v - mu) * Cc : (T)0;
+            q[l] = ST(A * dy - fc);
         }
     }
 }
 
 /* ---- chunked sums over runs: nseg runs of seg_len values, seg_stride apart ------------ */
-static void SFX(run_sums)(const T *x, int64_t nseg, int64_t seg_stride, int64_t seg_len,
+static void SFX(run_sums)(const S *x, int64_t nseg, int64_t seg_stride, int64_t seg_len,
                           T shift, double *o)
 {
     double s = 0, ss = 0; T t[2];
@@ -176,12 +187,12 @@ static void SFX(final_moments)(double s, double ss, double m, T shift, T mean0,
 }
 
 /* Statistics of one set (plain, then filtered), written to the six outputs. */
-static void SFX(set_stats)(const T *x, int64_t nseg, int64_t seg_stride, int64_t seg_len,
+static void SFX(set_stats)(const S *x, int64_t nseg, int64_t seg_stride, int64_t seg_len,
                            int centered, double eps, double thr, double kap,
                            T *mean0_o, T *var0_o, T *mean_o, T *var_o, T *rstd_o, T *cnt_o)
 {
     double m = (double)nseg * seg_len, ps[2];
-    T shift = centered ? x[0] : (T)0;   /* shifted sums: no cancellation for large means */
+    T shift = centered ? LD(x[0]) : (T)0;   /* shifted sums: no cancellation for large means */
     SFX(run_sums)(x, nseg, seg_stride, seg_len, shift, ps);
     T mean0, var0, r0;
     SFX(plain_moments)(ps[0], ps[1], m, shift, centered, eps, &mean0, &var0, &r0);
@@ -200,7 +211,7 @@ static void SFX(set_stats)(const T *x, int64_t nseg, int64_t seg_stride, int64_t
                        mean_o, var_o, rstd_o, cnt_o);
 }
 
-static void SFX(run_affine)(const T *x, T *y, int64_t nseg, int64_t seg_stride, int64_t seg_len,
+static void SFX(run_affine)(const S *x, S *y, int64_t nseg, int64_t seg_stride, int64_t seg_len,
                             T a, T b, int act, T t, T k)
 {
     for (int64_t s = 0; s < nseg; ++s)
@@ -210,7 +221,7 @@ static void SFX(run_affine)(const T *x, T *y, int64_t nseg, int64_t seg_stride, 
         }
 }
 
-static void SFX(run_bwd_sums)(const T *x, const T *d, int64_t nseg, int64_t seg_stride,
+static void SFX(run_bwd_sums)(const S *x, const S *d, int64_t nseg, int64_t seg_stride,
                               int64_t seg_len, T mu, int act, T a, T b, T t, T k, double *o)
 {
     double s[4] = {0, 0, 0, 0}; T tt[4];
@@ -224,7 +235,7 @@ static void SFX(run_bwd_sums)(const T *x, const T *d, int64_t nseg, int64_t seg_
     for (int j = 0; j < 4; ++j) o[j] = s[j];
 }
 
-static void SFX(run_bwd_dx)(const T *x, const T *d, T *q, int64_t nseg, int64_t seg_stride,
+static void SFX(run_bwd_dx)(const S *x, const S *d, S *q, int64_t nseg, int64_t seg_stride,
                             int64_t seg_len, int act, T a, T b, T t, T k, T A, T B, T Cc,
                             T mu, T m0, T r0, T th)
 {
@@ -250,7 +261,7 @@ static void SFX(update_running)(T *rm, T *rv, const T *mean, const T *var, const
     }
 }
 
-void SFX(bn_fwd)(const T *x, T *y, const T *w, const T *b, int64_t N, int64_t C, int64_t L,
+void SFX(bn_fwd)(const S *x, S *y, const T *w, const T *b, int64_t N, int64_t C, int64_t L,
                  int centered, double eps, double thr, double kap,
                  T *mean0, T *var0, T *mean, T *var, T *rstd, T *cnt, T *rm, T *rv,
                  double factor, int nt)
@@ -266,7 +277,7 @@ void SFX(bn_fwd)(const T *x, T *y, const T *w, const T *b, int64_t N, int64_t C,
     SFX(update_running)(rm, rv, mean, var, cnt, C, factor);
 }
 
-void SFX(bn_bwd)(const T *x, const T *dy, T *dx, const T *w, int64_t N, int64_t C, int64_t L,
+void SFX(bn_bwd)(const S *x, const S *dy, S *dx, const T *w, int64_t N, int64_t C, int64_t L,
                  int centered, double eps, double thr, double kap,
                  const T *mean0, const T *var0, const T *mean, const T *rstd, const T *cnt,
                  T *s_dy, T *s_dyxhat, int nt)
@@ -295,14 +306,14 @@ void SFX(bn_bwd)(const T *x, const T *dy, T *dx, const T *w, int64_t N, int64_t 
 /* ---- row family: x is (R, Cg * L) contiguous, statistics per row; row r has group
    g = r % G, and channel (g, cg) owns the contiguous run [cg * L, (cg + 1) * L).
    act: 0 none, 1 TLU max(y, tau), 2 affine TLU max(y, ak * y + tau). ----------------- */
-void SFX(row_fwd)(const T *x, T *y, const T *w, const T *b, const T *tau, const T *ak,
+void SFX(row_fwd)(const S *x, S *y, const T *w, const T *b, const T *tau, const T *ak,
                   int64_t R, int64_t G, int64_t Cg, int64_t L, int centered, double eps,
                   double thr, double kap, int act,
                   T *mean0, T *var0, T *mean, T *var, T *rstd, T *cnt, int nt)
 {
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < R; ++r) {
-        const T *xr = x + r * Cg * L;
+        const S *xr = x + r * Cg * L;
         int64_t g = r % G;
         SFX(set_stats)(xr, 1, 0, Cg * L, centered, eps, thr, kap,
                        mean0 + r, var0 + r, mean + r, var + r, rstd + r, cnt + r);
@@ -316,7 +327,7 @@ void SFX(row_fwd)(const T *x, T *y, const T *w, const T *b, const T *tau, const 
     }
 }
 
-void SFX(row_bwd)(const T *x, const T *dz, T *dx, const T *w, const T *b, const T *tau,
+void SFX(row_bwd)(const S *x, const S *dz, S *dx, const T *w, const T *b, const T *tau,
                   const T *ak, int64_t R, int64_t G, int64_t Cg, int64_t L, int centered,
                   double eps, double thr, double kap, int act,
                   const T *mean0, const T *var0, const T *mean, const T *rstd, const T *cnt,
@@ -325,7 +336,7 @@ void SFX(row_bwd)(const T *x, const T *dz, T *dx, const T *w, const T *b, const 
     double m = (double)Cg * L;
     #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < R; ++r) {
-        const T *xr = x + r * Cg * L, *dr = dz + r * Cg * L;
+        const S *xr = x + r * Cg * L, *dr = dz + r * Cg * L;
         int64_t g = r % G;
         double rs = rstd[r], sg = 0, sgxh = 0;
         for (int64_t cg = 0; cg < Cg; ++cg) {
@@ -370,26 +381,26 @@ void SFX(row_bwd)(const T *x, const T *dz, T *dx, const T *w, const T *b, const 
    added into double, as in the contiguous kernels). */
 
 /* o0[c] += Σ (x − s[c]),  o1[c] += Σ (x − s[c])²  (plain shifted sums) */
-static NOINLINE void SFX(col_sums)(const T *restrict x, int64_t nrow, int64_t C,
+static NOINLINE void SFX(col_sums)(const S *restrict x, int64_t nrow, int64_t C,
                                    const T *restrict s, T *restrict o0, T *restrict o1)
 {
     for (int64_t r = 0; r < nrow; ++r) {
-        const T *restrict p = x + r * C;
+        const S *restrict p = x + r * C;
         #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) { T u = p[c] - s[c]; o0[c] += u; o1[c] += u * u; }
+        for (int64_t c = 0; c < C; ++c) { T u = LD(p[c]) - s[c]; o0[c] += u; o1[c] += u * u; }
     }
 }
 
 /* f = [|x − m0[c]| r0[c] ≤ th];  o0 += f,  o1 += f (x − m0),  o2 += f (x − m0)²  (eq. 5–7) */
-static NOINLINE void SFX(col_filter)(const T *restrict x, int64_t nrow, int64_t C,
+static NOINLINE void SFX(col_filter)(const S *restrict x, int64_t nrow, int64_t C,
                                      const T *restrict m0, const T *restrict r0, T th,
                                      T *restrict o0, T *restrict o1, T *restrict o2)
 {
     for (int64_t r = 0; r < nrow; ++r) {
-        const T *restrict p = x + r * C;
+        const S *restrict p = x + r * C;
         #pragma omp simd
         for (int64_t c = 0; c < C; ++c) {
-            T u = p[c] - m0[c];
+            T u = LD(p[c]) - m0[c];
             T f = FABS(u * r0[c]) <= th ? (T)1 : (T)0;
             u = u * f;
             o0[c] += f; o1[c] += u; o2[c] += u * u;
@@ -398,23 +409,23 @@ static NOINLINE void SFX(col_filter)(const T *restrict x, int64_t nrow, int64_t 
 }
 
 /* y = x a[c] + b[c] (eq. 8), then act 1: max(y, t[c]), act 2: max(y, k[c] y + t[c]) */
-static NOINLINE void SFX(col_affine)(const T *restrict x, T *restrict y, int64_t nrow, int64_t C,
+static NOINLINE void SFX(col_affine)(const S *restrict x, S *restrict y, int64_t nrow, int64_t C,
                                      const T *restrict a, const T *restrict b, int act,
                                      const T *restrict t, const T *restrict k)
 {
     for (int64_t r = 0; r < nrow; ++r) {
-        const T *restrict p = x + r * C;
-        T *restrict q = y + r * C;
+        const S *restrict p = x + r * C;
+        S *restrict q = y + r * C;
         if (act == 0) {
             #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) q[c] = p[c] * a[c] + b[c];
+            for (int64_t c = 0; c < C; ++c) q[c] = ST(LD(p[c]) * a[c] + b[c]);
         } else if (act == 1) {
             #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) { T v = p[c] * a[c] + b[c]; q[c] = v >= t[c] ? v : t[c]; }
+            for (int64_t c = 0; c < C; ++c) { T v = LD(p[c]) * a[c] + b[c]; q[c] = ST(v >= t[c] ? v : t[c]); }
         } else {
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-                T v = p[c] * a[c] + b[c]; T h = k[c] * v + t[c]; q[c] = v >= h ? v : h;
+                T v = LD(p[c]) * a[c] + b[c]; T h = k[c] * v + t[c]; q[c] = ST(v >= h ? v : h);
             }
         }
     }
@@ -423,7 +434,7 @@ static NOINLINE void SFX(col_affine)(const T *restrict x, T *restrict y, int64_t
 /* With dy = ∂ℓ/∂y recovered from dz = ∂ℓ/∂z through the activation (recomputed from x):
    o0 += Σ dy, o1 += Σ dy (x − mu[c]), o2 += Σ dz where the TLU chose τ (∂ℓ/∂τ),
    o3 += Σ dz y there (∂ℓ/∂κ of the affine TLU). act 0 leaves o2, o3 alone. */
-static NOINLINE void SFX(col_bwd_sums)(const T *restrict x, const T *restrict d, int64_t nrow,
+static NOINLINE void SFX(col_bwd_sums)(const S *restrict x, const S *restrict d, int64_t nrow,
                                        int64_t C, const T *restrict mu, int act,
                                        const T *restrict a, const T *restrict b,
                                        const T *restrict t, const T *restrict k,
@@ -431,14 +442,14 @@ static NOINLINE void SFX(col_bwd_sums)(const T *restrict x, const T *restrict d,
                                        T *restrict o3)
 {
     for (int64_t r = 0; r < nrow; ++r) {
-        const T *restrict p = x + r * C, *restrict g = d + r * C;
+        const S *restrict p = x + r * C, *restrict g = d + r * C;
         if (act == 0) {
             #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) { T dd = g[c]; o0[c] += dd; o1[c] += dd * (p[c] - mu[c]); }
+            for (int64_t c = 0; c < C; ++c) { T dd = LD(g[c]); o0[c] += dd; o1[c] += dd * (LD(p[c]) - mu[c]); }
         } else if (act == 1) {
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-                T v = p[c], dd = g[c];
+                T v = LD(p[c]), dd = LD(g[c]);
                 T keep = (v * a[c] + b[c]) >= t[c] ? (T)1 : (T)0;
                 T dy = keep * dd;
                 o0[c] += dy; o1[c] += dy * (v - mu[c]); o2[c] += dd - dy;
@@ -446,7 +457,7 @@ static NOINLINE void SFX(col_bwd_sums)(const T *restrict x, const T *restrict d,
         } else {
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-                T v = p[c], dd = g[c];
+                T v = LD(p[c]), dd = LD(g[c]);
                 T y = v * a[c] + b[c];
                 T keep = y >= k[c] * y + t[c] ? (T)1 : (T)0;
                 T dy = keep * dd + ((T)1 - keep) * k[c] * dd;
@@ -458,7 +469,7 @@ static NOINLINE void SFX(col_bwd_sums)(const T *restrict x, const T *restrict d,
 }
 
 /* dx = A[c] dy − f (B[c] + (x − mu[c]) Cc[c]),  f = [|x − m0[c]| r0[c] ≤ th[c]] */
-static NOINLINE void SFX(col_bwd_dx)(const T *restrict x, const T *restrict d, T *restrict q,
+static NOINLINE void SFX(col_bwd_dx)(const S *restrict x, const S *restrict d, S *restrict q,
                                      int64_t nrow, int64_t C, int act, const T *restrict a,
                                      const T *restrict b, const T *restrict t,
                                      const T *restrict k, const T *restrict A,
@@ -467,31 +478,31 @@ static NOINLINE void SFX(col_bwd_dx)(const T *restrict x, const T *restrict d, T
                                      const T *restrict r0, const T *restrict th)
 {
     for (int64_t r = 0; r < nrow; ++r) {
-        const T *restrict p = x + r * C, *restrict g = d + r * C;
-        T *restrict o = q + r * C;
+        const S *restrict p = x + r * C, *restrict g = d + r * C;
+        S *restrict o = q + r * C;
         if (act == 0) {
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-                T v = p[c];
+                T v = LD(p[c]);
                 T f = FABS((v - m0[c]) * r0[c]) <= th[c] ? (T)1 : (T)0;
-                o[c] = A[c] * g[c] - f * (B[c] + (v - mu[c]) * Cc[c]);
+                o[c] = ST(A[c] * LD(g[c]) - f * (B[c] + (v - mu[c]) * Cc[c]));
             }
         } else if (act == 1) {
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-                T v = p[c], dd = g[c];
+                T v = LD(p[c]), dd = LD(g[c]);
                 T dy = (v * a[c] + b[c]) >= t[c] ? dd : (T)0;
                 T f = FABS((v - m0[c]) * r0[c]) <= th[c] ? (T)1 : (T)0;
-                o[c] = A[c] * dy - f * (B[c] + (v - mu[c]) * Cc[c]);
+                o[c] = ST(A[c] * dy - f * (B[c] + (v - mu[c]) * Cc[c]));
             }
         } else {
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-                T v = p[c], dd = g[c];
+                T v = LD(p[c]), dd = LD(g[c]);
                 T y = v * a[c] + b[c];
                 T dy = y >= k[c] * y + t[c] ? dd : k[c] * dd;
                 T f = FABS((v - m0[c]) * r0[c]) <= th[c] ? (T)1 : (T)0;
-                o[c] = A[c] * dy - f * (B[c] + (v - mu[c]) * Cc[c]);
+                o[c] = ST(A[c] * dy - f * (B[c] + (v - mu[c]) * Cc[c]));
             }
         }
     }
@@ -500,7 +511,7 @@ static NOINLINE void SFX(col_bwd_dx)(const T *restrict x, const T *restrict d, T
 /* Per-channel sums over rows [lo, hi) of x (and d), into acc (nacc C-vectors of double):
    mode 0 plain sums (v = {shift}), mode 1 filter sums (v = {m0, r0}, th),
    mode 2 backward sums (v = {mu, a, b, t, k}, act). tp: nacc·C values of T scratch. */
-static void SFX(col_accumulate)(int mode, const T *x, const T *d, int64_t lo, int64_t hi,
+static void SFX(col_accumulate)(int mode, const S *x, const S *d, int64_t lo, int64_t hi,
                                 int64_t C, const T *const *v, int act, T th, int nacc,
                                 double *acc, T *tp)
 {
@@ -522,7 +533,7 @@ static void SFX(col_accumulate)(int mode, const T *x, const T *d, int64_t lo, in
 
 /* The same sums over all R rows: thread t takes rows [R t/nt, R (t+1)/nt) with its own
    accumulators (work + t·WORK_PER·C), then the thread sums are added per channel into out. */
-static void SFX(col_reduce)(int mode, const T *x, const T *d, int64_t R, int64_t C,
+static void SFX(col_reduce)(int mode, const S *x, const S *d, int64_t R, int64_t C,
                             const T *const *v, int act, T th, int nacc, double *work, int nt,
                             double *out)
 {
@@ -542,7 +553,7 @@ static void SFX(col_reduce)(int mode, const T *x, const T *d, int64_t R, int64_t
 /* ---- channels_last batch norm: x (N, C, L) with strides (L·C, 1, C), i.e. an (N·L, C)
    matrix; statistics per column. Three passes over the rows, each split among the threads:
    plain sums, filter sums (thr > 0), y = x a + b. work: (nt + 1)·WORK_PER·C doubles. ---- */
-void SFX(bnc_fwd)(const T *x, T *y, const T *w, const T *b, int64_t N, int64_t C, int64_t L,
+void SFX(bnc_fwd)(const S *x, S *y, const T *w, const T *b, int64_t N, int64_t C, int64_t L,
                   int centered, double eps, double thr, double kap,
                   T *mean0, T *var0, T *mean, T *var, T *rstd, T *cnt, T *rm, T *rv,
                   double factor, double *work, int nt)
@@ -552,7 +563,7 @@ void SFX(bnc_fwd)(const T *x, T *y, const T *w, const T *b, int64_t N, int64_t C
     double *tail = work + (int64_t)nt * WORK_PER * C;      /* shared after the thread areas */
     double *fs = tail, *ps = tail + 4 * C;                 /* filter sums (3C), plain (2C) */
     T *sh = (T *)(tail + 6 * C), *r0 = sh + C, *av = r0 + C, *bv = av + C;
-    for (int64_t c = 0; c < C; ++c) sh[c] = centered ? x[c] : (T)0;   /* row 0: x[0, c, 0] */
+    for (int64_t c = 0; c < C; ++c) sh[c] = centered ? LD(x[c]) : (T)0;   /* row 0: x[0, c, 0] */
     const T *v0[1] = {sh};
     SFX(col_reduce)(0, x, NULL, R, C, v0, 0, (T)0, 2, work, nt, ps);
     for (int64_t c = 0; c < C; ++c)
@@ -576,7 +587,7 @@ void SFX(bnc_fwd)(const T *x, T *y, const T *w, const T *b, int64_t N, int64_t C
     SFX(update_running)(rm, rv, mean, var, cnt, C, factor);
 }
 
-void SFX(bnc_bwd)(const T *x, const T *dy, T *dx, const T *w, int64_t N, int64_t C, int64_t L,
+void SFX(bnc_bwd)(const S *x, const S *dy, S *dx, const T *w, int64_t N, int64_t C, int64_t L,
                   int centered, double eps, double thr, double kap,
                   const T *mean0, const T *var0, const T *mean, const T *rstd, const T *cnt,
                   T *s_dy, T *s_dyxhat, double *work, int nt)
@@ -613,7 +624,7 @@ void SFX(bnc_bwd)(const T *x, const T *dy, T *dx, const T *w, int64_t N, int64_t
    Threads split the samples; a sample's block is read from memory by the first pass and
    re-read from cache by the others. Per-channel sums are combined into group sums.
    work: (nt + 1)·WORK_PER·C doubles. ---- */
-void SFX(rowc_fwd)(const T *x, T *y, const T *w, const T *b, const T *tau, const T *ak,
+void SFX(rowc_fwd)(const S *x, S *y, const T *w, const T *b, const T *tau, const T *ak,
                    int64_t N, int64_t G, int64_t Cg, int64_t L, int centered, double eps,
                    double thr, double kap, int act,
                    T *mean0, T *var0, T *mean, T *var, T *rstd, T *cnt, double *work, int nt)
@@ -627,9 +638,9 @@ void SFX(rowc_fwd)(const T *x, T *y, const T *w, const T *b, const T *tau, const
         T *tp = (T *)(wk + 4 * C);
         T *m0 = (T *)(wk + 10 * C), *r0 = m0 + C, *av = r0 + C, *bv = av + C;
         for (int64_t n = N * t / nt; n < N * (t + 1) / nt; ++n) {
-            const T *xs = x + n * L * C;
-            T *ys = y + n * L * C;
-            for (int64_t c = 0; c < C; ++c) m0[c] = centered ? xs[c / Cg * Cg] : (T)0;
+            const S *xs = x + n * L * C;
+            S *ys = y + n * L * C;
+            for (int64_t c = 0; c < C; ++c) m0[c] = centered ? LD(xs[c / Cg * Cg]) : (T)0;
             const T *v0[1] = {m0};                          /* the shift: first value of the set */
             SFX(col_accumulate)(0, xs, NULL, 0, L, C, v0, 0, (T)0, 2, acc, tp);
             for (int64_t g = 0; g < G; ++g) {
@@ -652,7 +663,7 @@ void SFX(rowc_fwd)(const T *x, T *y, const T *w, const T *b, const T *tau, const
                     for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
                         M += acc[c]; sf += acc[C + c]; sff += acc[2 * C + c];
                     }
-                T shift = centered ? xs[g * Cg] : (T)0;
+                T shift = centered ? LD(xs[g * Cg]) : (T)0;
                 SFX(final_moments)(gs[g], gs[G + g], m, shift, mean0[s], M, sf, sff, centered,
                                    eps, thr, kap, mean + s, var + s, rstd + s, cnt + s);
                 for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
@@ -665,7 +676,7 @@ void SFX(rowc_fwd)(const T *x, T *y, const T *w, const T *b, const T *tau, const
     }
 }
 
-void SFX(rowc_bwd)(const T *x, const T *dz, T *dx, const T *w, const T *b, const T *tau,
+void SFX(rowc_bwd)(const S *x, const S *dz, S *dx, const T *w, const T *b, const T *tau,
                    const T *ak, int64_t N, int64_t G, int64_t Cg, int64_t L, int centered,
                    double eps, double thr, double kap, int act,
                    const T *mean0, const T *var0, const T *mean, const T *rstd, const T *cnt,
@@ -680,7 +691,7 @@ void SFX(rowc_bwd)(const T *x, const T *dz, T *dx, const T *w, const T *b, const
         T *muv = (T *)(wk + 8 * C), *av = muv + C, *bv = av + C, *A = bv + C, *B = A + C;
         T *Cc = B + C, *m0 = Cc + C, *r0 = m0 + C, *th = r0 + C;
         for (int64_t n = N * t / nt; n < N * (t + 1) / nt; ++n) {
-            const T *xs = x + n * L * C, *ds = dz + n * L * C;
+            const S *xs = x + n * L * C, *ds = dz + n * L * C;
             for (int64_t c = 0; c < C; ++c) {
                 int64_t s = n * G + c / Cg;
                 muv[c] = mean[s];
@@ -724,12 +735,51 @@ HEADER = ("#include <stdint.h>\n#include <math.h>\n#include <stddef.h>\n#define 
             "#if defined(__GNUC__) && !defined(__clang__)\n#define NOINLINE __attribute__((noinline, noipa))\n"
             "#else\n#define NOINLINE __attribute__((noinline))\n#endif\n")
 
+# Loads and stores of bfloat16 storage. Arithmetic stays in float (the kernels' T); only the
+# values read from / written to x, y, ∂ℓ/∂y and ∂ℓ/∂x pass through these helpers.
+HALF = r"""
+typedef union { uint32_t u; float f; } nl_bits32;
+
+/* bfloat16 = the high 16 bits of a float32 (sign, 8-bit exponent, 7-bit mantissa).
+   Load: shift into the high half. Store: round the 16 dropped bits to nearest-even by adding
+   0x7fff plus the lowest kept bit (a carry into the exponent is the correct rounding, up to
+   inf); a NaN, which the add could carry into inf or the sign, keeps its high half with the
+   quiet bit set. The NaN test (f != f) and select act on the 32-bit lanes before narrowing:
+   the cheapest NaN-safe form measured. */
+static inline float bf16_ld(uint16_t h) { nl_bits32 v; v.u = (uint32_t)h << 16; return v.f; }
+static inline uint16_t bf16_st(float f)
+{
+    nl_bits32 v; v.f = f;
+    uint32_t u = v.u;
+    uint32_t r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    r = f != f ? (u >> 16) | 0x40u : r;
+    return (uint16_t)r;
+}
+
+/* For the tests: both conversions over n values, h → hf (load) and f → fh (store). */
+void bf16_convert(const uint16_t *h, float *hf, const float *f, uint16_t *fh, int64_t n)
+{
+    for (int64_t i = 0; i < n; ++i) { hf[i] = bf16_ld(h[i]); fh[i] = bf16_st(f[i]); }
+}
+"""
+
+# (suffix, storage type S, arithmetic type T, load S → T, store T → S). The float/double
+# kernels store what they compute; the bfloat16 ones compute in float.
+INSTANCES = (
+    ("f32", "float", "float", "(v)", "(v)"),
+    ("f64", "double", "double", "(v)", "(v)"),
+    ("bf16", "uint16_t", "float", "bf16_ld(v)", "bf16_st(v)"),
+)
+
 
 def source() -> str:
-    """The full translation unit: the body for ``float`` (``_f32``) and ``double`` (``_f64``)."""
-    parts = [HEADER]
-    for ctype, suffix in (("float", "f32"), ("double", "f64")):
+    """The full translation unit: the body once per storage type (``_f32``, ``_f64``,
+    ``_bf16``; bfloat16 with float arithmetic)."""
+    parts = [HEADER, HALF]
+    for suffix, storage, ctype, load, store in INSTANCES:
         fabs = "fabsf" if ctype == "float" else "fabs"
-        parts.append(f"#define T {ctype}\n#define FABS {fabs}\n#define SFX(name) name##_{suffix}\n"
-                     f"{BODY}\n#undef T\n#undef FABS\n#undef SFX\n")
+        parts.append(f"#define T {ctype}\n#define S {storage}\n#define LD(v) {load}\n"
+                     f"#define ST(v) {store}\n#define FABS {fabs}\n"
+                     f"#define SFX(name) name##_{suffix}\n"
+                     f"{BODY}\n#undef T\n#undef S\n#undef LD\n#undef ST\n#undef FABS\n#undef SFX\n")
     return "".join(parts)

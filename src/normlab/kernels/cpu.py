@@ -14,9 +14,13 @@ passes over the rows split among the threads (plain sums, filter sums, normalize
 is spread over the whole tensor, so nothing is re-read from cache), the row family (GN/FRN/
 IN) one sample at a time as above. ``y`` and ``∂ℓ/∂x`` keep ``x``'s strides.
 
-dtypes: float32 and float64 natively; float16/bfloat16 inputs are upcast to float32 for the
-kernels (parameters too; statistics stay float32, as in the reference) and ``y``/``∂ℓ/∂x`` cast
-back. Only the half ``x`` is saved; backward upcasts it again.
+dtypes: float32, float64 and bfloat16. The bfloat16 kernels read and write the bf16 tensors
+in place (``x``, ``y``, ``∂ℓ/∂y``, ``∂ℓ/∂x``; a load is a shift, a store rounds to nearest-even)
+and compute and accumulate in float32, with float32 statistics and parameter vectors (half
+parameters are converted: a few values); no float32 copy of ``x`` is made. float16 inputs
+take the upcast path (``_storage_dtype``): ``x`` (and ``∂ℓ/∂y``) copied to float32 for the
+float32 kernels, ``y``/``∂ℓ/∂x`` cast back — on gcc 12 no in-kernel float16 conversion was
+faster (see ``_cpu_source``). Either way only the half ``x`` is saved for backward.
 
 Build: ``gcc -O3 -march=native -fno-trapping-math -fopenmp`` (no torch headers, ~1 s), cached under
 ``$NORMLAB_CACHE_DIR`` or ``~/.cache/normlab/kernels`` keyed by a hash of the source, the
@@ -124,7 +128,7 @@ def _load() -> ctypes.CDLL | None:
 
 def _declare(lib: ctypes.CDLL) -> None:
     P, I64, D, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-    for sfx in ("f32", "f64"):
+    for sfx in _SFX.values():
         getattr(lib, f"bn_fwd_{sfx}").argtypes = [P, P, P, P, I64, I64, I64, I, D, D, D,
                                                    P, P, P, P, P, P, P, P, D, I]
         getattr(lib, f"bn_bwd_{sfx}").argtypes = [P, P, P, P, I64, I64, I64, I, D, D, D,
@@ -147,6 +151,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         for kind in ("bn_fwd", "bn_bwd", "row_fwd", "row_bwd",
                      "bnc_fwd", "bnc_bwd", "rowc_fwd", "rowc_bwd"):
             getattr(lib, f"{kind}_{sfx}").restype = None
+    lib.bf16_convert.argtypes, lib.bf16_convert.restype = [P, P, P, P, I64], None
 
 
 def available() -> bool:
@@ -169,8 +174,38 @@ def _ptr(t: Tensor | None):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
 
+# storage dtype of x / y / ∂ℓ/∂y / ∂ℓ/∂x → suffix of the C kernels (bf16 ones compute in float)
+_SFX = {torch.float32: "f32", torch.float64: "f64", torch.bfloat16: "bf16"}
+
+
 def _sfx(dtype: torch.dtype) -> str:
-    return "f32" if dtype == torch.float32 else "f64"
+    return _SFX[dtype]
+
+
+def _storage_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels read and write: ``x``'s own, or float32 for float16 (upcast)."""
+    return dtype if dtype in _SFX else torch.float32
+
+
+def bf16_convert(h: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
+    """The C kernels' own conversions, for tests: ``h`` (bfloat16) loaded to float32, and
+    ``f`` (float32, as many values) stored to bfloat16."""
+    h, f = h.contiguous(), f.contiguous()
+    assert h.dtype == torch.bfloat16 and f.dtype == torch.float32 and h.numel() == f.numel()
+    hf, fh = torch.empty(h.shape), torch.empty(f.shape, dtype=torch.bfloat16)
+    _load().bf16_convert(_ptr(h), _ptr(hf), _ptr(f), _ptr(fh), h.numel())
+    return hf, fh
+
+
+# introspection for tests: while a list is installed here, each kernel call appends
+# (kernel name, address of its x argument, address of its ∂ℓ/∂y argument or None)
+_trace: list | None = None
+
+
+def _call(lib, name: str, *args) -> None:
+    if _trace is not None:
+        _trace.append((name, args[0].value, args[1].value if "bwd" in name else None))
+    getattr(lib, name)(*args)
 
 
 # below this many values a call runs on one thread: waking OpenMP threads costs more than the
@@ -183,7 +218,8 @@ def _threads(x: Tensor) -> int:
 
 
 def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The kernels run in float32 or float64; half inputs use float32 (``stats_dtype``)."""
+    """Dtype of the statistics and parameter vectors, and of the kernels' arithmetic: float32
+    or float64; float32 for half inputs (``stats_dtype``), whose storage stays half."""
     return F.stats_dtype(dtype)
 
 
@@ -252,43 +288,43 @@ class FusedNormCPU(torch.autograd.Function):
         thr = -1.0 if threshold is None else float(threshold)
         kap = (F.truncated_normal_variance_factor(threshold)
                if gaussian_consistent and threshold is not None else 1.0)
-        kdt = _kernel_dtype(x.dtype)
+        kdt = _kernel_dtype(x.dtype)  # statistics and parameter vectors (float32 for half x)
+        sdt = _storage_dtype(x.dtype)  # x's own dtype; float32 for float16
         w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
         if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
             t = torch.zeros(pl.g * pl.cg, dtype=kdt)
-        xk = _as_kernel_input(x, x, pl, kdt)  # half: a float32 copy in the same layout
-        y = _empty_as(x, pl, kdt)
+        xk = _as_kernel_input(x, x, pl, sdt)  # x itself; a float32 copy for float16
+        y = _empty_as(x, pl, sdt)
         nsets = pl.g if pl.kind == "channel" else pl.n * pl.g
         stats = torch.empty(6, nsets, dtype=kdt)
         mean0, var0, mean, var, rstd, count = stats.unbind(0)
         nt = _threads(x)
         work = _work(pl, nt)
-        sfx = _sfx(kdt)
+        sfx = _sfx(sdt)
         outs = tuple(map(_ptr, (mean0, var0, mean, var, rstd, count)))
         # running averages updated by the kernel (batch norm; see fuses_running)
         run = (_ptr(running.mean), _ptr(running.var), float(running.factor)) \
             if running is not None else (None, None, 0.0)
         if pl.kind == "channel" and pl.layout == "contiguous":
-            getattr(lib, f"bn_fwd_{sfx}")(_ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
-                                          int(centered), eps_total, thr, kap, *outs, *run, nt)
+            _call(lib, f"bn_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
+                  int(centered), eps_total, thr, kap, *outs, *run, nt)
         elif pl.kind == "channel":
-            getattr(lib, f"bnc_fwd_{sfx}")(_ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
-                                           int(centered), eps_total, thr, kap, *outs, *run,
-                                           _ptr(work), nt)
+            _call(lib, f"bnc_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
+                  int(centered), eps_total, thr, kap, *outs, *run, _ptr(work), nt)
         elif pl.layout == "contiguous":
-            getattr(lib, f"row_fwd_{sfx}")(_ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
-                                           pl.n * pl.g, pl.g, pl.cg, pl.l, int(centered),
-                                           eps_total, thr, kap, act, *outs, nt)
+            _call(lib, f"row_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
+                  pl.n * pl.g, pl.g, pl.cg, pl.l, int(centered), eps_total, thr, kap, act,
+                  *outs, nt)
         else:
-            getattr(lib, f"rowc_fwd_{sfx}")(_ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
-                                            pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total,
-                                            thr, kap, act, *outs, _ptr(work), nt)
+            _call(lib, f"rowc_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
+                  pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total, thr, kap, act, *outs,
+                  _ptr(work), nt)
         ctx.save_for_backward(x, weight, bias, eps_extra, tau, akappa, stats)
         ctx.config = (pl, thr, kap, centered, eps_total, act, (threshold, eps, gaussian_consistent))
         shape = pl.stats_shape
         out_stats = (mean.view(shape), var.view(shape), count.view(shape))
         ctx.mark_non_differentiable(*out_stats)
-        return (y.to(x.dtype), *out_stats)  # half: cast back, strides kept
+        return (y.to(x.dtype), *out_stats)  # float16: cast back (strides kept), else no-op
 
     @staticmethod
     def backward(ctx, grad_y, _gm, _gv, _gc):
@@ -306,23 +342,24 @@ class FusedNormCPU(torch.autograd.Function):
         w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
         if act == ACT_CODES["tlu"] and t is None:
             t = torch.zeros(pl.g * pl.cg, dtype=kdt)
-        xk = _as_kernel_input(x, x, pl, kdt)
-        dz = _as_kernel_input(grad_y, x, pl, kdt)  # ∂ℓ/∂z in x's layout
-        dx = _empty_as(x, pl, kdt) if ctx.needs_input_grad[0] else None
+        sdt = _storage_dtype(x.dtype)
+        xk = _as_kernel_input(x, x, pl, sdt)
+        dz = _as_kernel_input(grad_y, x, pl, sdt)  # ∂ℓ/∂z in x's layout and storage dtype
+        dx = _empty_as(x, pl, sdt) if ctx.needs_input_grad[0] else None
         nt = _threads(x)
         work = _work(pl, nt)
-        sfx = _sfx(kdt)
+        sfx = _sfx(sdt)
         saved = tuple(map(_ptr, (mean0, var0, mean, rstd, count)))
         if pl.kind == "channel":
             s_dy, s_dyxhat = torch.empty(2, pl.g, dtype=kdt).unbind(0)
             if pl.layout == "contiguous":
-                getattr(lib, f"bn_bwd_{sfx}")(_ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
-                                              pl.l, int(centered), eps_total, thr, kap, *saved,
-                                              _ptr(s_dy), _ptr(s_dyxhat), nt)
+                _call(lib, f"bn_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
+                      pl.l, int(centered), eps_total, thr, kap, *saved, _ptr(s_dy),
+                      _ptr(s_dyxhat), nt)
             else:
-                getattr(lib, f"bnc_bwd_{sfx}")(_ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
-                                               pl.l, int(centered), eps_total, thr, kap, *saved,
-                                               _ptr(s_dy), _ptr(s_dyxhat), _ptr(work), nt)
+                _call(lib, f"bnc_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
+                      pl.l, int(centered), eps_total, thr, kap, *saved, _ptr(s_dy),
+                      _ptr(s_dyxhat), _ptr(work), nt)
             s_gxhat = s_dyxhat * w if w is not None else s_dyxhat
             sums = {"dy": s_dy, "dyxhat": s_dyxhat}
         else:
@@ -332,19 +369,17 @@ class FusedNormCPU(torch.autograd.Function):
             s_gxhat = torch.empty(rows, dtype=kdt)
             per_set = (_ptr(s_dy), _ptr(s_dyxhat), _ptr(s_dtau), _ptr(s_dak), _ptr(s_gxhat))
             if pl.layout == "contiguous":
-                getattr(lib, f"row_bwd_{sfx}")(_ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
-                                               _ptr(t), _ptr(k), rows, pl.g, pl.cg, pl.l,
-                                               int(centered), eps_total, thr, kap, act, *saved,
-                                               *per_set, nt)
+                _call(lib, f"row_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
+                      _ptr(t), _ptr(k), rows, pl.g, pl.cg, pl.l, int(centered), eps_total, thr,
+                      kap, act, *saved, *per_set, nt)
             else:
-                getattr(lib, f"rowc_bwd_{sfx}")(_ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
-                                                _ptr(t), _ptr(k), pl.n, pl.g, pl.cg, pl.l,
-                                                int(centered), eps_total, thr, kap, act, *saved,
-                                                *per_set, _ptr(work), nt)
+                _call(lib, f"rowc_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
+                      _ptr(t), _ptr(k), pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total, thr,
+                      kap, act, *saved, *per_set, _ptr(work), nt)
             per_channel = buf.view(4, pl.n, pl.g * pl.cg).sum(1)
             sums = dict(zip(("dy", "dyxhat", "dtau", "dak"), per_channel.unbind(0)))
         if dx is not None:
-            dx = dx.to(x.dtype)  # half: cast back, strides kept
+            dx = dx.to(x.dtype)  # float16: cast back (strides kept), else no-op
         grads = [dx, None, None, None, None, None]
         if weight is not None and ctx.needs_input_grad[1]:
             grads[1] = param_grad(sums["dyxhat"], weight, pl)
