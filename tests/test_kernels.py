@@ -109,20 +109,28 @@ def test_float32_close_to_reference():
     _assert_same(_run_both(x, (w, b, None, None, None), (0, 2), threshold=2.0), 2e-5)
 
 
-def test_gradcheck_fused_paths():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradcheck_fused_paths(channels_last):
+    """float64 gradcheck of the fused CPU kernels: filtered BN, and FRN + TLU with learned ε
+    (with and without the filter), on contiguous and channels_last (NHWC-strided) views."""
     gen = torch.Generator().manual_seed(5)
-    x = torch.randn(4, 3, 6, generator=gen, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(1, 3, 1, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(1, 3, 1, generator=gen, dtype=torch.float64, requires_grad=True)
+    if channels_last:  # (N, C, L) = (3, 5, 4), strides (20, 1, 5)
+        x = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64).permute(0, 2, 1)
+    else:
+        x = torch.randn(3, 5, 4, generator=gen, dtype=torch.float64)
+    x = x.detach().requires_grad_()
+    w, b, tau = (torch.randn(1, 5, 1, generator=gen, dtype=torch.float64, requires_grad=True)
+                 for _ in range(3))
+    epsx = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
     assert K.selected_path(x, w, b, (0, 2)) == "cpu"
     torch.autograd.gradcheck(
         lambda x, w, b: K.normalize_affine(x, w, b, (0, 2), threshold=1.5)[0], (x, w, b))
-    tau = torch.randn(1, 3, 1, generator=gen, dtype=torch.float64, requires_grad=True)
-    epsx = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(
-        lambda x, w, b, t, e: K.normalize_affine_act(
-            x, w, b, (2,), activation="tlu", tau=t, centered=False, eps_extra=e)[0],
-        (x, w, b, tau, epsx))
+    for threshold in (None, 1.5):
+        torch.autograd.gradcheck(
+            lambda x, w, b, t, e: K.normalize_affine_act(
+                x, w, b, (2,), activation="tlu", tau=t, centered=False, eps_extra=e,
+                threshold=threshold)[0],
+            (x, w, b, tau, epsx))
 
 
 def test_modules_take_fused_path_and_match_reference():
@@ -282,24 +290,6 @@ def test_channels_last_strided_views_stay_on_reference():
         pl = layout.plan(x[:, :, ::2], (), (0, 2))
         cpu.FusedNormCPU.apply(x[:, :, ::2], None, None, None, None, None, pl, 2.0, True,
                                1e-5, False, 0)
-
-
-def test_gradcheck_channels_last():
-    gen = torch.Generator().manual_seed(6)
-    x = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64).permute(0, 2, 1)
-    x = x.detach().requires_grad_()  # (N, C, L) = (3, 5, 4), strides (20, 1, 5)
-    w = torch.randn(1, 5, 1, generator=gen, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(1, 5, 1, generator=gen, dtype=torch.float64, requires_grad=True)
-    assert K.selected_path(x, w, b, (0, 2)) == "cpu"
-    torch.autograd.gradcheck(
-        lambda x, w, b: K.normalize_affine(x, w, b, (0, 2), threshold=1.5)[0], (x, w, b))
-    tau = torch.randn(1, 5, 1, generator=gen, dtype=torch.float64, requires_grad=True)
-    epsx = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
-    torch.autograd.gradcheck(
-        lambda x, w, b, t, e: K.normalize_affine_act(
-            x, w, b, (2,), activation="tlu", tau=t, centered=False, eps_extra=e,
-            threshold=1.5)[0],
-        (x, w, b, tau, epsx))
 
 
 def test_float32_channels_last_close_to_reference():
