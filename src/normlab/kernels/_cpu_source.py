@@ -248,6 +248,21 @@ static void SFX(run_bwd_dx)(const S *x, const S *d, S *q, int64_t nseg, int64_t 
 }
 
 /* ---- batch norm family: x is (N, C, L) contiguous, statistics per channel c ---------- */
+/* Coefficients of ∂ℓ/∂x = A ∂ℓ/∂y − f (B + (x − μ) Cc) for one set (A = γ r is the caller's):
+   B = r Σg / M (centered; 0 uncentered), Cc = r² Σg x̂ / (κ M), with g = γ ∂ℓ/∂y summed over
+   the whole set of m values, M kept; the mask f = [|x − μ0| r0 ≤ th] is recomputed from the
+   plain variance (th = ∞ when nothing was filtered out). */
+static void SFX(bwd_coeffs)(double r, double sg, double sgxh, double M, double m, T var0,
+                            int centered, double eps, double thr, double kap,
+                            T *B, T *Cc, T *r0, T *th)
+{
+    double kk = thr > 0 ? kap : 1.0;
+    *B = (T)(centered ? r * sg / M : 0.0);
+    *Cc = (T)(r * r * sgxh / (kk * M));
+    *r0 = (T)1 / (T)sqrt((double)(var0 + (T)eps));
+    *th = thr > 0 && M < m ? (T)thr : (T)INFINITY;
+}
+
 /* Running averages of a batch norm (rm == NULL: none): running ← running + a (batch − running),
    the variance unbiased over the kept count, σ′² M / (M − 1) (as torch's BatchNorm). */
 static void SFX(update_running)(T *rm, T *rv, const T *mean, const T *var, const T *cnt,
@@ -291,13 +306,9 @@ void SFX(bn_bwd)(const S *x, const S *dy, S *dx, const T *w, int64_t N, int64_t 
         s_dy[c] = (T)sd; s_dyxhat[c] = (T)sdxh;
         if (!dx) continue;
         double wc = w ? w[c] : 1.0, M = cnt[c];
-        int filt = thr > 0 && M < m;
-        double kk = thr > 0 ? kap : 1.0;
-        T A = (T)(r * wc);
-        T B = (T)(centered ? r * wc * sd / M : 0.0);
-        T Cc = (T)(r * r * wc * sdxh / (kk * M));
-        T r0 = (T)1 / (T)sqrt((double)(var0[c] + (T)eps));
-        T th = filt ? (T)thr : (T)INFINITY;
+        T A = (T)(r * wc), B, Cc, r0, th;
+        SFX(bwd_coeffs)(r, wc * sd, wc * sdxh, M, m, var0[c], centered, eps, thr, kap,
+                        &B, &Cc, &r0, &th);
         SFX(run_bwd_dx)(x + c * L, dy + c * L, dx + c * L, N, C * L, L, 0, 0, 0, 0, 0,
                         A, B, Cc, mean[c], mean0[c], r0, th);
     }
@@ -354,12 +365,8 @@ void SFX(row_bwd)(const S *x, const S *dz, S *dx, const T *w, const T *b, const 
         s_gxhat[r] = (T)sgxh;
         if (!dx) continue;
         double M = cnt[r];
-        int filt = thr > 0 && M < m;
-        double kk = thr > 0 ? kap : 1.0;
-        T B = (T)(centered ? rs * sg / M : 0.0);
-        T Cc = (T)(rs * rs * sgxh / (kk * M));
-        T r0 = (T)1 / (T)sqrt((double)(var0[r] + (T)eps));
-        T th = filt ? (T)thr : (T)INFINITY;
+        T B, Cc, r0, th;
+        SFX(bwd_coeffs)(rs, sg, sgxh, M, m, var0[r], centered, eps, thr, kap, &B, &Cc, &r0, &th);
         for (int64_t cg = 0; cg < Cg; ++cg) {
             int64_t ch = g * Cg + cg;
             T A = (T)(rs * (w ? (double)w[ch] : 1.0));
@@ -602,13 +609,9 @@ void SFX(bnc_bwd)(const S *x, const S *dy, S *dx, const T *w, int64_t N, int64_t
         double r = rstd[c], sd = sums[c], sdxh = r * sums[C + c];
         s_dy[c] = (T)sd; s_dyxhat[c] = (T)sdxh;
         double wc = w ? w[c] : 1.0, M = cnt[c];
-        int filt = thr > 0 && M < m;
-        double kk = thr > 0 ? kap : 1.0;
         A[c] = (T)(r * wc);
-        B[c] = (T)(centered ? r * wc * sd / M : 0.0);
-        Cc[c] = (T)(r * r * wc * sdxh / (kk * M));
-        r0[c] = (T)1 / (T)sqrt((double)(var0[c] + (T)eps));
-        th[c] = filt ? (T)thr : (T)INFINITY;
+        SFX(bwd_coeffs)(r, wc * sd, wc * sdxh, M, m, var0[c], centered, eps, thr, kap,
+                        B + c, Cc + c, r0 + c, th + c);
     }
     if (!dx) return;
     #pragma omp parallel for num_threads(nt) schedule(static, 1)
@@ -711,12 +714,9 @@ void SFX(rowc_bwd)(const S *x, const S *dz, S *dx, const T *w, const T *b, const
                 }
                 s_gxhat[s] = (T)sgxh;
                 double M = cnt[s];
-                int filt = thr > 0 && M < m;
-                double kk = thr > 0 ? kap : 1.0;
-                T Bg = (T)(centered ? rs * sg / M : 0.0);
-                T Ccg = (T)(rs * rs * sgxh / (kk * M));
-                T r0g = (T)1 / (T)sqrt((double)(var0[s] + (T)eps));
-                T thg = filt ? (T)thr : (T)INFINITY;
+                T Bg, Ccg, r0g, thg;
+                SFX(bwd_coeffs)(rs, sg, sgxh, M, m, var0[s], centered, eps, thr, kap,
+                                &Bg, &Ccg, &r0g, &thg);
                 for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) {
                     A[c] = (T)(rs * (w ? (double)w[c] : 1.0));
                     B[c] = Bg; Cc[c] = Ccg; m0[c] = mean0[s]; r0[c] = r0g; th[c] = thg;
