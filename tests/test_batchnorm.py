@@ -202,7 +202,8 @@ def test_bad_input_errors(make, x, match):
     ({"threshold": -2.0}, ValueError, r"threshold must be > 0"),
     ({"threshold": "2"}, TypeError, r"threshold must be a positive number or None, got '2'"),
     ({"momentum": 1.5}, ValueError, r"momentum must be in \[0, 1\] or None"),
-    ({"eps": -1.0}, ValueError, r"eps must be a number >= 0, got -1.0"),
+    ({"eps": -1.0}, ValueError, r"eps must be positive \(> 0\) and finite, got -1.0"),
+    ({"eps": 0.0}, ValueError, r"eps must be positive \(> 0\) and finite, got 0.0"),
 ])
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):

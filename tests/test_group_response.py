@@ -78,7 +78,7 @@ def test_filtered_group_norm_matches_independent_formula():
 
 
 def test_group_norm_errors():
-    with pytest.raises(ValueError, match=r"num_groups \(3\) must divide num_channels \(8\)"):
+    with pytest.raises(ValueError, match=r"num_channels \(8\) must be divisible by num_groups \(3\)"):
         normlab.FilteredGroupNorm(3, 8)
     with pytest.raises(ValueError, match="built for 8 channels but the input has 4"):
         normlab.FilteredGroupNorm(2, 8)(torch.randn(2, 4, 3))

@@ -82,6 +82,10 @@ def moments(x: Tensor, dims: Sequence[int], *, centered: bool = True) -> Moments
     dims = _check_dims(x, dims)
     x = x.to(stats_dtype(x.dtype))
     count = torch.full((), _count(x, dims), dtype=x.dtype, device=x.device)
+    if x.numel() == 0:  # empty sets: NaN statistics, without var_mean's warning
+        var = x.sum(dim=dims, keepdim=True) / count
+        mean = var.clone() if centered else torch.zeros_like(var)
+        return Moments(mean, var, count.expand_as(var))
     if centered:
         var, mean = torch.var_mean(x, dim=dims, keepdim=True, correction=0)
     else:
@@ -146,6 +150,8 @@ def filtered_moments(
     already computed plain moments of ``x`` to save a pass.
     """
     dims = _check_dims(x, dims)
+    if threshold is not None and not threshold > 0:  # NaN included
+        raise ValueError(f"threshold must be > 0 or None, got {threshold!r}")
     if plain is None:
         plain = moments(x, dims, centered=centered)
     if threshold is None or math.isinf(threshold):

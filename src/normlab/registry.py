@@ -86,20 +86,42 @@ def list_norms() -> dict[str, str]:
     return {name: entry.description for name, entry in sorted(_REGISTRY.items())}
 
 
-def _parse_value(text: str) -> Any:
-    low = text.strip().lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    if low in ("none", "null"):
+_TRUE, _FALSE, _NONE = ("true", "yes", "on", "1"), ("false", "no", "off", "0"), ("none", "null")
+
+
+def _parse_value(text: str, default: Any = None, *, key: str = "", spec: str = "") -> Any:
+    """Parse one option value by the type of the option's default.
+
+    Booleans accept true/false (yes/no, on/off, 1/0) and nothing else; numeric options
+    accept numbers or ``none``; options whose default is ``None`` take ``none``, a number or
+    a word (e.g. ``groups``, ``threshold`` of FRN).
+    """
+    value = text.strip()
+    low = value.lower()
+    where = f"option {key}={value!r} in spec {spec!r}"
+    if isinstance(default, bool):
+        if low in _TRUE:
+            return True
+        if low in _FALSE:
+            return False
+        raise ValueError(f"{where} is a boolean: use true or false")
+    if low in _NONE:
         return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text.strip()
+    if isinstance(default, int) or isinstance(default, float) or default is None:
+        for kind in ((int,) if isinstance(default, int) else (int, float)):
+            try:
+                number = kind(value)
+            except ValueError:
+                continue
+            if number != number:  # NaN
+                raise ValueError(f"{where} must be a number, not NaN")
+            return number
+        if default is not None:
+            kind_name = "an integer" if isinstance(default, int) else "a number"
+            raise ValueError(f"{where} must be {kind_name} (or none)")
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+    return value
 
 
 def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
@@ -122,7 +144,7 @@ def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
         if key not in valid:
             raise ValueError(f"unknown option {key!r} for norm {name!r} in spec {spec!r}; valid "
                              f"options: {', '.join(sorted(valid))}")
-        options[key] = _parse_value(value)
+        options[key] = _parse_value(value, valid[key], key=key, spec=spec)
     act = options.get("act", entry.own_activation)
     if act is not None and act not in ACTIVATIONS:
         raise ValueError(f"act must be one of {ACTIVATIONS}, got {act!r} in spec {spec!r}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from .. import functional as F
 from ._common import channel_view, check_positive_int
@@ -11,14 +11,31 @@ from ._common import channel_view, check_positive_int
 __all__ = ["TLU", "AffineTLU", "NormActivation", "make_activation", "ACTIVATIONS"]
 
 
-def _check_channels(module: nn.Module, x: Tensor, num_features: int) -> None:
+def check_channels(name: str, x: Tensor, num_features: int) -> None:
+    """``(N, C, *)`` input with ``C == num_features``, else one clear error."""
     if not isinstance(x, Tensor):
-        raise TypeError(f"{type(module).__name__} expects a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name} expects a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2 or x.shape[1] != num_features:
         raise ValueError(
-            f"{type(module).__name__} was built for {num_features} channels at dim 1, got input "
+            f"{name} was built for {num_features} channels at dim 1, got input "
             f"of shape {tuple(x.shape)}"
         )
+
+
+def channel_tlu(x: Tensor, tau: Tensor) -> Tensor:
+    """``max(x, τ_c)`` with τ per channel (dim 1) of an ``(N, C, *)`` tensor."""
+    return F.tlu(x, channel_view(tau, x.dim()))
+
+
+def channel_affine_tlu(x: Tensor, kappa: Tensor, tau: Tensor) -> Tensor:
+    """``max(x, κ_c x + τ_c)`` with κ, τ per channel (dim 1) of an ``(N, C, *)`` tensor."""
+    nd = x.dim()
+    return F.affine_tlu(x, channel_view(kappa, nd), channel_view(tau, nd))
+
+
+# nodes in torch.fx traces (the rank of a proxy is unknown; see normlab.nn._common)
+for _name in ("check_channels", "channel_tlu", "channel_affine_tlu"):
+    fx.wrap(_name)
 
 
 class TLU(nn.Module):
@@ -42,8 +59,8 @@ class TLU(nn.Module):
         return str(self.num_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_channels(self, x, self.num_features)
-        return F.tlu(x, channel_view(self.tau, x.dim()))
+        check_channels(type(self).__name__, x, self.num_features)
+        return channel_tlu(x, self.tau)
 
 
 class AffineTLU(nn.Module):
@@ -68,9 +85,8 @@ class AffineTLU(nn.Module):
         return str(self.num_features)
 
     def forward(self, x: Tensor) -> Tensor:
-        _check_channels(self, x, self.num_features)
-        nd = x.dim()
-        return F.affine_tlu(x, channel_view(self.kappa, nd), channel_view(self.tau, nd))
+        check_channels(type(self).__name__, x, self.num_features)
+        return channel_affine_tlu(x, self.kappa, self.tau)
 
 
 ACTIVATIONS = ("tlu", "affine_tlu", "relu", "none")

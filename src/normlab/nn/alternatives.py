@@ -20,7 +20,7 @@ so for RBN/IEBN the scale S is per sample and channel; w_v and w_b are per chann
 GAP is taken of the normalized features x̂, IEBN's of the raw input x (seed §4.5). In eval
 mode x̂ uses the running statistics, as BN does.
 
-Every class subclasses :class:`normlab.FilteredBatchNorm2d`'s machinery, so ``threshold``
+Every class shares :class:`normlab.FilteredBatchNorm2d`'s machinery, so ``threshold``
 (the filtered-BN robust filter), ``gaussian_consistent``, ``momentum=None`` and the
 ``state_dict`` names (``weight``, ``bias``, ``running_mean``, ...) behave as there. A1, A2,
 RBN⁻ and IEBN⁻ are per-channel affine maps in eval mode (:meth:`inference_affine`) and fold
@@ -33,9 +33,14 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from torch import fx
+
 from ..kernels import normalize_affine
 from ._common import channel_view
-from .batch import _FilteredBatchNorm
+from .batch import _BatchStatsNorm, flat_view
+
+# calls kept as nodes by torch.fx.symbolic_trace (see normlab.nn._common)
+fx.wrap("normalize_affine")
 
 __all__ = [
     "AltScaleBatchNorm1d",
@@ -50,15 +55,19 @@ _FORMS = ("a1", "a2")
 _SOURCES = ("normalized", "input", None)
 
 
-class _TailBatchNorm(_FilteredBatchNorm):
-    """BN whose per-channel tail is ``effective_affine()`` instead of ``(weight, bias)``."""
+class _TailBatchNorm(_BatchStatsNorm):
+    """BN whose per-channel tail is ``effective_affine()`` instead of ``(weight, bias)``.
+
+    Not a ``torch.nn.modules.batchnorm._BatchNorm``: torch's tools read ``weight``/``bias`` as
+    BN's tail (``fuse_conv_bn_eval``, timm's ``FrozenBatchNorm2d``), which these are not.
+    """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
                  *, threshold: float | None = None, gaussian_consistent: bool = False,
                  gamma_init: float = 1.0) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         threshold=threshold, gaussian_consistent=gaussian_consistent,
+                         bias=True, threshold=threshold, gaussian_consistent=gaussian_consistent,
                          gamma_init=gamma_init)
 
     def effective_affine(self) -> tuple[Tensor | None, Tensor | None]:
@@ -73,13 +82,13 @@ class _TailBatchNorm(_FilteredBatchNorm):
                                  self.eps)
         factor = self._averaging_factor()
         if self.threshold is None:
-            return TF.batch_norm(x, self.running_mean, self.running_var, w, b, True, factor,
-                                 self.eps)
-        xv = self._stats_view(x)
+            mean, var = self._tracked()
+            return TF.batch_norm(x, mean, var, w, b, True, factor, self.eps)
+        xv = flat_view(x)
         y, _ = normalize_affine(
             xv, channel_view(w, 3), channel_view(b, 3), (0, 2), threshold=self.threshold,
             eps=self.eps, gaussian_consistent=self.gaussian_consistent,
-            running=self._running(factor),
+            running=self._running(factor, x),
         )
         return y.view(x.shape)
 
@@ -244,12 +253,12 @@ class _ScaleCalibratedBatchNorm(_TailBatchNorm):
         self._check(x)
         if self.stats is None:
             return self._affine_forward(x)
-        xv = self._stats_view(x)
+        xv = flat_view(x)
         if self._uses_batch_stats():
             factor = self._averaging_factor()
             xhat, _ = normalize_affine(
                 xv, None, None, (0, 2), threshold=self.threshold, eps=self.eps,
-                gaussian_consistent=self.gaussian_consistent, running=self._running(factor),
+                gaussian_consistent=self.gaussian_consistent, running=self._running(factor, x),
             )
         else:
             xhat = TF.batch_norm(xv, self.running_mean, self.running_var, None, None, False,

@@ -10,11 +10,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as TF
-from torch import Tensor
+from torch import Tensor, fx, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
 from ..kernels import RunningStats, normalize_affine, update_running_stats
-from ._common import ChannelStatsNorm, channel_view, check_input
+from ._common import (
+    ChannelStatsNorm,
+    batch_running,
+    channel_view,
+    check_input,
+    check_values,
+)
 
 __all__ = [
     "FilteredBatchNorm1d",
@@ -25,24 +32,45 @@ __all__ = [
     "BatchRenorm3d",
 ]
 
+# calls kept as nodes by torch.fx.symbolic_trace (see normlab.nn._common)
+for _name in ("check_input", "check_values", "batch_running", "normalize_affine",
+              "renorm_correction"):
+    fx.wrap(_name)
+
+
+def flat_view(x: Tensor) -> Tensor:
+    """``(N, C, *)`` → ``(N, C, L)``: a view for contiguous and channels_last inputs.
+
+    Written without ``reshape(…, -1)``, which cannot infer ``L`` for a zero-size batch.
+    """
+    return x.unsqueeze(-1).flatten(2)
+
 
 class _BatchStatsNorm(ChannelStatsNorm):
-    """Shared state of the batch-statistics norms (signature of ``torch.nn.BatchNorm2d``)."""
+    """Shared state of the batch-statistics norms (signature of ``torch.nn.BatchNorm2d``).
+
+    Not a ``torch.nn.modules.batchnorm._BatchNorm`` by itself: the layers whose eval forward
+    is BN's (``F.batch_norm`` with ``weight``/``bias`` and the running statistics) add
+    ``_BatchNorm`` to their bases; the revisiting-BN alternatives, whose ``weight``/``bias``
+    mean something else, do not (docs/ARCHITECTURE.md).
+    """
 
     _allowed_dims: tuple[int, ...] = ()
 
     # -- helpers ---------------------------------------------------------------------
     def _check(self, x: Tensor) -> None:
-        check_input(self, x, self._allowed_dims, self.num_features)
-        if self.training and x.numel() // x.shape[1] <= 1:
-            raise ValueError(
-                f"{type(self).__name__} needs more than 1 value per channel when training, "
-                f"got input of shape {tuple(x.shape)}; use a larger batch, eval() mode, or a "
-                f"per-sample norm (GroupNorm, FilterResponseNorm)"
-            )
+        """Input checks as torch BN: rank and channels; one value per channel in training."""
+        name = type(self).__name__
+        check_input(name, x, self._allowed_dims, self.num_features)
+        if self._uses_batch_stats():
+            check_values(name, x, "batch")
+
+    def _check_input_dim(self, input: Tensor) -> None:  # torch's hook, same rule
+        check_input(self, input, self._allowed_dims, None)
 
     def _uses_batch_stats(self) -> bool:
-        return self.training or not self.track_running_stats
+        """torch's rule: batch statistics in training, and in eval without running stats."""
+        return self.training or (self.running_mean is None and self.running_var is None)
 
     def _eval_forward(self, x: Tensor) -> Tensor:
         return TF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
@@ -50,8 +78,13 @@ class _BatchStatsNorm(ChannelStatsNorm):
 
     @staticmethod
     def _stats_view(x: Tensor) -> Tensor:
-        """``(N, C, *)`` → ``(N, C, L)``; a view for contiguous and channels_last inputs."""
-        return x.reshape(x.shape[0], x.shape[1], -1)
+        return flat_view(x)
+
+    def _tracked(self) -> tuple[Tensor | None, Tensor | None]:
+        """The running buffers to update now (torch: only when training and tracking)."""
+        if self.training and self.track_running_stats:
+            return self.running_mean, self.running_var
+        return None, None
 
     @torch.no_grad()
     def _update_running_stats(self, stats: F.Moments, factor: float) -> None:
@@ -60,14 +93,15 @@ class _BatchStatsNorm(ChannelStatsNorm):
             return
         update_running_stats(RunningStats(self.running_mean, self.running_var, factor), stats)
 
-    def _running(self, factor: float) -> RunningStats | None:
+    def _running(self, factor: float, x: Tensor | None = None) -> RunningStats | None:
         """The running averages for the kernels to update (fused where they can)."""
-        if not self.track_running_stats:
+        mean, var = self._tracked()
+        if mean is None:
             return None
-        return RunningStats(self.running_mean, self.running_var, factor)
+        return RunningStats(mean, var, factor) if x is None else batch_running(mean, var, factor, x)
 
 
-class _FilteredBatchNorm(_BatchStatsNorm):
+class _FilteredBatchNorm(_BatchStatsNorm, _BatchNorm):
     r"""Filtered batch normalization (filtered-BN seed, eq. 4–8).
 
     Training: per channel, plain moments μ, σ² over ``(N, *spatial)``; mask
@@ -76,6 +110,8 @@ class _FilteredBatchNorm(_BatchStatsNorm):
     value is normalized, ``y = γ (x − μ′) / sqrt(σ′² + ε) + β`` (eq. 8). Running stats take
     μ′ and the unbiased ``σ′² · M / (M − 1)``. Eval: the running stats, exactly as
     ``torch.nn.BatchNorm*d``. ``threshold=None`` (or ``inf``) *is* ``torch.nn.BatchNorm*d``.
+    The class is a ``torch.nn.BatchNorm*d`` subclass, so torch's tools that look for batch
+    norms by type (``torch.optim.swa_utils.update_bn``, ...) find it (docs/ecosystem.md).
 
     A channel whose filter would keep nothing (only possible for T < 1) uses its plain
     moments. With ``gaussian_consistent=True`` the filtered variance is divided by
@@ -83,8 +119,9 @@ class _FilteredBatchNorm(_BatchStatsNorm):
 
     Args:
         num_features: channels ``C``.
-        eps, momentum, affine, track_running_stats, device, dtype: as ``torch.nn.BatchNorm2d``
-            (``momentum=None``: cumulative average).
+        eps, momentum, affine, track_running_stats, device, dtype, bias: as
+            ``torch.nn.BatchNorm2d`` (``momentum=None``: cumulative average; ``bias=False``:
+            no β, keyword-only as in torch).
         threshold: ``T_σ`` in standard deviations (keyword-only; default 2, the seed's usual
             value); ``None`` disables filtering.
         gaussian_consistent: divide the filtered variance by κ(T) (default off = the paper).
@@ -97,10 +134,10 @@ class _FilteredBatchNorm(_BatchStatsNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
-                 *, threshold: float | None = 2.0, gaussian_consistent: bool = False,
-                 gamma_init: float = 1.0) -> None:
+                 *, bias: bool = True, threshold: float | None = 2.0,
+                 gaussian_consistent: bool = False, gamma_init: float = 1.0) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         threshold=threshold, gaussian_consistent=gaussian_consistent,
+                         bias=bias, threshold=threshold, gaussian_consistent=gaussian_consistent,
                          gamma_init=gamma_init)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -109,49 +146,101 @@ class _FilteredBatchNorm(_BatchStatsNorm):
             return self._eval_forward(x)
         factor = self._averaging_factor()
         if self.threshold is None:
-            return TF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                                 True, factor, self.eps)
-        xv = self._stats_view(x)
+            mean, var = self._tracked()
+            return TF.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
+        xv = flat_view(x)
         y, _ = normalize_affine(
             xv, channel_view(self.weight, 3), channel_view(self.bias, 3), (0, 2),
             threshold=self.threshold, eps=self.eps, gaussian_consistent=self.gaussian_consistent,
-            running=self._running(factor),
+            running=self._running(factor, x),
         )
         return y.view(x.shape)
 
 
-class FilteredBatchNorm1d(_FilteredBatchNorm):
+class FilteredBatchNorm1d(_FilteredBatchNorm, nn.BatchNorm1d):
     __doc__ = _FilteredBatchNorm.__doc__.replace("2d(64", "1d(64").replace(
         "randn(8, 64, 16, 16)", "randn(8, 64)") + "\n    Shape: ``(N, C)`` or ``(N, C, L)``.\n"
     _allowed_dims = (2, 3)
 
 
-class FilteredBatchNorm2d(_FilteredBatchNorm):
+class FilteredBatchNorm2d(_FilteredBatchNorm, nn.BatchNorm2d):
     __doc__ = _FilteredBatchNorm.__doc__ + "\n    Shape: ``(N, C, H, W)``.\n"
     _allowed_dims = (4,)
 
 
-class FilteredBatchNorm3d(_FilteredBatchNorm):
+class FilteredBatchNorm3d(_FilteredBatchNorm, nn.BatchNorm3d):
     __doc__ = _FilteredBatchNorm.__doc__.replace("2d(64", "3d(64").replace(
         "randn(8, 64, 16, 16)", "randn(8, 64, 4, 8, 8)") + "\n    Shape: ``(N, C, D, H, W)``.\n"
     _allowed_dims = (5,)
 
 
-class _BatchRenorm(_BatchStatsNorm):
+def renorm_limits(step: int, r_max: float, d_max: float, renorm_start: int,
+                  r_max_full_at: int, d_max_full_at: int) -> tuple[float, float]:
+    """(r_max, d_max) at training step ``step`` of batch renorm's warm-up (Ioffe 2017 §3).
+
+    1 and 0 (plain BN) up to ``renorm_start``, then linear to the final values at
+    ``r_max_full_at`` / ``d_max_full_at``.
+    """
+    def ramp(full_at: int) -> float:
+        if step <= renorm_start:
+            return 0.0
+        if full_at <= renorm_start:
+            return 1.0
+        return min(1.0, (step - renorm_start) / (full_at - renorm_start))
+
+    return 1.0 + (r_max - 1.0) * ramp(r_max_full_at), d_max * ramp(d_max_full_at)
+
+
+def renorm_factors(batch_mean: Tensor, batch_var: Tensor, running_mean: Tensor,
+                   running_var: Tensor, eps: float, r_max: float, d_max: float
+                   ) -> tuple[Tensor, Tensor]:
+    """Ioffe 2017 eq. (r, d): ``r = clip(σ_B/σ, 1/r_max, r_max)``, ``d = clip((μ_B − μ)/σ, ±d_max)``.
+
+    ``σ_B = sqrt(σ²_B + ε)`` from the batch, ``σ = sqrt(running_var + ε)``; shapes ``(C,)``.
+    """
+    sigma_batch = (batch_var + eps).sqrt()
+    sigma_run = (running_var.to(sigma_batch.dtype) + eps).sqrt()
+    r = (sigma_batch / sigma_run).clamp(1.0 / r_max, r_max)
+    d = ((batch_mean - running_mean.to(sigma_batch.dtype)) / sigma_run).clamp(-d_max, d_max)
+    return r, d
+
+
+@torch.no_grad()
+def renorm_correction(xv: Tensor, running_mean: Tensor, running_var: Tensor,
+                      num_batches_tracked: Tensor, schedule: tuple[float, float, int, int, int],
+                      threshold: float | None, eps: float, gaussian_consistent: bool
+                      ) -> tuple[Tensor, Tensor]:
+    """Batch renorm's (r, d) for the ``(N, C, L)`` batch ``xv`` at the current step.
+
+    ``schedule``: ``(r_max, d_max, renorm_start, r_max_full_at, d_max_full_at)``. A batch with
+    no values gets r = 1, d = 0 (it has no statistics; its output is empty anyway).
+    """
+    if xv.numel() == 0:
+        ones = torch.ones(xv.shape[1], dtype=F.stats_dtype(xv.dtype), device=xv.device)
+        return ones, torch.zeros_like(ones)
+    r_max, d_max = renorm_limits(int(num_batches_tracked), *schedule)
+    batch = F.filtered_moments(xv, (0, 2), threshold, eps=eps,
+                               gaussian_consistent=gaussian_consistent)
+    return renorm_factors(batch.mean.reshape(-1), batch.var.reshape(-1), running_mean,
+                          running_var, eps, r_max, d_max)
+
+
+class _BatchRenorm(_BatchStatsNorm, _BatchNorm):
     r"""Batch renormalization (Ioffe 2017), optionally with the filtered-BN robust filter.
 
     Training: batch moments μ_B, σ_B = sqrt(σ²_B + ε) (filtered when ``threshold`` is set), and
     ``r = clip(σ_B / σ, 1/r_max, r_max)``, ``d = clip((μ_B − μ) / σ, −d_max, d_max)`` from the
     running ``μ``, ``σ = sqrt(running_var + ε)``; then
     ``y = γ ((x − μ_B) / σ_B · r + d) + β`` with r and d treated as constants for the
-    gradient. Eval: the running stats, exactly like BN.
+    gradient. Eval: the running stats, exactly like BN. A ``torch.nn.BatchNorm*d`` subclass,
+    as :class:`FilteredBatchNorm2d`.
 
     Warm-up (the paper's schedule): ``r_max`` stays 1 and ``d_max`` 0 (plain BN) for
     ``renorm_start`` steps, then grow linearly to their final values at ``r_max_full_at`` and
     ``d_max_full_at`` steps (counted by ``num_batches_tracked``; defaults 5k, 40k, 25k).
 
     Args:
-        num_features, eps, momentum, affine, device, dtype: as ``torch.nn.BatchNorm2d``;
+        num_features, eps, momentum, affine, device, dtype, bias: as ``torch.nn.BatchNorm2d``;
             running statistics are required (``track_running_stats=True``).
         r_max, d_max: final clipping limits (defaults 3 and 5).
         renorm_start, r_max_full_at, d_max_full_at: warm-up schedule in training steps.
@@ -161,17 +250,18 @@ class _BatchRenorm(_BatchStatsNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.01,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
-                 *, r_max: float = 3.0, d_max: float = 5.0, renorm_start: int = 5000,
-                 r_max_full_at: int = 40000, d_max_full_at: int = 25000,
-                 threshold: float | None = None, gaussian_consistent: bool = False,
-                 gamma_init: float = 1.0) -> None:
-        if not track_running_stats:
+                 *, bias: bool = True, r_max: float = 3.0, d_max: float = 5.0,
+                 renorm_start: int = 5000, r_max_full_at: int = 40000,
+                 d_max_full_at: int = 25000, threshold: float | None = None,
+                 gaussian_consistent: bool = False, gamma_init: float = 1.0) -> None:
+        if track_running_stats is not True:
             raise ValueError(
                 "BatchRenorm needs running statistics (r and d are computed from them), got "
-                "track_running_stats=False; use FilteredBatchNorm with threshold=None instead"
+                f"track_running_stats={track_running_stats!r}; use FilteredBatchNorm with "
+                "threshold=None instead"
             )
         for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= low:
                 raise ValueError(f"{name} must be a number >= {low}, got {value!r}")
         for name, value in (("renorm_start", renorm_start), ("r_max_full_at", r_max_full_at),
                             ("d_max_full_at", d_max_full_at)):
@@ -183,7 +273,7 @@ class _BatchRenorm(_BatchStatsNorm):
                 f">= renorm_start ({renorm_start})"
             )
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         threshold=threshold, gaussian_consistent=gaussian_consistent,
+                         bias=bias, threshold=threshold, gaussian_consistent=gaussian_consistent,
                          gamma_init=gamma_init)
         self.r_max, self.d_max = float(r_max), float(d_max)
         self.renorm_start = renorm_start
@@ -193,34 +283,33 @@ class _BatchRenorm(_BatchStatsNorm):
         return (super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}, "
                 f"renorm_start={self.renorm_start}")
 
+    def _schedule(self) -> tuple[float, float, int, int, int]:
+        return (self.r_max, self.d_max, self.renorm_start, self.r_max_full_at,
+                self.d_max_full_at)
+
     def current_limits(self) -> tuple[float, float]:
         """(r_max, d_max) in force at the current step of the warm-up schedule."""
-        step = int(self.num_batches_tracked)
+        return renorm_limits(int(self.num_batches_tracked), *self._schedule())
 
-        def ramp(full_at: int) -> float:
-            if step <= self.renorm_start:
-                return 0.0
-            if full_at <= self.renorm_start:
-                return 1.0
-            return min(1.0, (step - self.renorm_start) / (full_at - self.renorm_start))
-
-        return 1.0 + (self.r_max - 1.0) * ramp(self.r_max_full_at), self.d_max * ramp(self.d_max_full_at)
+    def _check(self, x: Tensor) -> None:
+        if self.running_mean is None or self.running_var is None:
+            raise ValueError(
+                f"{type(self).__name__} has no running statistics (track_running_stats="
+                f"{self.track_running_stats}; e.g. after torch.func."
+                f"replace_all_batch_norm_modules_): batch renorm computes r and d from them. "
+                f"Use FilteredBatchNorm with threshold=None for batch-statistics-only BN"
+            )
+        super()._check(x)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
         if not self.training:
             return self._eval_forward(x)
         factor = self._averaging_factor()
-        r_max, d_max = self.current_limits()
-        xv = self._stats_view(x)
-        with torch.no_grad():
-            batch = F.filtered_moments(xv, (0, 2), self.threshold, eps=self.eps,
-                                       gaussian_consistent=self.gaussian_consistent)
-            sigma_batch = (batch.var.reshape(-1) + self.eps).sqrt()
-            sigma_run = (self.running_var.to(sigma_batch.dtype) + self.eps).sqrt()
-            r = (sigma_batch / sigma_run).clamp(1.0 / r_max, r_max)
-            d = ((batch.mean.reshape(-1) - self.running_mean.to(sigma_batch.dtype)) / sigma_run)
-            d = d.clamp(-d_max, d_max)
+        xv = flat_view(x)
+        r, d = renorm_correction(xv, self.running_mean, self.running_var,
+                                 self.num_batches_tracked, self._schedule(), self.threshold,
+                                 self.eps, self.gaussian_consistent)
         weight = self.weight if self.weight is not None else torch.ones_like(r)
         bias = self.bias if self.bias is not None else torch.zeros_like(r)
         weight_eff = weight * r.to(weight.dtype)
@@ -228,21 +317,21 @@ class _BatchRenorm(_BatchStatsNorm):
         y, _ = normalize_affine(
             xv, channel_view(weight_eff, 3), channel_view(bias_eff, 3), (0, 2),
             threshold=self.threshold, eps=self.eps, gaussian_consistent=self.gaussian_consistent,
-            running=self._running(factor),
+            running=self._running(factor, x),
         )
         return y.view(x.shape)
 
 
-class BatchRenorm1d(_BatchRenorm):
+class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):
     __doc__ = _BatchRenorm.__doc__ + "\n    Shape: ``(N, C)`` or ``(N, C, L)``.\n"
     _allowed_dims = (2, 3)
 
 
-class BatchRenorm2d(_BatchRenorm):
+class BatchRenorm2d(_BatchRenorm, nn.BatchNorm2d):
     __doc__ = _BatchRenorm.__doc__ + "\n    Shape: ``(N, C, H, W)``.\n"
     _allowed_dims = (4,)
 
 
-class BatchRenorm3d(_BatchRenorm):
+class BatchRenorm3d(_BatchRenorm, nn.BatchNorm3d):
     __doc__ = _BatchRenorm.__doc__ + "\n    Shape: ``(N, C, D, H, W)``.\n"
     _allowed_dims = (5,)

@@ -22,7 +22,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 import torch.nn.functional as TF
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ._common import check_positive_int
 from .batch import _FilteredBatchNorm
@@ -186,8 +186,8 @@ class InputNorm(_FilteredBatchNorm):
             raise ValueError(f"gamma must be a number > 0 (seed §3.2 uses (0, 1]), got {gamma!r}")
         sigma_act = activation_std(activation)
         super().__init__(num_channels, eps, momentum, True, True, device, dtype,
+                         bias=False,  # no shift (seed §3.4)
                          threshold=threshold, gamma_init=sigma_act * float(gamma))
-        self.register_parameter("bias", None)  # no shift (seed §3.4)
         self.activation = _activation_label(activation)
         self.sigma_act = sigma_act
         self.gamma = float(gamma)
@@ -209,6 +209,22 @@ class InputNorm(_FilteredBatchNorm):
         return scale, -self.running_mean.to(torch.float64) * scale
 
 
+def standardize_channels(name: str, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
+    """``(x − μ_c) / σ_c`` per channel (dim 1); integer input is cast to float32."""
+    if not isinstance(x, Tensor) or x.dim() < 2:
+        raise ValueError(f"{name} expects an (N, C, *) tensor, got "
+                         f"{getattr(x, 'shape', type(x).__name__)}")
+    if mean.numel() not in (1, x.shape[1]):
+        raise ValueError(f"{name} has {mean.numel()} channels, the input has {x.shape[1]} "
+                         f"(shape {tuple(x.shape)})")
+    dtype = x.dtype if x.is_floating_point() else mean.dtype
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return (x.to(dtype) - mean.to(dtype).view(shape)) / std.to(dtype).view(shape)
+
+
+fx.wrap("standardize_channels")  # a node in torch.fx traces (see normlab.nn._common)
+
+
 class _AffineInputTransform(nn.Module):
     """``y = (x − μ) / σ`` per channel with fixed buffers ``mean`` and ``std``."""
 
@@ -225,15 +241,7 @@ class _AffineInputTransform(nn.Module):
         self.register_buffer("std", std)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not isinstance(x, Tensor) or x.dim() < 2:
-            raise ValueError(f"{type(self).__name__} expects an (N, C, *) tensor, got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        if self.mean.numel() not in (1, x.shape[1]):
-            raise ValueError(f"{type(self).__name__} has {self.mean.numel()} channels, the input "
-                             f"has {x.shape[1]} (shape {tuple(x.shape)})")
-        dtype = x.dtype if x.is_floating_point() else self.mean.dtype
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        return (x.to(dtype) - self.mean.to(dtype).view(shape)) / self.std.to(dtype).view(shape)
+        return standardize_channels(type(self).__name__, x, self.mean, self.std)
 
     @torch.no_grad()
     def inference_affine(self) -> tuple[Tensor, Tensor]:

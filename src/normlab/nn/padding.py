@@ -65,17 +65,25 @@ class ConstantChannelPad(nn.Module):
         return f"{self.num_channels}, padding={self.padding}"
 
     def forward(self, x: Tensor) -> Tensor:
-        spatial = len(self.padding)
-        if not isinstance(x, Tensor):
-            raise TypeError(f"ConstantChannelPad expects a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 2 + spatial or x.shape[1] != self.num_channels:
-            raise ValueError(f"ConstantChannelPad was built for (N, {self.num_channels}, "
-                             f"{spatial} spatial dims) input, got shape {tuple(x.shape)}")
-        out_shape = list(x.shape[:2]) + [size + before + after for size, (before, after)
-                                         in zip(x.shape[2:], self.padding)]
-        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-        out.copy_(self.value.to(x.dtype).view([1, -1] + [1] * spatial).expand(out_shape))
-        inside = tuple(slice(before, before + size)
-                       for size, (before, _) in zip(x.shape[2:], self.padding))
-        out[(slice(None), slice(None)) + inside] = x
-        return out
+        return pad_channels(x, self.value, self.padding)
+
+
+def pad_channels(x: Tensor, value: Tensor, padding: tuple[tuple[int, int], ...]) -> Tensor:
+    """:class:`ConstantChannelPad`'s computation: pad ``x`` with ``value[c]`` per channel."""
+    spatial = len(padding)
+    channels = value.numel()
+    if not isinstance(x, Tensor):
+        raise TypeError(f"ConstantChannelPad expects a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2 + spatial or x.shape[1] != channels:
+        raise ValueError(f"ConstantChannelPad was built for (N, {channels}, "
+                         f"{spatial} spatial dims) input, got shape {tuple(x.shape)}")
+    out_shape = list(x.shape[:2]) + [size + before + after for size, (before, after)
+                                     in zip(x.shape[2:], padding)]
+    out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+    out.copy_(value.to(x.dtype).view([1, -1] + [1] * spatial).expand(out_shape))
+    inside = tuple(slice(before, before + size) for size, (before, _) in zip(x.shape[2:], padding))
+    out[(slice(None), slice(None)) + inside] = x
+    return out
+
+
+torch.fx.wrap("pad_channels")  # a node in torch.fx traces (see normlab.nn._common)

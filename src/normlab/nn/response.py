@@ -8,18 +8,21 @@ take ν² over a group of channels or all channels of a sample.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 
 from ..kernels import normalize_affine_act
 from ._common import (
     AffineMixin,
+    check_bool,
     check_eps,
+    check_gamma_init,
     check_gaussian_consistent,
     check_input,
     check_positive_int,
     check_threshold,
 )
 from .activation import ACTIVATIONS
+from .batch import flat_view
 
 __all__ = [
     "GroupFilterResponseNorm",
@@ -30,6 +33,10 @@ __all__ = [
 ]
 
 LEARNED_EPS_INIT = 1e-4  # FRN seed §3.3: ε_l initialized at 1e-4
+
+# calls kept as nodes by torch.fx.symbolic_trace (see normlab.nn._common)
+for _name in ("check_input", "normalize_affine_act"):
+    fx.wrap(_name)
 
 
 class GroupFilterResponseNorm(AffineMixin, nn.Module):
@@ -49,10 +56,10 @@ class GroupFilterResponseNorm(AffineMixin, nn.Module):
     Args:
         num_groups, num_channels: as ``torch.nn.GroupNorm``.
         eps: constant ε (default 1e-6).
-        learnable_eps: learn ε as above.
+        learnable_eps: learn ε as above (then ``eps`` may be 0; otherwise it must be > 0).
         activation: ``"tlu"`` (default, parameter ``tau``), ``"affine_tlu"`` (``kappa``,
             ``tau``: ``max(y, κy + τ)``), ``"relu"`` or ``"none"``.
-        affine: learn γ (``weight``) and β (``bias``).
+        affine: learn γ (``weight``) and β (``bias``); ``bias=False``: no β (as torch's norms).
         threshold: robust filter on ``|x| / ν`` (default ``None``: the paper's FRN).
         gaussian_consistent: divide the filtered ν′² by κ(T) (exact for zero-mean Gaussians).
         gamma_init: initial γ.
@@ -64,7 +71,7 @@ class GroupFilterResponseNorm(AffineMixin, nn.Module):
 
     def __init__(self, num_groups: int, num_channels: int, *, eps: float = 1e-6,
                  learnable_eps: bool = False, activation: str | None = "tlu",
-                 affine: bool = True, threshold: float | None = None,
+                 affine: bool = True, bias: bool = True, threshold: float | None = None,
                  gaussian_consistent: bool = False, gamma_init: float = 1.0,
                  device=None, dtype=None) -> None:
         super().__init__()
@@ -74,18 +81,19 @@ class GroupFilterResponseNorm(AffineMixin, nn.Module):
             raise ValueError(
                 f"num_groups ({num_groups}) must divide num_channels ({num_channels})"
             )
-        self.eps = check_eps(eps)
+        self.learnable_eps = check_bool("learnable_eps", learnable_eps)
+        self.eps = check_eps(eps, allow_zero=self.learnable_eps)
         if activation is None:
             activation = "none"
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
         self.activation = activation
-        self.affine = bool(affine)
-        self.learnable_eps = bool(learnable_eps)
+        self.affine = check_bool("affine", affine)
         self.threshold = check_threshold(threshold)
-        self.gaussian_consistent = check_gaussian_consistent(gaussian_consistent, self.threshold)
+        self.gaussian_consistent = check_gaussian_consistent(gaussian_consistent)
+        self.gamma_init = check_gamma_init(gamma_init)
         factory = {"device": device, "dtype": dtype}
-        self._make_affine(num_channels, affine, gamma_init, **factory)
+        self._make_affine(num_channels, self.affine, check_bool("bias", bias), **factory)
         if self.learnable_eps:
             self.learned_eps = nn.Parameter(torch.full((), LEARNED_EPS_INIT, **factory))
         else:
@@ -111,6 +119,7 @@ class GroupFilterResponseNorm(AffineMixin, nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, "
                 f"learnable_eps={self.learnable_eps}, activation={self.activation!r}, "
+                f"affine={self.affine}, bias={self.bias is not None}, "
                 f"threshold={self.threshold}")
 
     def effective_eps(self) -> Tensor | float:
@@ -120,16 +129,16 @@ class GroupFilterResponseNorm(AffineMixin, nn.Module):
         return self.eps + self.learned_eps.abs()
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(self, x, self._allowed_dims, self.num_channels)
-        n, c = x.shape[:2]
+        check_input(type(self).__name__, x, self._allowed_dims, self.num_channels)
         g = self.num_groups
-        xv = x.reshape(n, g, c // g, -1)
-        w = self.weight.view(1, g, c // g, 1) if self.weight is not None else None
-        b = self.bias.view(1, g, c // g, 1) if self.bias is not None else None
+        cg = self.num_channels // g
+        xv = flat_view(x).unflatten(1, (g, cg))  # (N, G, C/G, L), zero-size batches too
+        w = self.weight.view(1, g, cg, 1) if self.weight is not None else None
+        b = self.bias.view(1, g, cg, 1) if self.bias is not None else None
         # normalize + affine + activation in one fused call (kernels fall back to
         # normalize_affine followed by F.tlu / F.affine_tlu / relu where not fused)
-        tau = self.tau.view(1, g, c // g, 1) if self.tau is not None else None
-        kappa = self.kappa.view(1, g, c // g, 1) if self.kappa is not None else None
+        tau = self.tau.view(1, g, cg, 1) if self.tau is not None else None
+        kappa = self.kappa.view(1, g, cg, 1) if self.kappa is not None else None
         y, _ = normalize_affine_act(
             xv, w, b, (2, 3), activation=self.activation, tau=tau, kappa=kappa,
             threshold=self.threshold, centered=False, eps=self.eps,
@@ -173,7 +182,8 @@ class _FilterResponseNorm(GroupFilterResponseNorm):
 
     def extra_repr(self) -> str:
         return (f"{self.num_channels}, eps={self.eps}, learnable_eps={self.learnable_eps}, "
-                f"activation={self.activation!r}, threshold={self.threshold}")
+                f"activation={self.activation!r}, affine={self.affine}, "
+                f"bias={self.bias is not None}, threshold={self.threshold}")
 
 
 class FilterResponseNorm1d(_FilterResponseNorm):
