@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .nn._common import channel_view, check_input
-from .nn.batch import _BatchRenorm, _FilteredBatchNorm
+from .nn.batch import _BatchRenorm, _BatchStatsNorm, _FilteredBatchNorm
 
 __all__ = [
     "SyncFilteredBatchNorm",
@@ -301,10 +301,11 @@ class SyncFilteredBatchNorm(_FilteredBatchNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
-                 *, threshold: float | None = 2.0, gaussian_consistent: bool = False,
-                 gamma_init: float = 1.0, process_group=None) -> None:
+                 *, bias: bool = True, threshold: float | None = 2.0,
+                 gaussian_consistent: bool = False, gamma_init: float = 1.0,
+                 process_group=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         threshold=threshold, gaussian_consistent=gaussian_consistent,
+                         bias=bias, threshold=threshold, gaussian_consistent=gaussian_consistent,
                          gamma_init=gamma_init)
         self.process_group = _check_process_group(process_group)
 
@@ -340,12 +341,13 @@ class SyncBatchRenorm(_BatchRenorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.01,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None,
-                 *, r_max: float = 3.0, d_max: float = 5.0, renorm_start: int = 5000,
-                 r_max_full_at: int = 40000, d_max_full_at: int = 25000,
-                 threshold: float | None = None, gaussian_consistent: bool = False,
-                 gamma_init: float = 1.0, process_group=None) -> None:
+                 *, bias: bool = True, r_max: float = 3.0, d_max: float = 5.0,
+                 renorm_start: int = 5000, r_max_full_at: int = 40000,
+                 d_max_full_at: int = 25000, threshold: float | None = None,
+                 gaussian_consistent: bool = False, gamma_init: float = 1.0,
+                 process_group=None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
-                         r_max=r_max, d_max=d_max, renorm_start=renorm_start,
+                         bias=bias, r_max=r_max, d_max=d_max, renorm_start=renorm_start,
                          r_max_full_at=r_max_full_at, d_max_full_at=d_max_full_at,
                          threshold=threshold, gaussian_consistent=gaussian_consistent,
                          gamma_init=gamma_init)
@@ -397,44 +399,56 @@ def _sync_version(module: nn.Module, process_group):
         if process_group is not None:
             module.process_group = process_group
         return module
+    if isinstance(module, _BatchStatsNorm) and not isinstance(module, (_FilteredBatchNorm,
+                                                                       _BatchRenorm)):
+        raise ValueError(
+            f"convert_sync has no synchronized version of {type(module).__name__}: its "
+            f"statistics would stay per process; use FilteredBatchNorm/BatchRenorm (or "
+            f"InputNorm) where statistics must span processes, or leave this model unsynced"
+        )
     if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
         raise ValueError(
             f"convert_sync cannot convert the uninitialized {type(module).__name__} (its "
             f"num_features is unknown); run one forward pass first, or use BatchNorm*d"
         )
-    if not isinstance(module, (_FilteredBatchNorm, _BatchRenorm, nn.modules.batchnorm._BatchNorm)):
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
         return None
     ref = module.weight if module.weight is not None else module.running_mean
     factory = {"device": None, "dtype": None} if ref is None else {
         "device": ref.device, "dtype": ref.dtype}
+    common = dict(bias=module.bias is not None or not module.affine,
+                  process_group=process_group, **factory)
     if isinstance(module, _BatchRenorm):
         new = SyncBatchRenorm(
             module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats, **factory, r_max=module.r_max, d_max=module.d_max,
+            module.track_running_stats, r_max=module.r_max, d_max=module.d_max,
             renorm_start=module.renorm_start, r_max_full_at=module.r_max_full_at,
             d_max_full_at=module.d_max_full_at, threshold=module.threshold,
             gaussian_consistent=module.gaussian_consistent, gamma_init=module.gamma_init,
-            process_group=process_group)
-    elif isinstance(module, _FilteredBatchNorm):
+            **common)
+    elif isinstance(module, _FilteredBatchNorm):  # FilteredBatchNorm*d, InputNorm
         new = SyncFilteredBatchNorm(
             module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats, **factory, threshold=module.threshold,
+            module.track_running_stats, threshold=module.threshold,
             gaussian_consistent=module.gaussian_consistent, gamma_init=module.gamma_init,
-            process_group=process_group)
+            **common)
     else:  # torch.nn.BatchNorm*d / SyncBatchNorm
         new = SyncFilteredBatchNorm(
             module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats, **factory, threshold=None,
-            process_group=process_group)
+            module.track_running_stats, threshold=None, **common)
     return _copy_state(module, new)
 
 
 def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
     """Replace every batch-statistics norm in ``module`` by its synchronized version.
 
-    ``FilteredBatchNorm*d`` → :class:`SyncFilteredBatchNorm`, ``BatchRenorm*d`` →
-    :class:`SyncBatchRenorm`, ``torch.nn.BatchNorm*d`` (and ``torch.nn.SyncBatchNorm``) →
-    ``SyncFilteredBatchNorm(threshold=None)``. Parameters are shared (an optimizer built
+    ``FilteredBatchNorm*d`` (and InputNorm) → :class:`SyncFilteredBatchNorm`,
+    ``BatchRenorm*d`` → :class:`SyncBatchRenorm`, ``torch.nn.BatchNorm*d`` (and
+    ``torch.nn.SyncBatchNorm``) → ``SyncFilteredBatchNorm(threshold=None)``; the
+    revisiting-BN alternatives (A1/A2, RBN/IEBN) have no synchronized version and raise
+    ``ValueError``. ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` (what Lightning's
+    ``sync_batchnorm=True`` calls) does the same for normlab's layers once normlab is
+    imported (:func:`convert_sync_batchnorm_keeping_normlab`). Parameters are shared (an optimizer built
     before still works), buffers and the train/eval flag are kept, so outputs are unchanged
     in a single process. Like ``torch.nn.SyncBatchNorm.convert_sync_batchnorm`` it converts
     in place where it can and returns the (possibly new) root module; call it *before*
@@ -461,6 +475,31 @@ def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
         if converted is not child:
             setattr(module, name, converted)
     return module
+
+
+_installed = nn.SyncBatchNorm.__dict__["convert_sync_batchnorm"].__func__
+_TORCH_CONVERT_SYNC_BATCHNORM = getattr(_installed, "__wrapped__", _installed)  # re-imports
+_NORMLAB_BATCH_LAYERS = (_BatchStatsNorm,)
+
+
+def convert_sync_batchnorm_keeping_normlab(cls, module: nn.Module, process_group=None):
+    """``torch.nn.SyncBatchNorm.convert_sync_batchnorm``, keeping normlab's methods.
+
+    normlab's batch-statistics layers are ``torch.nn.BatchNorm*d`` subclasses, and torch's
+    converter turns every such layer into a plain ``torch.nn.SyncBatchNorm`` — silently
+    dropping the robust filter or batch renorm. ``import normlab`` therefore installs this
+    function as the converter: normlab's layers go to :func:`convert_sync` (``Sync*``
+    versions, or a ``ValueError`` where none exists), everything else to torch's own
+    converter, unchanged. The recursion of torch's converter comes back here for every
+    child (it calls ``cls.convert_sync_batchnorm``).
+    """
+    if isinstance(module, _NORMLAB_BATCH_LAYERS):
+        return convert_sync(module, process_group)
+    return _TORCH_CONVERT_SYNC_BATCHNORM(cls, module, process_group)
+
+
+convert_sync_batchnorm_keeping_normlab.__wrapped__ = _TORCH_CONVERT_SYNC_BATCHNORM
+nn.SyncBatchNorm.convert_sync_batchnorm = classmethod(convert_sync_batchnorm_keeping_normlab)
 
 
 # --------------------------------------------------------------------------------------
