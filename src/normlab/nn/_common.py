@@ -156,10 +156,13 @@ def check_values(name: str, x: Tensor, kind: str, groups: int = 1) -> None:
         )
 
 
-def advance_running_average(num_batches_tracked: Tensor, momentum: float | None) -> float:
+def advance_running_average(num_batches_tracked: Tensor, momentum: float | None,
+                            x: Tensor) -> float:
     """Count one training batch and return the running-average factor, exactly as torch BN.
 
-    ``momentum=None``: the cumulative average, factor ``1 / num_batches_tracked``.
+    ``momentum=None``: the cumulative average, factor ``1 / num_batches_tracked``. ``x``, the
+    batch, is not read: it makes the call a node of an FX trace (``torch.fx.wrap`` records
+    a call only when an argument is a proxy — a buffer is not).
     """
     num_batches_tracked.add_(1)
     if momentum is None:
@@ -247,11 +250,15 @@ class ChannelStatsNorm(AffineMixin, _NormBase):
             text += f", gamma_init={self.gamma_init}"
         return text
 
-    def _averaging_factor(self) -> float:
-        """Advance ``num_batches_tracked`` and return the running-average factor (as torch)."""
+    def _averaging_factor(self, x: Tensor | None = None) -> float:
+        """Advance ``num_batches_tracked`` and return the running-average factor (as torch).
+
+        Pass the batch ``x`` so that FX traces keep the count (see
+        :func:`advance_running_average`).
+        """
         if not (self.training and self.track_running_stats):
             return 0.0
-        return advance_running_average(self.num_batches_tracked, self.momentum)
+        return advance_running_average(self.num_batches_tracked, self.momentum, x)
 
 
 # the methods above call these helpers through this module's globals

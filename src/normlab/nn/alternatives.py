@@ -80,7 +80,7 @@ class _TailBatchNorm(_BatchStatsNorm):
         if not self._uses_batch_stats():
             return TF.batch_norm(x, self.running_mean, self.running_var, w, b, False, 0.0,
                                  self.eps)
-        factor = self._averaging_factor()
+        factor = self._averaging_factor(x)
         if self.threshold is None:
             mean, var = self._tracked()
             return TF.batch_norm(x, mean, var, w, b, True, factor, self.eps)
@@ -255,14 +255,14 @@ class _ScaleCalibratedBatchNorm(_TailBatchNorm):
             return self._affine_forward(x)
         xv = flat_view(x)
         if self._uses_batch_stats():
-            factor = self._averaging_factor()
+            factor = self._averaging_factor(x)
             xhat, _ = normalize_affine(
                 xv, None, None, (0, 2), threshold=self.threshold, eps=self.eps,
                 gaussian_consistent=self.gaussian_consistent, running=self._running(factor, x),
             )
         else:
-            xhat = TF.batch_norm(xv, self.running_mean, self.running_var, None, None, False,
-                                 0.0, self.eps)
+            xhat = flat_view(TF.batch_norm(x, self.running_mean, self.running_var, None, None,
+                                           False, 0.0, self.eps))  # keeps x's memory format
         source = xhat if self.stats == "normalized" else xv
         gap = source.mean(dim=2, keepdim=True)  # (N, C, 1): GAP per sample and channel
         s = torch.sigmoid(channel_view(self.calib_weight, 3) * gap

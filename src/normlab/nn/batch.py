@@ -144,7 +144,7 @@ class _FilteredBatchNorm(_BatchStatsNorm, _BatchNorm):
         self._check(x)
         if not self._uses_batch_stats():
             return self._eval_forward(x)
-        factor = self._averaging_factor()
+        factor = self._averaging_factor(x)
         if self.threshold is None:
             mean, var = self._tracked()
             return TF.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
@@ -305,7 +305,7 @@ class _BatchRenorm(_BatchStatsNorm, _BatchNorm):
         self._check(x)
         if not self.training:
             return self._eval_forward(x)
-        factor = self._averaging_factor()
+        factor = self._averaging_factor(x)
         xv = flat_view(x)
         r, d = renorm_correction(xv, self.running_mean, self.running_var,
                                  self.num_batches_tracked, self._schedule(), self.threshold,

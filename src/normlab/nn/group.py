@@ -80,10 +80,10 @@ def check_instance_channels(name: str, x: Tensor, num_features: int, channel_dim
 
 @torch.no_grad()
 def update_instance_running_stats(running_mean: Tensor, running_var: Tensor, stats,
-                                  factor: float) -> None:
+                                  factor: float, x: Tensor) -> None:
     """torch InstanceNorm's running averages: batch mean of the per-instance mean and of the
     per-instance unbiased variance (here over the kept count M: ``σ′² M/(M − 1)``)."""
-    if stats.count.numel() == 0:  # a zero-size batch has no statistics
+    if x.numel() == 0:  # a zero-size batch has no statistics: torch leaves them
         return
     count = stats.count.to(stats.var.dtype)
     unbiased = stats.var * count / (count - 1).clamp_min(1)
@@ -249,9 +249,13 @@ class _FilteredInstanceNorm(ChannelStatsNorm, nn.modules.instancenorm._InstanceN
         # torch's instance_norm raises IndexError on a batch of 0 samples; the kernel path
         # returns the empty output (docs/layers.md, differences from torch)
         empty = isinstance(x, Tensor) and x.shape[0] == 0
-        if (self.threshold is None or not use_input_stats) and not empty:
+        if self.threshold is None and not empty:
             y = TF.instance_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                                  use_input_stats, factor, self.eps)
+        elif not use_input_stats:  # eval with running statistics: BN's per-channel map,
+            # which is instance_norm's eval arithmetic and keeps channels_last
+            y = TF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                              False, 0.0, self.eps)
         else:
             xv = flat_view(x)
             y, stats = normalize_affine(
@@ -260,7 +264,8 @@ class _FilteredInstanceNorm(ChannelStatsNorm, nn.modules.instancenorm._InstanceN
                 gaussian_consistent=self.gaussian_consistent)
             y = y.view(x.shape)
             if self.running_mean is not None:
-                update_instance_running_stats(self.running_mean, self.running_var, stats, factor)
+                update_instance_running_stats(self.running_mean, self.running_var, stats, factor,
+                                              xv)
         return y.squeeze(0) if unbatched else y
 
 

@@ -228,14 +228,15 @@ fx.wrap("standardize_channels")  # a node in torch.fx traces (see normlab.nn._co
 class _AffineInputTransform(nn.Module):
     """``y = (x − μ) / σ`` per channel with fixed buffers ``mean`` and ``std``."""
 
-    def __init__(self, mean: Tensor, std: Tensor) -> None:
+    def __init__(self, mean: Tensor, std: Tensor, *, device=None, dtype=None) -> None:
         super().__init__()
-        mean = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
-        std = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
+        factory = {"device": device, "dtype": dtype or torch.float32}
+        mean = torch.as_tensor(mean).to(**factory).reshape(-1)
+        std = torch.as_tensor(std).to(**factory).reshape(-1)
         if mean.shape != std.shape:
             raise ValueError(f"mean and std need the same number of channels, got "
                              f"{tuple(mean.shape)} and {tuple(std.shape)}")
-        if not (std > 0).all():
+        if mean.device.type != "meta" and not (std > 0).all():
             raise ValueError(f"std must be > 0 in every channel, got {std.tolist()}")
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
@@ -267,7 +268,8 @@ class FixedInputNorm(_AffineInputTransform):
     """
 
     def __init__(self, data_dtype: torch.dtype = torch.uint8, *,
-                 value_range: tuple[float, float] | None = None) -> None:
+                 value_range: tuple[float, float] | None = None, device=None,
+                 dtype=None) -> None:
         if value_range is not None:
             lo, hi = (float(v) for v in value_range)
             if not hi > lo:
@@ -282,7 +284,8 @@ class FixedInputNorm(_AffineInputTransform):
                 f"FixedInputNorm needs an integer data dtype (e.g. torch.uint8) or "
                 f"value_range=(low, high), got data_dtype={data_dtype!r}"
             )
-        super().__init__(torch.tensor([mean]), torch.tensor([std]))
+        super().__init__(torch.tensor([mean], dtype=torch.float64),
+                         torch.tensor([std], dtype=torch.float64), device=device, dtype=dtype)
 
 
 class OfflineInputNorm(_AffineInputTransform):
