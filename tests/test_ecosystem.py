@@ -305,3 +305,51 @@ def test_ao_eager_fuse_modules_refuses_clearly(family):
     model = _trained(family).eval()
     with pytest.raises(AssertionError, match=f"did not find fuser method for.*{type(model[1]).__name__}"):
         fuse_modules(model, [["0", "1"]])
+
+
+# -- the remaining cells: what the tools leave alone, and the alternatives' hazard -----------
+
+@pytest.mark.parametrize(("ours", "theirs"), [
+    (lambda: normlab.FilteredGroupNorm(2, 4, threshold=None), lambda: nn.GroupNorm(2, 4)),
+    (lambda: normlab.FilteredInstanceNorm2d(4, affine=True, track_running_stats=True,
+                                            threshold=None),
+     lambda: nn.InstanceNorm2d(4, affine=True, track_running_stats=True)),
+    (lambda: normlab.FilterResponseNorm2d(4), None),
+])
+def test_update_bn_and_replace_all_treat_per_sample_norms_as_torchs(ours, theirs):
+    """Not batch norms: neither tool resets them (update_bn runs them in train mode, so an
+    InstanceNorm with running stats moves them by its momentum — exactly as torch's)."""
+    results = []
+    for build in filter(None, (ours, theirs)):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), build(), normlab.FilteredBatchNorm2d(4))
+        torch.optim.swa_utils.update_bn(_data(2, seed=2), model)
+        torch.func.replace_all_batch_norm_modules_(model)
+        assert model[2].running_mean is None  # the batch norm next to it was handled
+        results.append(model[1].state_dict())
+    if len(results) == 2:
+        assert results[0].keys() == results[1].keys()
+        assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+@pytest.mark.parametrize("family", ALTERNATIVES)
+def test_fuse_conv_bn_eval_misreads_the_alternatives_use_normlab_fuse(family):
+    """torch's fold reads weight/bias as BN's tail; A1/A2/RBN/IEBN's are not (documented as
+    not supported in docs/ecosystem.md). normlab.fuse_for_inference folds A1/A2/RBN⁻/IEBN⁻
+    exactly and keeps RBN/IEBN, whose scale depends on the sample."""
+    model = _trained(family, torch.float64).eval()
+    x = _data(1, seed=5, dtype=torch.float64)[0]
+    expected = model[1](model[0](x))
+    wrong = torch.nn.utils.fusion.fuse_conv_bn_eval(model[0], model[1])(x)
+    assert not torch.allclose(wrong, expected)
+    folded = normlab.fuse_for_inference(copy.deepcopy(model))
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("family", ALTERNATIVES + PER_SAMPLE)
+def test_fx_optimization_fuse_leaves_other_norms_exact(family):
+    from torch.fx.experimental.optimization import fuse
+    model = _trained(family).eval()
+    x = _data(1, seed=8)[0]
+    torch.testing.assert_close(fuse(model)(x), model(x), rtol=0, atol=0)
