@@ -19,6 +19,7 @@ from ._common import (
     ChannelStatsNorm,
     batch_running,
     channel_view,
+    check_bool,
     check_input,
     check_values,
 )
@@ -254,7 +255,7 @@ class _BatchRenorm(_BatchStatsNorm, _BatchNorm):
                  renorm_start: int = 5000, r_max_full_at: int = 40000,
                  d_max_full_at: int = 25000, threshold: float | None = None,
                  gaussian_consistent: bool = False, gamma_init: float = 1.0) -> None:
-        if track_running_stats is not True:
+        if not check_bool("track_running_stats", track_running_stats):
             raise ValueError(
                 "BatchRenorm needs running statistics (r and d are computed from them), got "
                 f"track_running_stats={track_running_stats!r}; use FilteredBatchNorm with "
