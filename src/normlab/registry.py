@@ -98,7 +98,7 @@ def _parse_value(text: str, default: Any = None, *, key: str = "", spec: str = "
     """
     value = text.strip()
     low = value.lower()
-    where = f"option {key}={value!r} in spec {spec!r}"
+    where = f"option {key}={value!r} in spec {spec!r}" if spec else f"value {value!r}"
     if isinstance(default, bool):
         if low in _TRUE:
             return True

@@ -9,6 +9,7 @@ it equals ``torch.nn.GroupNorm`` / ``LayerNorm`` / ``InstanceNorm*d`` exactly.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from typing import Sequence
 
@@ -177,8 +178,11 @@ class FilteredLayerNorm(AffineMixin, nn.LayerNorm):
                  elementwise_affine: bool = True, bias: bool = True, device=None, dtype=None,
                  *, threshold: float | None = 2.0, gaussian_consistent: bool = False,
                  gamma_init: float = 1.0) -> None:
-        shape = (normalized_shape,) if isinstance(normalized_shape, int) else normalized_shape
-        shape = tuple(check_positive_int("normalized_shape", s) for s in shape)
+        shape = (normalized_shape,) if isinstance(normalized_shape, numbers.Integral) \
+            else normalized_shape
+        shape = tuple(check_positive_int("normalized_shape", int(s))
+                      if isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                      else check_positive_int("normalized_shape", s) for s in shape)
         if not shape:
             raise ValueError("normalized_shape must name at least one dimension, got ()")
         self.gamma_init = check_gamma_init(gamma_init)  # read by reset_parameters()
