@@ -363,6 +363,12 @@ case("train --norm spec value", ["train", "--norm", "gn:groups=7", *QUICK], "gro
 case("train --device tpu", ["train", "--device", "tpu", *QUICK[:4]], "tpu")
 case("train --data-option value", ["train", "--data", "synthetic", "--data-option",
                                    "outlier_rate=2", *QUICK], "outlier_rate")
+for option in ("outlier_rate=nan", "noise=inf", "n=0", "outlier_scale=-1"):
+    case(f"train --data-option {option}", ["train", "--data", "synthetic", "--data-option",
+                                           option, *QUICK], option.split("=")[0])
+for option in ("width=nan", "width=0", "width=inf", "depth=3"):
+    case(f"compare --model-option {option}", ["compare", "--model-option", option, *QUICK,
+                                              "--out", "{tmp}/o"], option.split("=")[0])
 case("list section", ["list", "nope"], "invalid choice")
 case("inspect --model", ["inspect", "--model", "nope", "--data", "{files}/data_ok.pt",
                          "--out", "{tmp}/i"], "unknown model 'nope'")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import math
 import os
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from normlab.cli import main
 from normlab.lab.cli import run_plan
 from normlab.lab.presets import make_plan
 from normlab.lab.store import RunStore
+from normlab.lab.train import RunConfig
 
 TINY = ["--data", "digits", "--limit", "120", "--epochs", "1", "--batch-size", "16",
         "--device", "cpu"]
@@ -103,6 +105,14 @@ def test_diverged_run_is_stored_as_diverged(tmp_path, capsys):
     assert run.extra["diverged"] is True and run.val_acc is None
 
 
+@pytest.mark.parametrize("field", ["lr", "warmup", "gamma", "gamma_lr_divisor", "momentum",
+                                   "weight_decay"])
+@pytest.mark.parametrize("value", [math.inf, -math.inf, math.nan])
+def test_run_config_refuses_non_finite_numbers(field, value):
+    with pytest.raises(ValueError, match=f"^{field} must be finite, got"):
+        RunConfig(**{field: value})
+
+
 def test_compare_checks_the_whole_plan_before_the_first_run(tmp_path, capsys):
     out = tmp_path / "cmp"
     code, _, err = _run(["compare", "--norms", "bn", "fbn", "gn:groups=7", "--seeds", "1",
@@ -166,6 +176,31 @@ def test_report_works_on_a_read_only_folder(capsys):
         assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
         assert (elsewhere / "report.md").stat().st_size > 0
         assert (elsewhere / "results.csv").stat().st_size > 0
+    finally:
+        shutil.rmtree(base)
+
+
+def test_read_only_folder_with_unmerged_log_is_refused_not_misread(capsys):
+    """A run folder copied while a writer had runs only in its write-ahead log: reading it
+    without that log's shared memory would miss those runs, so it is refused with one line."""
+    import sqlite3
+
+    base = Path(tempfile.mkdtemp())
+    base.chmod(0o755)
+    try:
+        folder = _finished_folder(base)
+        writer = sqlite3.connect(folder / "runs.sqlite", isolation_level=None)
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute("UPDATE runs SET wall_time = 2.0")  # lands in runs.sqlite-wal only
+        copy = base / "copy"
+        copy.mkdir()
+        for name in ("runs.sqlite", "runs.sqlite-wal"):
+            shutil.copy(folder / name, copy / name)
+        writer.close()
+        with _read_only(copy):
+            code, _, err = _run(["report", copy, "--no-plots"], capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert "runs.sqlite-wal holds changes not yet merged" in err
     finally:
         shutil.rmtree(base)
 

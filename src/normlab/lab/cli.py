@@ -297,7 +297,8 @@ def check_plan(configs: list[RunConfig]) -> None:
         if key in _CHECKED:
             continue
         data = load_data(config)
-        what = f"model {config.model!r} with norm {config.norm!r}"
+        what = f"model {config.model!r} with norm {config.norm!r}" + "".join(
+            f", {k}={v!r}" for k, v in config.model_options)
         try:
             model = build(config, data)
             with torch.no_grad():

@@ -198,7 +198,7 @@ def _load_digits() -> _Raw:
 
 
 def _check_positive(name: str, value: Any, *, kind=int, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if kind is int:
         ok = ok and float(value) == int(value)
     if not ok or (value < 0 if allow_zero else value <= 0):
@@ -350,8 +350,8 @@ def _root_dir(root: str | None, dataset: str, subdirs: tuple[str, ...] = ()) -> 
                          f"(--data-root on the command line)")
     path = Path(root).expanduser()
     if not path.is_dir():
-        what = "is a file, not a folder" if path.exists() else "does not exist"
-        raise ValueError(f"dataset {dataset!r}: root {str(path)!r} {what}")
+        what = "it is a file" if path.exists() else "it does not exist"
+        raise ValueError(f"dataset {dataset!r}: root {str(path)!r} is not a folder ({what})")
     for sub in subdirs:  # accept the folder the archive unpacks to, inside root
         if (path / sub).is_dir():
             return path / sub
@@ -383,6 +383,11 @@ def _load_mnist_idx(root: str | None) -> _Raw:
                 class_names=tuple(str(i) for i in range(num_classes)))
 
 
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A pickle refused because loading it would call something other than the plain
+    containers and numpy arrays a CIFAR batch holds (that is how a pickle runs code)."""
+
+
 class _ArrayUnpickler(pickle.Unpickler):
     """Unpickles only plain containers and numpy arrays (what CIFAR batches hold)."""
 
@@ -390,12 +395,13 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 rebuild bytes
     }
 
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: a CIFAR batch "
+        raise UnsafePickleError(f"refusing to unpickle {module}.{name}: a CIFAR batch "
                                      f"holds only dicts, lists, bytes and numpy arrays")
 
 
@@ -403,8 +409,8 @@ def _unpickle(path: Path) -> dict:
     blob = _read_bytes(path, "CIFAR batch")
     try:
         obj = _ArrayUnpickler(io.BytesIO(blob), encoding="bytes").load()
-    except pickle.UnpicklingError as error:
-        raise ValueError(f"{path}: {error}") from None
+    except UnsafePickleError as error:
+        raise UnsafePickleError(f"{path}: {error}") from None
     except Exception as error:  # noqa: BLE001 - any failure of a malformed pickle
         raise ValueError(f"{path}: not a CIFAR python batch (truncated or corrupt: "
                          f"{type(error).__name__}: {error})") from None

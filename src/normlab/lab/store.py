@@ -143,21 +143,27 @@ class RunStore:
             raise self._error(error) from None
 
     def _connect_readonly(self) -> sqlite3.Connection:
-        """Read without writing anything: ``mode=ro``; in a folder where SQLite cannot create
-        its shared-memory file (read-only folder, another user's), ``immutable=1`` (nothing
-        writes a finished folder)."""
+        """Read without writing anything: ``mode=ro``. In a folder where SQLite cannot create
+        its shared-memory file (read-only, another user's), ``immutable=1`` — but only when no
+        write-ahead log holds runs not yet merged into the file, which it would not see."""
         uri = "file:" + urllib.parse.quote(str(self.path.resolve()))
-        last: sqlite3.Error | None = None
-        for flags in ("?mode=ro", "?mode=ro&immutable=1"):
-            try:
-                conn = sqlite3.connect(uri + flags, uri=True, timeout=self.timeout,
-                                       isolation_level=None)
-                conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
-                return conn
-            except sqlite3.OperationalError as error:
-                last = error
-        assert last is not None
-        raise last
+        try:
+            conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=self.timeout,
+                                   isolation_level=None)
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError as error:
+            if "unable to open" not in str(error) and "readonly" not in str(error):
+                raise
+        wal = self.path.with_name(self.path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise ValueError(f"run database {str(self.path)!r}: {wal.name} holds changes not yet "
+                             f"merged into it and the folder is read-only here; open it once "
+                             f"with write access (any normlab command as its owner merges them) "
+                             f"or copy the folder with both files")
+        conn = sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, isolation_level=None)
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
 
     # ---- runs ---------------------------------------------------------------------------
     def has(self, config_hash: str, seed: int) -> bool:

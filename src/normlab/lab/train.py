@@ -105,9 +105,11 @@ class RunConfig:
         def positive(name: str, value: Any, kind=int, allow_zero=False) -> None:
             ok = (not isinstance(value, bool) and isinstance(value, (int, float) if kind is float
                                                               else int))
-            if not ok or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            if ok and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
+            if not ok or value < 0 or (value == 0 and not allow_zero):
                 what = "a non-negative" if allow_zero else "a positive"
-                raise ValueError(f"{name} must be {what} finite {kind.__name__}, got {value!r}")
+                raise ValueError(f"{name} must be {what} {kind.__name__}, got {value!r}")
 
         positive("batch_size", self.batch_size)
         positive("epochs", self.epochs)
