@@ -27,14 +27,6 @@ TINY = ["--data", "digits", "--limit", "120", "--epochs", "1", "--batch-size", "
         "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _run(argv, capsys):
     capsys.readouterr()
     try:
