@@ -88,6 +88,17 @@ def test_full_disk_during_compare_keeps_the_run(tmp_path, capsys, full_disk):
     assert RunStore(out).count() == 1 and not _tmp_files(out)
 
 
+def test_artifacts_that_cannot_be_written_do_not_lose_the_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "artifacts").write_text("a file where the artifacts folder goes")
+    code, _, err = _run(["train", *TINY, "--diagnose", "--out", out], capsys)
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert "artifacts" in err
+    (run,) = RunStore(out).runs()
+    assert "artifacts" in run.extra["artifacts_error"]
+
+
 def test_diverged_run_is_stored_as_diverged(tmp_path, capsys):
     # one step at lr 1e30: the loss of that step is finite, the model's outputs are not
     code, out, _ = _run(["train", *TINY, "--steps", "1", "--lr", "1e30", "--out", tmp_path],

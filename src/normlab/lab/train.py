@@ -306,6 +306,8 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
             half-written checkpoint (a failure raises :class:`CheckpointError`).
         on_result: called with the finished :class:`RunResult` *before* the checkpoint is
             saved — store the result there, and a failed save (a full disk) loses nothing.
+            A failure to write the callbacks' artifacts is raised after it too (and noted
+            in ``extra["artifacts_error"]``).
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 1:
         raise ValueError(f"seed (run index) must be an int >= 1, got {seed!r}")
@@ -435,11 +437,15 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
     for cb in callbacks:
         cb.on_train_end(state)
     artifacts: list[str] = []
+    artifacts_error: OSError | None = None
     if artifacts_dir is not None and callbacks:
         out = Path(artifacts_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for cb in callbacks:
-            artifacts += [str(p) for p in cb.write_artifacts(out)]
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for cb in callbacks:
+                artifacts += [str(p) for p in cb.write_artifacts(out)]
+        except OSError as error:  # raised after the result is handed over: the run is kept
+            artifacts_error = error
 
     chosen = _choose_epoch(epochs)
     best = epochs[chosen - 1]
@@ -448,6 +454,8 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
                                        "test": len(y_test)}}
     if artifacts:
         extra["artifacts"] = artifacts
+    if artifacts_error is not None:
+        extra["artifacts_error"] = str(artifacts_error)
     if world > 1:
         extra["world_size"] = world
     result = RunResult(config=config, seed=seed, epochs=epochs, chosen_epoch=chosen,
@@ -458,6 +466,8 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
         on_result(result)
     if checkpoint_path is not None and rank == 0:
         save_checkpoint(checkpoint_path, model, config, seed, epochs)
+    if artifacts_error is not None:
+        raise artifacts_error
     return result
 
 
