@@ -476,6 +476,9 @@ for name in ("garbage", "truncated", "empty", "schema", "plan_json", "plan_shape
              "dir", "unreadable"):
     case(f"report runs.sqlite {name}", ["report", f"{{files}}/runs_{name}", "--no-plots"],
          "runs")
+for name in ("garbage", "truncated", "schema", "dir"):
+    case(f"train --out on runs.sqlite {name}", ["train", *QUICK, "--out", f"{{files}}/runs_{name}"],
+         "runs")
 for name in ("garbage", "schema", "plan_json", "dir"):
     case(f"compare on runs.sqlite {name}", ["compare", "--norms", "bn", "--seeds", "1", *QUICK,
                                            "--out", f"{{files}}/runs_{name}"], "runs")
