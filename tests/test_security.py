@@ -77,7 +77,9 @@ def test_inspect_checkpoint_that_is_not_weights_is_one_line_refusal(tmp_path, ca
 
 
 @pytest.mark.parametrize("layout", ["tuple", "dict", "TensorDataset", "x only", "npz"])
-def test_inspect_reads_plain_tensor_files(tmp_path, capsys, layout):
+def test_plain_tensor_files_load(tmp_path, layout):
+    from normlab.diagnostics.cli import load_tensor_file
+
     x, y = torch.randn(6, 1, 28, 28), torch.tensor([0, 1, 2, 0, 1, 2])
     path = tmp_path / ("data.npz" if layout == "npz" else "data.pt")
     if layout == "npz":
@@ -85,11 +87,19 @@ def test_inspect_reads_plain_tensor_files(tmp_path, capsys, layout):
     else:
         torch.save({"tuple": (x, y), "dict": {"x": x, "y": y}, "x only": x,
                     "TensorDataset": torch.utils.data.TensorDataset(x, y)}[layout], path)
+    x2, y2 = load_tensor_file(path)
+    assert torch.equal(x2, x)
+    assert y2 is None if layout == "x only" else torch.equal(y2, y)
+
+
+def test_inspect_runs_on_a_tensor_file(tmp_path, capsys):
+    path = tmp_path / "data.pt"
+    torch.save(torch.utils.data.TensorDataset(torch.randn(6, 1, 28, 28),
+                                              torch.tensor([0, 1, 2, 0, 1, 2])), path)
     out = tmp_path / "o"
     assert main(["inspect", "--model", "lenet5", "--data", str(path), "--out", str(out),
                  "--channels", "0", "--sample-size", "1000"]) == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["totals"]["n"] > 0
+    assert json.loads((out / "summary.json").read_text())["totals"]["n"] > 0
     assert "error" not in capsys.readouterr().err
 
 
