@@ -160,7 +160,7 @@ class RunStore:
             raise ValueError(f"run database {str(self.path)!r}: {wal.name} holds changes not yet "
                              f"merged into it and the folder is read-only here; open it once "
                              f"with write access (any normlab command as its owner merges them) "
-                             f"or copy the folder with both files")
+                             f"or copy the folder, both files, somewhere writable")
         conn = sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, isolation_level=None)
         conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
         return conn
