@@ -228,6 +228,22 @@ def test_cifar_unpickler_refuses_code(tmp_path):
         load_dataset("cifar10", root=str(tmp_path))
 
 
+def test_cifar_batches_pickled_by_python3_with_protocol_2_load(tmp_path):
+    """Protocol 2 written by Python 3 rebuilds bytes with _codecs.encode: allowed (it only
+    makes bytes); pixels outside 0..255 are refused, never wrapped into uint8."""
+    rng = np.random.default_rng(3)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = _cifar_batch(rng, 4, extra={b"batch_label": b"training batch"})
+        (tmp_path / name).write_bytes(pickle.dumps(batch, protocol=2))
+    assert b"_codecs" in (tmp_path / "test_batch").read_bytes()
+    assert load_dataset("cifar10", root=str(tmp_path)).sizes()["test"] == 4
+    bad = _cifar_batch(rng, 4)
+    bad[b"data"] = bad[b"data"].astype(np.int64) + 200  # up to 455: would wrap to 0..199
+    (tmp_path / "data_batch_2").write_bytes(pickle.dumps(bad))
+    with pytest.raises(ValueError, match="data_batch_2: pixel values must be in 0..255"):
+        load_dataset("cifar10", root=str(tmp_path))
+
+
 def test_image_folder_round_trip(tmp_path):
     from PIL import Image
 

@@ -3,9 +3,22 @@ one-level ``torch.fx`` trace of a module's own ``forward`` (children stay leaves
 
 from __future__ import annotations
 
+import torch
 from torch import fx, nn
 
 __all__: list[str] = []
+
+
+def _refuse_torchscript(model: nn.Module, what: str) -> None:
+    """``TypeError`` if ``model`` is, or holds, a TorchScript module: its forward is compiled
+    code that neither swapping children nor changing weights' meaning can be checked against,
+    so model surgery would do nothing or something silently wrong."""
+    for path, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            where = "the model" if not path else f"{path!r} of the model"
+            raise TypeError(f"{what} cannot change TorchScript modules ({where} is a "
+                            f"{type(module).__name__}); apply it to the nn.Module before "
+                            f"torch.jit.script/trace")
 
 
 def _join(prefix: str, name: str) -> str:

@@ -19,6 +19,8 @@ float32: bfloat16 is loaded and stored as is, float16 is upcast around them). Ex
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import platform
 import statistics
 import time
@@ -26,6 +28,8 @@ from typing import Callable
 
 import torch
 from torch import nn
+
+from ._checks import int_range, resolve_device
 
 __all__ = ["register", "run_layer_bench", "run_model_bench", "main"]
 
@@ -237,17 +241,40 @@ def _parse_shape(text: str) -> tuple[int, ...]:
         shape = ()
     if len(shape) != 4 or min(shape) <= 0:
         raise ValueError(f"--shape must be N,C,H,W with positive ints, got {text!r}")
+    if shape[0] < 2:
+        raise ValueError(f"--shape: N must be >= 2 (batch statistics), got {text!r}")
     return shape
 
 
+def _memory_bytes(device: torch.device) -> int:
+    """Memory the benchmark may use: the GPU's total memory, or the machine's RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):  # pragma: no cover - not POSIX
+        return 2**40
+
+
+def check_options(shape: tuple[int, ...], groups: int, dtype: torch.dtype,
+                  device: torch.device) -> None:
+    """Refuse, before timing anything, what cannot run: ``groups`` not dividing C, and shapes
+    whose tensors (x, ∂ℓ/∂x, outputs and saved tensors of ~10 live copies) exceed memory."""
+    if shape[1] % groups:
+        raise ValueError(f"--groups {groups} must divide the {shape[1]} channels of --shape "
+                         f"{','.join(map(str, shape))}")
+    need = math.prod(shape) * torch.tensor([], dtype=dtype).element_size() * 10
+    have = _memory_bytes(device)
+    if need > have:
+        raise ValueError(f"--shape {','.join(map(str, shape))} needs about {need / 2**30:.1f} GiB "
+                         f"on {device.type}, which has {have / 2**30:.1f} GiB; use a smaller shape")
+
+
 def main(args: argparse.Namespace) -> int:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} requested but torch.cuda.is_available() is False")
+    device = str(resolve_device(args.device))
     dtype = DTYPES[args.dtype]  # every dtype on every device: ratios are to torch in that dtype
     shape = _parse_shape(args.shape) if args.shape else ((16, 32, 16, 16) if args.quick else (64, 64, 32, 32))
+    check_options(shape, args.groups, dtype, torch.device(device))
     rounds = args.rounds or (5 if args.quick else 15)
     print(f"# normlab bench on {machine_description(device)}")
     from normlab import kernels
@@ -274,12 +301,15 @@ def register(subparsers) -> None:
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument("--quick", action="store_true", help="small shape, few rounds, LeNet only")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--shape", default=None, help="N,C,H,W (default 64,64,32,32)")
-    parser.add_argument("--groups", type=int, default=8, help="groups for GN / filtered GN")
-    parser.add_argument("--rounds", type=int, default=None, help="timing rounds per layer")
+    parser.add_argument("--groups", type=int_range(1, 4096), default=8,
+                        help="groups for GN / filtered GN (must divide C)")
+    parser.add_argument("--rounds", type=int_range(1, 10_000), default=None,
+                        help="timing rounds per layer")
     parser.add_argument("--channels-last", action="store_true", help="channels_last inputs")
-    parser.add_argument("--batch", type=int, default=None, help="batch for the training steps")
+    parser.add_argument("--batch", type=int_range(2, 65536), default=None,
+                        help="batch for the training steps (>= 2: batch statistics)")
     parser.add_argument("--no-models", action="store_true", help="skip the training-step table")
     parser.set_defaults(func=main)

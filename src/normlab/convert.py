@@ -35,7 +35,8 @@ from .nn.batch import _BatchStatsNorm
 from .nn.group import FilteredGroupNorm, FilteredLayerNorm, _FilteredInstanceNorm
 from .nn.input_norm import InputNorm
 from .nn.response import GroupFilterResponseNorm
-from ._surgery import _join, _module_calls, _set_submodule, _shallow_graph, _split
+from ._surgery import (_join, _module_calls, _refuse_torchscript, _set_submodule,
+                       _shallow_graph, _split)
 from .fuse import FuseReport, fuse_for_inference  # re-exported: normlab.convert.fuse_for_inference
 from .registry import _REGISTRY, create_norm, parse_spec, spec_activation
 
@@ -595,6 +596,7 @@ def convert(model: nn.Module, spec: str, *, include: Sequence[type] = DEFAULT_CO
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _refuse_torchscript(model, "convert")
     parse_spec(spec)  # raises a clear ValueError for bad specs before anything changes
     include = _check_include(include)
     if dim not in (1, 2, 3):
@@ -607,7 +609,8 @@ def convert(model: nn.Module, spec: str, *, include: Sequence[type] = DEFAULT_CO
 
     candidates: list[tuple[str, nn.Module]] = []
     skip_under: list[str] = []
-    for path, module in model.named_modules():
+    # every place, shared modules included: a norm registered at two places is one module
+    for path, module in model.named_modules(remove_duplicate=False):
         if any(path.startswith(p + ".") for p in skip_under):
             continue
         if isinstance(module, include) and (not isinstance(module, InputNorm)
@@ -622,11 +625,18 @@ def convert(model: nn.Module, spec: str, *, include: Sequence[type] = DEFAULT_CO
     if example_input is not None:
         ranks = _record_ranks(model, [p for p, _ in candidates], example_input)
 
+    places: dict[int, list[str]] = {}
+    for path, src in candidates:
+        places.setdefault(id(src), []).append(path)
     own_act = spec_activation(spec) is not None
     relus: dict[str, tuple] = {}
     graphs: dict[str, fx.Graph] = {}
     if own_act and replace_activation:
         relus, graphs = _find_following_relus(model, [p for p, _ in candidates], report)
+        for paths in places.values():  # one shared layer: its ReLUs go at every place or none
+            if not all(p in relus for p in paths):
+                for p in paths:
+                    relus.pop(p, None)
     elif own_act:
         report.notes.append(f"{spec!r} applies its own activation ({spec_activation(spec)}); "
                             f"ReLUs after the converted layers are kept (replace_activation="
@@ -634,18 +644,27 @@ def convert(model: nn.Module, spec: str, *, include: Sequence[type] = DEFAULT_CO
 
     root = model
     converted: set[str] = set()
+    built: dict[int, nn.Module | str] = {}  # one new layer per old module, at all its places
     for path, src in candidates:
-        d = _declared_dim(src)
-        if path in ranks:
-            d = max(1, ranks[path] - 2)
-        if d is None:
-            d = dim
         act_none = own_act and replace_activation and path not in relus
-        new = _build_target(spec, src, d, report, path, act_none)
+        if id(src) not in built:
+            d = _declared_dim(src)
+            if path in ranks:
+                d = max(1, ranks[path] - 2)
+            if d is None:
+                d = dim
+            built[id(src)] = _build_target(spec, src, d, report, path, act_none)
+            if isinstance(built[id(src)], nn.Module):
+                built[id(src)].train(src.training)
+            if len(places[id(src)]) > 1:
+                report.notes.append(
+                    f"{', '.join(p or '<root>' for p in places[id(src)])}: one module "
+                    f"registered at {len(places[id(src)])} places; one new layer takes all of "
+                    f"them (shared, as the old one was)")
+        new = built[id(src)]
         if isinstance(new, str):
             report.unconverted.append((path, type(src).__name__, new))
             continue
-        new.train(src.training)
         if path == "":
             root = new
         else:

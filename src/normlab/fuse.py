@@ -26,7 +26,8 @@ from .nn.batch import _BatchStatsNorm
 from .nn.input_norm import InputNorm
 from .nn.padding import ConstantChannelPad
 
-from ._surgery import _join, _module_calls, _set_submodule, _shallow_graph, _split
+from ._surgery import (_join, _module_calls, _refuse_torchscript, _set_submodule,
+                       _shallow_graph, _split)
 
 __all__ = ["fuse_for_inference", "FuseReport"]
 
@@ -332,7 +333,27 @@ def _fuse_input_norms(model: nn.Module, report: FuseReport) -> None:
                                 f"and {into} pads no more")
 
 
-def _fuse_sequential(seq: nn.Sequential, prefix: str, report: FuseReport) -> None:
+def _shared_reason(layer: nn.Module, path: str, parent: nn.Module, counts: dict[int, int]
+                   ) -> str | None:
+    """Why a norm cannot be folded into ``layer`` (at ``path``, a child of ``parent``) because
+    of sharing, or None. Folding rewrites the layer's weights in place, so it is exact only if
+    every use of those weights is followed by this norm: the layer must be used exactly where
+    its parent is (one slot of the parent, and nowhere else in the model — a parent used at
+    several places is fine, each use sees the same fold) and its parameters must belong to it
+    alone (no weights tied to another module)."""
+    slots = sum(child is layer for child in parent._modules.values())
+    if slots > 1 or counts.get(id(layer), 0) > counts.get(id(parent), 1):
+        return (f"{path} is used at several places in the model; folding into it would change "
+                f"every use")
+    for name, param in layer.named_parameters(recurse=False):
+        if counts.get(id(param), 0) > counts.get(id(layer), 1):
+            return (f"{path}.{name} is shared (tied) with another module; folding into it "
+                    f"would change that module too")
+    return None
+
+
+def _fuse_sequential(seq: nn.Sequential, prefix: str, report: FuseReport,
+                     counts: dict[int, int]) -> None:
     items = list(seq._modules.items())
     kept: list[tuple[str, nn.Module]] = []
     i = 0
@@ -340,7 +361,11 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, report: FuseReport) -> Non
         name, mod = items[i]
         nxt = items[i + 1] if i + 1 < len(items) else None
         post = _post_norm(nxt[1]) if nxt is not None else None
-        if post is not None and _foldable_linear(mod) and _fold_after(mod, post[0]):
+        shared = (_shared_reason(mod, _join(prefix, name), seq, counts)
+                  if post is not None and _foldable_linear(mod) else None)
+        if shared is not None:
+            report.kept.append((_join(prefix, nxt[0]), shared))
+        elif post is not None and _foldable_linear(mod) and _fold_after(mod, post[0]):
             report.folded.append((_join(prefix, nxt[0]), _join(prefix, name)))
             kept.append((name, mod))
             if post[1] is not None:
@@ -352,7 +377,8 @@ def _fuse_sequential(seq: nn.Sequential, prefix: str, report: FuseReport) -> Non
     seq._modules = OrderedDict(kept)
 
 
-def _fuse_attributes(parent: nn.Module, prefix: str, report: FuseReport) -> None:
+def _fuse_attributes(parent: nn.Module, prefix: str, report: FuseReport,
+                     counts: dict[int, int]) -> None:
     children = dict(parent.named_children())
     foldable = {n for n, c in children.items() if _post_norm(c)}
     if not foldable:
@@ -365,15 +391,25 @@ def _fuse_attributes(parent: nn.Module, prefix: str, report: FuseReport) -> None
                                 f"not traceable ({type(exc).__name__})"))
         return
     calls = _module_calls(graph)
+    attributes = [str(n.target) for n in graph.nodes if n.op == "get_attr"]
     for target, nodes in calls.items():
         post = _post_norm(parent.get_submodule(target))
         if not post or len(nodes) != 1:
             continue
         src = nodes[0].args[0] if nodes[0].args else None
-        ok = (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
-              and len(calls.get(src.target, [])) == 1
-              and _foldable_linear(parent.get_submodule(src.target))
-              and _fold_after(parent.get_submodule(src.target), post[0]))
+        if not (isinstance(src, fx.Node) and src.op == "call_module" and len(src.users) == 1
+                and len(calls.get(src.target, [])) == 1
+                and _foldable_linear(parent.get_submodule(src.target))):
+            continue
+        layer_path = _join(prefix, str(src.target))
+        shared = _shared_reason(parent.get_submodule(src.target), layer_path, parent, counts)
+        if shared is None and any(a.startswith(f"{src.target}.") for a in attributes):
+            shared = (f"{type(parent).__name__}.forward also uses the parameters of "
+                      f"{layer_path} directly; folding would change that use")
+        if shared is not None:
+            report.kept.append((_join(prefix, target), shared))
+            continue
+        ok = _fold_after(parent.get_submodule(src.target), post[0])
         if ok:
             _set_submodule(parent, target, post[1] if post[1] is not None else nn.Identity())
             report.folded.append((_join(prefix, target), _join(prefix, str(src.target))))
@@ -423,16 +459,18 @@ def fuse_for_inference(model: nn.Module, *, return_report: bool = False):
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    _refuse_torchscript(model, "fuse_for_inference")
     fused = copy.deepcopy(model).eval()
     report = FuseReport()
     _fuse_input_norms(fused, report)
+    counts = _use_counts(fused)
     for path, module in list(fused.named_modules()):
         if isinstance(module, nn.Sequential):
-            _fuse_sequential(module, path, report)
+            _fuse_sequential(module, path, report, counts)
         elif isinstance(module, (nn.ModuleList, nn.ModuleDict)):
             continue
         elif any(True for _ in module.children()):
-            _fuse_attributes(module, path, report)
+            _fuse_attributes(module, path, report, counts)
     done = {p for p, _ in report.folded} | {p for p, _ in report.kept}
     for path, module in fused.named_modules():
         if _eval_affine(module) is not None and path not in done:

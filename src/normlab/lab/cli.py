@@ -19,8 +19,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._checks import check_out_dir, check_output_file, int_range, nonneg_float, \
+    one_line_errors, positive_float
 from .presets import PRESETS, Plan, make_plan, preset_doc
-from .train import INPUT_NORM_MODES, RunConfig, resolve_device, train_run
+from .train import INPUT_NORM_MODES, CheckpointError, RunConfig, resolve_device, train_run
 
 __all__ = ["register", "run_plan", "compare", "DEFAULT_OUT"]
 
@@ -65,11 +67,11 @@ def _one_run(config_dict: dict[str, Any], seed: int, out_dir: str, device: str,
     artifacts = Path(out_dir) / "artifacts" / f"{h}-seed{seed}" if diagnose else None
     checkpoint = (Path(out_dir) / "checkpoints" / f"{h}-seed{seed}.pt"
                   if save_checkpoint and write else None)
+    store = RunStore(out_dir) if write else None
     result = train_run(config, seed, device=device, distributed=distributed,
                        callbacks=_callbacks(config, diagnose, seed), artifacts_dir=artifacts,
-                       checkpoint_path=checkpoint)
-    if write:
-        _store_result(RunStore(out_dir), result, h)
+                       checkpoint_path=checkpoint,
+                       on_result=(lambda r: _store_result(store, r, h)) if write else None)
     return {"config_hash": h, "seed": seed, "test_acc": result.test_acc,
             "wall_time": result.wall_time}
 
@@ -91,6 +93,10 @@ def run_plan(plan: Plan, out_dir: str | Path, *, jobs: int = 1, device: str = "a
     Under torchrun (``distributed``) every process trains every run on its shard and only the
     main process writes.
 
+    Before anything is trained, the whole plan is checked (:func:`check_plan`) and the
+    folder is claimed for it: a folder holds one comparison, so a plan with other methods
+    than the one ``out_dir`` holds is refused (``ValueError``); other seeds are fine.
+
     Returns ``{"total", "skipped", "ran"}``.
     """
     from .store import RunStore
@@ -102,9 +108,8 @@ def run_plan(plan: Plan, out_dir: str | Path, *, jobs: int = 1, device: str = "a
         raise ValueError("under torchrun each run already spans all processes; use --jobs 1")
     if distributed is None:
         resolve_device(device)
-    store = RunStore(out_dir)
-    if is_main:
-        store.set_meta("plan", plan.to_dict())
+    check_plan([v.config for v in plan.variants])
+    store = _claim(plan, out_dir) if is_main else RunStore(out_dir)
     finished = store.finished_keys()
     todo = [(v, s) for v, s in plan.runs() if (v.config.config_hash(), s) not in finished]
     # the same (config, seed) may appear in two groups only if configs coincide: train once
@@ -183,44 +188,20 @@ def compare(preset: str = "default", out_dir: str | Path | None = None, *, jobs:
     if report:
         from .report import render_report
 
-        render_report(out)
+        render_report(out, plan=plan)
     return plan, counts
 
 
 # ---- argument types ---------------------------------------------------------------------------
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
-        return value
-
-    parse.__name__ = "int"
-    return parse
+def _int_at_least(low: int, high: int = 10**9):
+    """argparse type: an int in ``[low, high]`` (huge values are refused, not attempted)."""
+    return int_range(low, high)
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _nonneg_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
+_positive_float = positive_float   # finite and > 0 (nan, inf refused)
+_nonneg_float = nonneg_float       # finite and >= 0
+MAX_SEEDS, MAX_JOBS, MAX_THREADS, MAX_EPOCHS, MAX_BATCH = 10_000, 256, 1024, 100_000, 10**6
 
 
 def _key_values(text: str) -> tuple[str, Any]:
@@ -234,14 +215,7 @@ def _key_values(text: str) -> tuple[str, Any]:
     return key.strip(), _parse_value(value)
 
 
-def _one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Make argparse report a bad argument as one line (``normlab X: error: ...``)."""
-
-    def error(message: str):
-        parser.exit(2, f"{parser.prog}: error: {message} (see `{parser.prog} --help`)\n")
-
-    parser.error = error  # type: ignore[method-assign]
-    return parser
+_one_line_errors = one_line_errors  # every normlab sub-command gets it (normlab.cli)
 
 
 def _add_run_options(p: argparse.ArgumentParser, *, single: bool) -> None:
@@ -255,7 +229,8 @@ def _add_run_options(p: argparse.ArgumentParser, *, single: bool) -> None:
     g.add_argument("--model-option", action="append", type=_key_values, default=[],
                    metavar="KEY=VALUE", help="model option, e.g. width=2")
     g.add_argument("--placement", help="where the norm layers go (model-specific, e.g. all)")
-    g.add_argument("--epochs", type=_int_at_least(1), help="epochs (or evaluations with --steps)")
+    g.add_argument("--epochs", type=_int_at_least(1, MAX_EPOCHS),
+                   help="epochs (or evaluations with --steps)")
     g.add_argument("--steps", type=_int_at_least(1),
                    help="train a fixed number of iterations instead of whole epochs")
     g.add_argument("--lr", type=_positive_float, help="peak learning rate (SGD, momentum 0.9)")
@@ -274,7 +249,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, single: bool) -> None:
                    help="under torchrun: batch statistics across all processes")
     if single:
         g.add_argument("--norm", default="bn", help="normalization spec, e.g. fbn:threshold=3")
-        g.add_argument("--batch-size", type=_int_at_least(1), default=64)
+        g.add_argument("--batch-size", type=_int_at_least(1, MAX_BATCH), default=64)
         g.add_argument("--seed", type=_int_at_least(1), default=1, help="run index i >= 1")
 
 
@@ -305,6 +280,77 @@ def _check_names(configs: list[RunConfig]) -> None:
         parse_spec(c.norm)
 
 
+def check_plan(configs: list[RunConfig]) -> None:
+    """Fail before the first run, with one line, on anything that would stop a run at its
+    start: unknown dataset, model or norm names, dataset options and files (each distinct
+    dataset is loaded — the runs reuse it), spec values, placements and model options (each
+    distinct model is built once and run on two training images). A plan that passes cannot
+    fail half-way on its input."""
+    import torch
+
+    from .train import build, load_data
+
+    _check_names(configs)
+    for config in configs:
+        fields = {k: v for k, v in config.to_dict().items() if k in _BUILD_FIELDS}
+        key = repr(sorted(fields.items()))
+        if key in _CHECKED:
+            continue
+        data = load_data(config)
+        what = f"model {config.model!r} with norm {config.norm!r}" + "".join(
+            f", {k}={v!r}" for k, v in config.model_options)
+        try:
+            model = build(config, data)
+            with torch.no_grad():
+                model.train()(data.train.tensors[0][:2])
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{what}: {error}") from None
+        except RuntimeError as error:  # torch's shape errors
+            raise ValueError(f"{what} does not run on {config.data!r} "
+                             f"({data.in_channels}x{data.image_size}x{data.image_size} "
+                             f"images): {' '.join(str(error).split())}") from None
+        _CHECKED.add(key)
+
+
+_CHECKED: set[str] = set()  # configurations this process has built and run already
+_BUILD_FIELDS = ("data", "data_root", "data_options", "limit", "input_norm", "model", "norm",
+                 "placement", "gamma", "model_options")
+
+
+def _claim(plan: Plan, out_dir: str | Path):
+    """The store of ``out_dir`` (checked: a writable folder, an intact database), claimed for
+    ``plan`` (see :func:`_plan_conflict`)."""
+    from .store import RunStore
+
+    check_out_dir(out_dir)
+    store = RunStore(out_dir)
+    store.claim_meta("plan", plan.to_dict(), lambda old: _plan_conflict(old, plan, out_dir))
+    return store
+
+
+def _plan_conflict(old: dict[str, Any], plan: Plan, out_dir: str | Path) -> str | None:
+    """Why ``out_dir``, holding the plan ``old``, cannot take ``plan`` (None: it can).
+
+    A folder holds one comparison — its report, CSV files and plots describe one plan — so
+    other methods (labels, groups, configurations or baseline) are refused. The seeds may
+    differ: more seeds extend the same comparison."""
+    def methods(d: dict[str, Any]) -> tuple:
+        return (d.get("baseline"), sorted((v.get("group", ""), v.get("label"),
+                                           v.get("config_hash")) for v in d.get("variants", [])))
+
+    try:
+        same = methods(old) == methods(plan.to_dict())
+    except (AttributeError, TypeError):
+        same = False
+    if same:
+        return None
+    labels = ", ".join(v.get("label", "?") for v in old.get("variants", [])) \
+        if isinstance(old, dict) else "?"
+    name = old.get("name", "?") if isinstance(old, dict) else "?"
+    return (f"{str(out_dir)!r} holds another comparison ({name}: {labels}); a folder holds "
+            f"one comparison, so give this one its own --out folder")
+
+
 def _distributed(args: argparse.Namespace):
     if not (args.sync_stats or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         return None
@@ -324,25 +370,29 @@ def _cleanup(ctx) -> None:
 
 # ---- commands ---------------------------------------------------------------------------------
 
+def _multi_process(args: argparse.Namespace) -> bool:
+    return bool(args.sync_stats or int(os.environ.get("WORLD_SIZE", "1")) > 1)
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .report import compute_results, format_table, load_plan, render_report
-    from .store import RunStore
+    from .report import compute_results, format_table, render_report
 
     plan = make_plan(args.preset, seeds=args.seeds, norms=args.norms,
                      batch_sizes=args.batch_sizes, baseline=args.baseline, smoke=args.smoke,
                      **_overrides(args))
-    _check_names([v.config for v in plan.variants])
-    if not (args.sync_stats or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    if not _multi_process(args):
         resolve_device(args.device)
+    check_plan([v.config for v in plan.variants])
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / (
         "compare" if plan.name == "default" else plan.name)
     ctx = _distributed(args)
     is_main = ctx is None or ctx.is_main
-    if is_main:
-        print(f"normlab compare: {plan.name} — {len(plan.variants)} configurations × "
-              f"{len(plan.seeds)} seeds → {out}", file=sys.stderr)
-    start = time.perf_counter()
     try:
+        if is_main:
+            _claim(plan, out)
+            print(f"normlab compare: {plan.name} — {len(plan.variants)} configurations × "
+                  f"{len(plan.seeds)} seeds → {out}", file=sys.stderr)
+        start = time.perf_counter()
         jobs = args.jobs if args.jobs is not None else (1 if ctx is not None else default_jobs())
         counts = run_plan(plan, out, jobs=jobs, device=args.device,
                           progress=not args.quiet, diagnose=args.diagnose, distributed=ctx,
@@ -352,10 +402,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if not is_main:
         return 0
     elapsed = time.perf_counter() - start
-    written = render_report(out, plots=not args.no_plots)
-    store = RunStore(out, create=False)
-    rows = compute_results(load_plan(store), store)
-    print(format_table(rows, markdown=False))
+    written = render_report(out, plots=not args.no_plots, plan=plan)
+    from .store import RunStore
+
+    print(format_table(compute_results(plan, RunStore(out, readonly=True)), markdown=False))
     print(f"\n{counts['ran']} runs trained, {counts['skipped']} already finished "
           f"(skipped); {elapsed:.0f} s. Report: {written['report.md']}")
     return 0
@@ -366,15 +416,21 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     fields = dict(_overrides(args), norm=args.norm, batch_size=args.batch_size)
     config = RunConfig.from_dict(dict(RunConfig().to_dict(), **fields))
-    _check_names([config])
-    if not (args.sync_stats or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    if not _multi_process(args):
         resolve_device(args.device)
+    check_plan([config])
     ctx = _distributed(args)
     is_main = ctx is None or ctx.is_main
     h = config.config_hash()
-    store = RunStore(args.out) if (args.out and is_main) else None
+    store = None
+    if args.out and is_main:
+        check_out_dir(args.out)
+        store = RunStore(args.out)
+    if args.checkpoint and is_main:
+        check_output_file(args.checkpoint, "--checkpoint")
     if store is not None and store.has(h, args.seed):
         print(f"run {h} seed {args.seed} is already in {store.path}; nothing to do")
+        _cleanup(ctx)
         return 0
 
     def show(m: dict[str, float]) -> None:
@@ -382,25 +438,33 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"epoch {m['epoch']:>3}  train {m['train_loss']:.4f} / {m['train_acc']:.2f}%  "
                   f"val {m['val_acc']:.2f}%  test {m['test_acc']:.2f}%  lr {m['lr']:.4g}")
 
+    def finished(result) -> None:  # before the checkpoint is written: a failed save loses nothing
+        print(f"chosen epoch {result.chosen_epoch} (best validation {result.val_acc:.2f}%): "
+              f"test accuracy {result.test_acc:.2f}%  [{result.wall_time:.1f} s on "
+              f"{result.device}]" + ("  DIVERGED (non-finite loss or weights)"
+                                     if result.extra.get("diverged") else ""))
+        if store is not None:
+            _store_result(store, result, h)
+            print(f"stored in {store.path}")
+
+    artifacts = Path(args.out) / "artifacts" / f"{h}-seed{args.seed}" if (
+        args.out and args.diagnose) else None
+    checkpoint = args.checkpoint or (
+        Path(args.out) / "checkpoints" / f"{h}-seed{args.seed}.pt" if args.out else None)
     try:
-        artifacts = Path(args.out) / "artifacts" / f"{h}-seed{args.seed}" if (
-            args.out and args.diagnose) else None
-        checkpoint = args.checkpoint or (
-            Path(args.out) / "checkpoints" / f"{h}-seed{args.seed}.pt" if args.out else None)
-        result = train_run(config, args.seed, device=args.device, distributed=ctx,
-                           callbacks=_callbacks(config, args.diagnose, args.seed), on_epoch=show,
-                           artifacts_dir=artifacts, checkpoint_path=checkpoint)
+        train_run(config, args.seed, device=args.device, distributed=ctx,
+                  callbacks=_callbacks(config, args.diagnose, args.seed), on_epoch=show,
+                  artifacts_dir=artifacts, checkpoint_path=checkpoint,
+                  on_result=finished if is_main else None)
+    except CheckpointError as error:
+        if store is not None:
+            raise CheckpointError(error.errno, f"{error}; the run itself is stored in "
+                                               f"{store.path}") from None
+        raise
     finally:
         _cleanup(ctx)
-    if not is_main:
-        return 0
-    print(f"chosen epoch {result.chosen_epoch} (best validation {result.val_acc:.2f}%): "
-          f"test accuracy {result.test_acc:.2f}%  [{result.wall_time:.1f} s on {result.device}]")
-    if checkpoint is not None:
+    if is_main and checkpoint is not None:
         print(f"model saved to {checkpoint} (inspect it: normlab inspect --checkpoint {checkpoint})")
-    if store is not None:
-        _store_result(store, result, h)
-        print(f"stored in {store.path}")
     return 0
 
 
@@ -408,13 +472,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report import compute_results, format_table, load_plan, render_report
     from .store import RunStore
 
-    if not Path(args.dir).is_dir():
+    folder = Path(args.dir)
+    if not folder.exists():
         raise FileNotFoundError(f"no such folder {args.dir!r}")
-    written = render_report(args.dir, plots=not args.no_plots)
-    store = RunStore(args.dir, create=False)
-    print(format_table(compute_results(load_plan(store), store), markdown=False))
+    if not folder.is_dir():
+        raise ValueError(f"{args.dir!r} is a file; give the folder of `normlab compare --out`")
+    store = RunStore(folder, readonly=True)
+    plan = load_plan(store)
+    target = Path(args.out) if args.out else folder
+    if args.out:
+        check_out_dir(target)
+    elif not _can_write(folder):
+        print(format_table(compute_results(plan, store), markdown=False))
+        print(f"normlab report: {str(folder)!r} is read-only; printed the table only (give --out "
+              f"FOLDER to write report.md, CSV and plots there)", file=sys.stderr)
+        return 0
+    written = render_report(folder, plots=not args.no_plots, plan=plan, to=target)
+    print(format_table(compute_results(plan, store), markdown=False))
     print("\nwrote " + ", ".join(str(p) for p in written.values()))
     return 0
+
+
+def _can_write(folder: Path) -> bool:
+    try:
+        check_out_dir(folder)
+    except ValueError:
+        return False
+    return True
 
 
 def cmd_list(args: argparse.Namespace) -> int:
@@ -451,12 +535,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--norms", nargs="+", metavar="SPEC",
                    help="methods as registry specs, e.g. bn fbn:threshold=3 frn")
     p.add_argument("--baseline", help="method label to test against (default: bn)")
-    p.add_argument("--seeds", type=_int_at_least(1), help="run seeds 1..N (default: 5)")
-    p.add_argument("--batch-sizes", nargs="+", type=_int_at_least(1), metavar="N")
-    p.add_argument("--jobs", "-j", type=_int_at_least(1), default=None,
+    p.add_argument("--seeds", type=_int_at_least(1, MAX_SEEDS),
+                   help="run seeds 1..N (default: 5)")
+    p.add_argument("--batch-sizes", nargs="+", type=_int_at_least(1, MAX_BATCH), metavar="N")
+    p.add_argument("--jobs", "-j", type=_int_at_least(1, MAX_JOBS), default=None,
                    help=f"parallel worker processes, each with cores/jobs torch threads "
                         f"(default here: {default_jobs()} = CPU cores, at most 4)")
-    p.add_argument("--threads", type=_int_at_least(1),
+    p.add_argument("--threads", type=_int_at_least(1, MAX_THREADS),
                    help="torch threads per process (default: all cores / jobs)")
     p.add_argument("--out", help=f"output folder (default {DEFAULT_OUT}/compare or "
                                  f"{DEFAULT_OUT}/PRESET)")
@@ -483,7 +568,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("report", help="re-render the report of a comparison folder")
     _one_line_errors(p)
-    p.add_argument("dir", help="a folder written by `normlab compare --out DIR`")
+    p.add_argument("dir", help="a folder written by `normlab compare --out DIR` (read only)")
+    p.add_argument("--out", help="write report.md, CSV and plots here (default: DIR; a "
+                                 "read-only DIR without --out prints the table only)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.set_defaults(func=cmd_report)
 

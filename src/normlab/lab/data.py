@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import gzip
 import io
+import math
 import os
 import pickle
+import zlib
 from importlib import import_module
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -196,7 +198,7 @@ def _load_digits() -> _Raw:
 
 
 def _check_positive(name: str, value: Any, *, kind=int, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if kind is int:
         ok = ok and float(value) == int(value)
     if not ok or (value < 0 if allow_zero else value <= 0):
@@ -284,28 +286,49 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
                0x0E: ">f8"}
 
 
+def _read_bytes(path: Path, what: str) -> bytes:
+    """The bytes of ``path`` (gunzipped when its name ends in ``.gz``); a file that cannot be
+    read or decompressed is a one-line ``ValueError`` naming it (a missing or unreadable file
+    keeps its ``OSError``, which names it too)."""
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as fh:
+                return fh.read()
+        return path.read_bytes()
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except (OSError, EOFError, zlib.error) as error:
+        raise ValueError(f"{path}: cannot read this {what} ({type(error).__name__}: "
+                         f"{error})") from None
+
+
 def read_idx(path: str | os.PathLike) -> np.ndarray:
     """Read one IDX file (the MNIST format; ``.gz`` is decompressed by name).
 
     Layout: two zero bytes, a type byte (0x08 ubyte, 0x09 byte, 0x0B int16, 0x0C int32, 0x0D
     float32, 0x0E float64), a byte with the number of dimensions ``d``, ``d`` big-endian
-    uint32 sizes, then the data in C order.
+    uint32 sizes, then the data in C order. Truncated, oversized or non-IDX files, and
+    floating-point data with NaN or inf, are a ``ValueError`` naming the file.
     """
     path = Path(path)
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as fh:
-        blob = fh.read()
+    blob = _read_bytes(path, "IDX file")
     if len(blob) < 4 or blob[0] != 0 or blob[1] != 0 or blob[2] not in _IDX_DTYPES:
         raise ValueError(f"{path} is not an IDX file (bad magic number {blob[:4]!r})")
     ndim = blob[3]
     header = 4 + 4 * ndim
+    if len(blob) < header:
+        raise ValueError(f"{path}: truncated IDX header ({len(blob)} bytes, {ndim} dimensions "
+                         f"need {header})")
     shape = tuple(int(v) for v in np.frombuffer(blob[4:header], dtype=">u4"))
     dtype = np.dtype(_IDX_DTYPES[blob[2]])
-    expected = int(np.prod(shape)) * dtype.itemsize
+    expected = math.prod(shape) * dtype.itemsize
     if len(blob) - header != expected:
         raise ValueError(f"{path}: header says shape {shape} ({expected} bytes of data) but the "
-                         f"file holds {len(blob) - header} bytes")
-    return np.frombuffer(blob, dtype=dtype, offset=header).reshape(shape)
+                         f"file holds {len(blob) - header} bytes (truncated or not IDX)")
+    array = np.frombuffer(blob, dtype=dtype, offset=header).reshape(shape)
+    if dtype.kind == "f" and not np.isfinite(array).all():
+        raise ValueError(f"{path}: holds NaN or infinite values")
+    return array
 
 
 def _find(root: Path, name: str, *, dataset: str, gz: bool = False) -> Path:
@@ -313,6 +336,9 @@ def _find(root: Path, name: str, *, dataset: str, gz: bool = False) -> Path:
     for path in candidates:
         if path.is_file():
             return path
+    for path in candidates:
+        if path.exists():
+            raise ValueError(f"dataset {dataset!r}: {str(path)!r} is not a file")
     also = f" (or {name}.gz)" if gz else ""
     raise ValueError(f"dataset {dataset!r}: expected file {name}{also} in {str(root)!r}, "
                      f"not found")
@@ -321,10 +347,11 @@ def _find(root: Path, name: str, *, dataset: str, gz: bool = False) -> Path:
 def _root_dir(root: str | None, dataset: str, subdirs: tuple[str, ...] = ()) -> Path:
     if root is None:
         raise ValueError(f"dataset {dataset!r} reads files from disk: pass root=<folder> "
-                         f"(--root on the command line)")
+                         f"(--data-root on the command line)")
     path = Path(root).expanduser()
     if not path.is_dir():
-        raise ValueError(f"dataset {dataset!r}: root {str(path)!r} is not a folder")
+        what = "it is a file" if path.exists() else "it does not exist"
+        raise ValueError(f"dataset {dataset!r}: root {str(path)!r} is not a folder ({what})")
     for sub in subdirs:  # accept the folder the archive unpacks to, inside root
         if (path / sub).is_dir():
             return path / sub
@@ -347,10 +374,18 @@ def _load_mnist_idx(root: str | None) -> _Raw:
                              f"{labels.shape}; expected (N, H, W) and (N,)")
         if images.shape[1] != images.shape[2]:
             raise ValueError(f"mnist-idx: images must be square, got {images.shape[1:]}")
+        if labels.dtype.kind not in "iu" or (len(labels) and labels.min() < 0):
+            raise ValueError(f"mnist-idx: {split}-labels-idx1-ubyte must hold class indices "
+                             f">= 0 (integers), got {labels.dtype} from {labels.min()}")
         out += [images[:, None].astype(np.float32), labels.astype(np.int64)]
     num_classes = int(max(out[1].max(), out[3].max())) + 1
     return _Raw(out[0], out[1], out[2], out[3], num_classes=num_classes,
                 class_names=tuple(str(i) for i in range(num_classes)))
+
+
+class UnsafePickleError(pickle.UnpicklingError, ValueError):
+    """A pickle refused because loading it would call something other than the plain
+    containers and numpy arrays a CIFAR batch holds (that is how a pickle runs code)."""
 
 
 class _ArrayUnpickler(pickle.Unpickler):
@@ -360,36 +395,62 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
         ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 rebuild bytes
     }
 
     def find_class(self, module: str, name: str):
         if (module, name) in self._ALLOWED:
             return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name}: a CIFAR batch "
+        raise UnsafePickleError(f"refusing to unpickle {module}.{name}: a CIFAR batch "
                                      f"holds only dicts, lists, bytes and numpy arrays")
 
 
 def _unpickle(path: Path) -> dict:
-    with open(path, "rb") as fh:
-        obj = _ArrayUnpickler(io.BytesIO(fh.read()), encoding="bytes").load()
+    blob = _read_bytes(path, "CIFAR batch")
+    try:
+        obj = _ArrayUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except UnsafePickleError as error:
+        raise UnsafePickleError(f"{path}: {error}") from None
+    except Exception as error:  # noqa: BLE001 - any failure of a malformed pickle
+        raise ValueError(f"{path}: not a CIFAR python batch (truncated or corrupt: "
+                         f"{type(error).__name__}: {error})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a pickled dict (CIFAR python format), got "
                          f"{type(obj).__name__}")
     return {(k.decode() if isinstance(k, bytes) else k): v for k, v in obj.items()}
 
 
-def _cifar_arrays(path: Path, label_key: str) -> tuple[np.ndarray, np.ndarray]:
+def _cifar_arrays(path: Path, label_key: str, num_classes: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, 3, 32, 32)`` and labels of one CIFAR batch; pixels must be integers in
+    0..255 and labels integers in ``[0, num_classes)`` (nothing is wrapped or clipped)."""
     batch = _unpickle(path)
     if "data" not in batch or label_key not in batch:
         raise ValueError(f"{path}: expected keys 'data' and {label_key!r}, got "
-                         f"{sorted(batch)}")
-    data = np.asarray(batch["data"], dtype=np.uint8)
+                         f"{sorted(map(str, batch))}")
+    data = _integer_array(batch["data"], path, "'data'")
     if data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise ValueError(f"{path}: 'data' must have shape (N, 3072), got {data.shape}")
-    labels = np.asarray(batch[label_key], dtype=np.int64)
-    if len(labels) != len(data):
-        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
-    return data.reshape(-1, 3, 32, 32).astype(np.float32), labels
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise ValueError(f"{path}: pixel values must be in 0..255, got {data.min()}.."
+                         f"{data.max()}")
+    labels = _integer_array(batch[label_key], path, repr(label_key))
+    if labels.ndim != 1 or len(labels) != len(data):
+        raise ValueError(f"{path}: {len(data)} images but labels of shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"{path}: labels must be in 0..{num_classes - 1}, got "
+                         f"{labels.min()}..{labels.max()}")
+    return data.reshape(-1, 3, 32, 32).astype(np.float32), labels.astype(np.int64)
+
+
+def _integer_array(value: Any, path: Path, what: str) -> np.ndarray:
+    try:
+        array = np.asarray(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{path}: {what} is not an array ({error})") from None
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"{path}: {what} must hold integers, got {array.dtype}")
+    return array
 
 
 def _names(path: Path, key: str) -> tuple[str, ...]:
@@ -402,9 +463,10 @@ def _names(path: Path, key: str) -> tuple[str, ...]:
 def _load_cifar10(root: str | None) -> _Raw:
     """CIFAR-10 python batches: data_batch_1..5 and test_batch (batches.meta optional)."""
     path = _root_dir(root, "cifar10", ("cifar-10-batches-py",))
-    parts = [_cifar_arrays(_find(path, f"data_batch_{i}", dataset="cifar10"), "labels")
-             for i in range(1, 6)]
-    x_test, y_test = _cifar_arrays(_find(path, "test_batch", dataset="cifar10"), "labels")
+    files = [_find(path, name, dataset="cifar10")
+             for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]]
+    parts = [_cifar_arrays(f, "labels", 10) for f in files[:5]]
+    x_test, y_test = _cifar_arrays(files[5], "labels", 10)
     return _Raw(np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
                 x_test, y_test, num_classes=10,
                 class_names=_names(path / "batches.meta", "label_names"))
@@ -418,8 +480,10 @@ def _load_cifar100(root: str | None, *, label_mode: str = "fine") -> _Raw:
                          f"got {label_mode!r}")
     path = _root_dir(root, "cifar100", ("cifar-100-python",))
     key = f"{label_mode}_labels"
-    x, y = _cifar_arrays(_find(path, "train", dataset="cifar100"), key)
-    x_test, y_test = _cifar_arrays(_find(path, "test", dataset="cifar100"), key)
+    classes = 100 if label_mode == "fine" else 20
+    train, test = _find(path, "train", dataset="cifar100"), _find(path, "test", dataset="cifar100")
+    x, y = _cifar_arrays(train, key, classes)
+    x_test, y_test = _cifar_arrays(test, key, classes)
     return _Raw(x, y, x_test, y_test, num_classes=100 if label_mode == "fine" else 20,
                 class_names=_names(path / "meta", f"{label_mode}_label_names"))
 
@@ -461,9 +525,15 @@ def _load_image_folder(root: str | None, *, image_size: int = 32,
                          f"the class folders of {str(path)!r}")
     images = []
     for f, _ in files:
-        with Image.open(f) as im:
-            im.load()
-            images.append(im.copy())
+        try:
+            with Image.open(f) as im:
+                im.load()
+                images.append(im.copy())
+        except (FileNotFoundError, PermissionError):
+            raise
+        except Exception as error:  # noqa: BLE001 - PIL raises many kinds on broken files
+            raise ValueError(f"{f}: not a readable image ({type(error).__name__}: "
+                             f"{error})") from None
     if channels is None:
         channels = 1 if all(len(im.getbands()) == 1 for im in images) else 3
     mode = "L" if channels == 1 else "RGB"

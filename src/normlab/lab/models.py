@@ -25,6 +25,7 @@ Initialization follows the revisiting-BN seed (§4): convolution weights Kaiming
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import torch
@@ -533,7 +534,7 @@ def build_model(name: str, *, norm: str = "bn", num_classes: int = 10, in_channe
         raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for model "
                          f"{name!r}; valid options: width")
     width = options.get("width", 1.0)
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or width <= 0:
+    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width < math.inf:
         raise ValueError(f"width must be a positive number, got {width!r}")
     if factory in (LeNet5, SmallAlexNet, SmallVGG):
         model = factory(norm, num_classes, in_channels, image_size, placement, float(width))

@@ -303,8 +303,8 @@ def make_plan(preset: str = "default", *, seeds: int | list[int] | None = None,
     if seeds is None:
         seed_list = list(range(1, (2 if smoke else p.seeds) + 1))
     elif isinstance(seeds, int) and not isinstance(seeds, bool):
-        if seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {seeds}")
+        if not 1 <= seeds <= 10_000:
+            raise ValueError(f"--seeds must be in 1..10000, got {seeds}")
         seed_list = list(range(1, seeds + 1))
     else:
         seed_list = list(seeds)

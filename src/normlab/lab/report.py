@@ -53,7 +53,12 @@ def load_plan(store: RunStore) -> Plan:
     if data is None:
         raise ValueError(f"{store.out_dir} holds no comparison plan; run `normlab compare "
                          f"--out {store.out_dir}` first")
-    return Plan.from_dict(data)
+    try:
+        return Plan.from_dict(data)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ValueError(f"run database {str(store.path)!r}: the stored plan is malformed "
+                         f"({type(error).__name__}: {error}); move the file away or use "
+                         f"another --out") from None
 
 
 def compute_results(plan: Plan, store: RunStore, *, alpha: float = 0.05) -> list[ResultRow]:
@@ -136,13 +141,16 @@ def format_table(rows: list[ResultRow], *, markdown: bool = True) -> str:
     return "\n".join(lines).lstrip("\n")
 
 
-def render_report(out_dir: str | Path, *, plots: bool = True) -> dict[str, Path]:
-    """Write ``report.md``, ``results.csv``, ``runs.csv`` and the PNG plots into ``out_dir``
-    from its run store; returns ``{name: path}`` of the files written."""
-    store = RunStore(out_dir, create=False)
-    plan = load_plan(store)
+def render_report(out_dir: str | Path, *, plots: bool = True, plan: Plan | None = None,
+                  to: str | Path | None = None) -> dict[str, Path]:
+    """Write ``report.md``, ``results.csv``, ``runs.csv`` and the PNG plots of ``plan``
+    (default: the folder's own) from ``out_dir``'s run store, which is only read, into ``to``
+    (default: ``out_dir``); returns ``{name: path}`` of the files written."""
+    store = RunStore(out_dir, readonly=True)
+    plan = plan if plan is not None else load_plan(store)
     rows = compute_results(plan, store)
-    out = Path(out_dir)
+    out = Path(to) if to is not None else Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     written: dict[str, Path] = {}
 
     with open(out / "results.csv", "w", newline="") as f:

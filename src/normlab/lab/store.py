@@ -9,9 +9,14 @@ leaves no half-written one; re-running the same command skips the rows that exis
 Several processes (``--jobs N``) may write to the same database at once: the database is in
 WAL mode and every connection waits up to ``timeout`` seconds for the write lock.
 
-The ``meta`` table holds the *plan* of the last comparison written to this folder (its
-variants, seeds and baseline), so ``normlab report DIR`` can re-render the report from the
-database alone.
+The ``meta`` table holds the *plan* of the comparison this folder belongs to (its variants,
+seeds and baseline), so ``normlab report DIR`` can re-render the report from the database
+alone. A folder holds one comparison: :meth:`RunStore.claim_meta` sets the plan in one
+transaction and refuses a plan with other methods (see ``normlab.lab.cli.run_plan``).
+
+A finished folder can be read without writing to it (``readonly=True``: read-only folders,
+another user's results). Any file that is not a normlab run database (garbage, truncated,
+another schema) is a one-line ``ValueError`` naming it.
 """
 
 from __future__ import annotations
@@ -19,9 +24,10 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 DB_NAME = "runs.sqlite"
 
@@ -46,6 +52,10 @@ CREATE TABLE IF NOT EXISTS meta (
     value TEXT NOT NULL
 );
 """
+_COLUMNS = {"runs": {"config_hash", "seed", "config", "epochs", "chosen_epoch", "val_acc",
+                     "test_acc", "wall_time", "device", "versions", "extra", "finished_at"},
+            "meta": {"key", "value"}}
+_CORRUPT = ("not a database", "malformed", "no such table", "no such column", "has no column")
 
 
 @dataclass(frozen=True)
@@ -74,30 +84,86 @@ class RunStore:
     False
     """
 
-    def __init__(self, out_dir: str | Path, *, timeout: float = 60.0, create: bool = True):
+    def __init__(self, out_dir: str | Path, *, timeout: float = 60.0, create: bool = True,
+                 readonly: bool = False):
         self.out_dir = Path(out_dir)
         self.path = self.out_dir / DB_NAME
-        if not create and not self.path.is_file():
+        self.readonly = bool(readonly)
+        if self.out_dir.exists() and not self.out_dir.is_dir():
+            raise ValueError(f"{str(self.out_dir)!r} is a file, not a run folder")
+        if self.path.exists() and not self.path.is_file():
+            raise ValueError(f"{str(self.path)!r} is not a file; normlab keeps its runs there")
+        if (not create or readonly) and not self.path.is_file():
             raise FileNotFoundError(
                 f"no run database at {str(self.path)!r}; run `normlab compare --out "
                 f"{self.out_dir}` first")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if not readonly:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         self.timeout = float(timeout)
         with self._connect() as conn:
-            conn.executescript(_SCHEMA)
+            if not readonly:
+                conn.executescript(_SCHEMA)
+            self._check_schema(conn)
+
+    def _error(self, error: Exception) -> ValueError:
+        """A one-line error naming the database, for an sqlite3 or JSON error."""
+        text = " ".join(str(error).split())
+        hint = ""
+        if any(word in text for word in _CORRUPT) or isinstance(error, ValueError):
+            hint = ("; this file is not an intact normlab run database: move it away or use "
+                    "another --out")
+        return ValueError(f"run database {str(self.path)!r}: {text}{hint}")
+
+    def _check_schema(self, conn: sqlite3.Connection) -> None:
+        for table, wanted in _COLUMNS.items():
+            have = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+            if not wanted <= have:
+                raise self._error(sqlite3.DatabaseError(
+                    f"table {table} has no column(s) {sorted(wanted - have)}"))
 
     def _connect(self) -> "_Closing":
-        conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
-        conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-        # WAL lets readers work while one writer commits; set once per database (persistent).
-        for attempt in range(20):
-            try:
-                conn.execute("PRAGMA journal_mode = WAL")
-                break
-            except sqlite3.OperationalError:  # another process is switching it right now
-                time.sleep(0.05 * (attempt + 1))
-        conn.execute("PRAGMA synchronous = NORMAL")
-        return _Closing(conn)
+        try:
+            if self.readonly:
+                return _Closing(self._connect_readonly(), self)
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None)
+            conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+            # WAL lets readers work while one writer commits; set once per database
+            # (persistent).
+            for attempt in range(20):
+                try:
+                    conn.execute("PRAGMA journal_mode = WAL")
+                    break
+                except sqlite3.OperationalError as error:
+                    if any(word in str(error) for word in _CORRUPT) or attempt == 19:
+                        raise
+                    time.sleep(0.05 * (attempt + 1))  # another process is switching it now
+            conn.execute("PRAGMA synchronous = NORMAL")
+            return _Closing(conn, self)
+        except sqlite3.Error as error:
+            raise self._error(error) from None
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        """Read without writing anything: ``mode=ro``. In a folder where SQLite cannot create
+        its shared-memory file (read-only, another user's), ``immutable=1`` — but only when no
+        write-ahead log holds runs not yet merged into the file, which it would not see."""
+        uri = "file:" + urllib.parse.quote(str(self.path.resolve()))
+        try:
+            conn = sqlite3.connect(uri + "?mode=ro", uri=True, timeout=self.timeout,
+                                   isolation_level=None)
+            conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            return conn
+        except sqlite3.OperationalError as error:
+            if "unable to open" not in str(error) and "readonly" not in str(error):
+                raise
+        wal = self.path.with_name(self.path.name + "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            raise ValueError(f"run database {str(self.path)!r}: {wal.name} holds changes not yet "
+                             f"merged into it and the folder is read-only here; open it once "
+                             f"with write access (any normlab command as its owner merges them) "
+                             f"or copy the folder, both files, somewhere writable")
+        conn = sqlite3.connect(uri + "?mode=ro&immutable=1", uri=True, isolation_level=None)
+        conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+        return conn
 
     # ---- runs ---------------------------------------------------------------------------
     def has(self, config_hash: str, seed: int) -> bool:
@@ -145,9 +211,12 @@ class RunStore:
         query += " ORDER BY config_hash, seed"
         with self._connect() as conn:
             rows = conn.execute(query, params).fetchall()
-        return [StoredRun(h, int(s), json.loads(c), json.loads(e), int(ch), v, t, w, d,
-                          json.loads(ver), json.loads(x), f)
-                for h, s, c, e, ch, v, t, w, d, ver, x, f in rows]
+        try:
+            return [StoredRun(h, int(s), json.loads(c), json.loads(e), int(ch), v, t, w, d,
+                              json.loads(ver), json.loads(x), f)
+                    for h, s, c, e, ch, v, t, w, d, ver, x, f in rows]
+        except (ValueError, TypeError) as error:
+            raise self._error(ValueError(f"a run row is malformed ({error})")) from None
 
     def count(self) -> int:
         with self._connect() as conn:
@@ -162,7 +231,39 @@ class RunStore:
     def get_meta(self, key: str, default: Any = None) -> Any:
         with self._connect() as conn:
             row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return default if row is None else json.loads(row[0])
+        if row is None:
+            return default
+        try:
+            return json.loads(row[0])
+        except ValueError as error:
+            raise self._error(ValueError(f"meta {key!r} is malformed JSON ({error})")) from None
+
+    def claim_meta(self, key: str, value: Any,
+                   conflict: Callable[[Any], str | None] = lambda old: None) -> None:
+        """Set meta ``key`` to ``value`` in one transaction, unless it holds a value for which
+        ``conflict(old)`` returns a reason: then ``ValueError(reason)`` and nothing changes.
+        Two processes claiming at once are serialized by SQLite's write lock."""
+        text = json.dumps(value, sort_keys=True)
+        with self._connect() as conn:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+                reason = None
+                if row is not None:
+                    try:
+                        old = json.loads(row[0])
+                    except ValueError as error:
+                        raise self._error(ValueError(
+                            f"meta {key!r} is malformed JSON ({error})")) from None
+                    reason = conflict(old)
+                if reason is not None:
+                    raise ValueError(reason)
+                conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                             (key, text))
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
 
 
 def _num(value: float | None) -> float | None:
@@ -171,13 +272,15 @@ def _num(value: float | None) -> float | None:
 
 class _Closing:
     """A connection used as ``with`` block that *closes* it at the end (sqlite3's own context
-    manager only commits)."""
+    manager only commits) and turns sqlite3 errors into the store's one-line ``ValueError``."""
 
-    def __init__(self, conn: sqlite3.Connection):
-        self.conn = conn
+    def __init__(self, conn: sqlite3.Connection, store: RunStore):
+        self.conn, self.store = conn, store
 
     def __enter__(self) -> sqlite3.Connection:
         return self.conn
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, kind: Any, error: Any, tb: Any) -> None:
         self.conn.close()
+        if isinstance(error, sqlite3.Error):
+            raise self.store._error(error) from None

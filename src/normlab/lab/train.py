@@ -22,11 +22,14 @@ filtered-BN seed's Fig. 6); the run is then evaluated ``epochs`` times, evenly s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
+import os
 import platform
 import random
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -39,7 +42,8 @@ from torch import nn
 from .callbacks import Callback, TrainState
 
 __all__ = ["RunConfig", "RunResult", "seed_value", "seed_everything", "train_run",
-           "resolve_device", "cosine_lr_factor", "INPUT_NORM_MODES"]
+           "resolve_device", "cosine_lr_factor", "save_checkpoint", "CheckpointError",
+           "INPUT_NORM_MODES"]
 
 INPUT_NORM_MODES = ("offline", "fixed", "online", "none")
 
@@ -60,16 +64,12 @@ def seed_everything(value: int) -> None:
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``"auto"``/None → CUDA when available, else CPU; otherwise ``torch.device(device)``."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as error:
-        raise ValueError(f"invalid device {device!r}; use auto, cpu, cuda or cuda:N") from error
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available; use --device cpu")
-    return dev
+    """``"auto"``/None → CUDA when available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"``;
+    anything else (``"tpu"``, ``"meta"``, a GPU that is not there) is a one-line
+    ``ValueError``."""
+    from .._checks import resolve_device as check
+
+    return check(device)
 
 
 @dataclass(frozen=True)
@@ -105,6 +105,8 @@ class RunConfig:
         def positive(name: str, value: Any, kind=int, allow_zero=False) -> None:
             ok = (not isinstance(value, bool) and isinstance(value, (int, float) if kind is float
                                                               else int))
+            if ok and not math.isfinite(value):
+                raise ValueError(f"{name} must be finite, got {value!r}")
             if not ok or value < 0 or (value == 0 and not allow_zero):
                 what = "a non-negative" if allow_zero else "a positive"
                 raise ValueError(f"{name} must be {what} {kind.__name__}, got {value!r}")
@@ -281,7 +283,8 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
               callbacks: Sequence[Callback] = (), progress: bool = False,
               distributed: Any = None, artifacts_dir: str | Path | None = None,
               on_epoch: Callable[[dict[str, float]], None] | None = None,
-              checkpoint_path: str | Path | None = None) -> RunResult:
+              checkpoint_path: str | Path | None = None,
+              on_result: Callable[[RunResult], None] | None = None) -> RunResult:
     """Train ``config`` with run index ``seed`` and return its :class:`RunResult`.
 
     Args:
@@ -297,12 +300,23 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
         on_epoch: called with each epoch's metrics dict.
         checkpoint_path: where to save the trained model (rank 0 only) as
             ``{"model": state_dict, "config": config.to_dict(), "seed": i, "epochs": [...]}``,
-            the format ``normlab inspect --checkpoint`` reads; written to a temporary file
-            and renamed, so an interrupted save leaves no half-written checkpoint.
+            the format ``normlab inspect --checkpoint`` reads. The path is checked before
+            training (not a folder, writable: ``ValueError``); the file is written to a
+            temporary file and renamed, so a failed or interrupted save leaves no
+            half-written checkpoint (a failure raises :class:`CheckpointError`).
+        on_result: called with the finished :class:`RunResult` *before* the checkpoint is
+            saved — store the result there, and a failed save (a full disk) loses nothing.
+            A failure to write the callbacks' artifacts is raised after it too (and noted
+            in ``extra["artifacts_error"]``).
     """
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 1:
         raise ValueError(f"seed (run index) must be an int >= 1, got {seed!r}")
     dev = distributed.device if distributed is not None else resolve_device(device)
+    rank, world = _rank_world(distributed)
+    if checkpoint_path is not None and rank == 0:
+        from .._checks import check_output_file
+
+        checkpoint_path = check_output_file(checkpoint_path, "checkpoint")
     if config.amp and dev.type == "cpu" and not _cpu_bf16_ok():
         raise ValueError("--amp on CPU needs bfloat16 support; drop --amp")
     start_time = time.perf_counter()
@@ -342,7 +356,6 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
         total_steps = config.epochs * steps_per_pass
         eval_at = {steps_per_pass * (k + 1) for k in range(config.epochs)}
     warmup_steps = int(round(config.warmup * steps_per_pass))
-    rank, world = _rank_world(distributed)
 
     state = TrainState(model=model, optimizer=optimizer, loss_fn=nn.functional.cross_entropy,
                        device=dev, config=config.to_dict())
@@ -397,10 +410,15 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
                 run_loss += state.loss * len(yb)
                 run_correct += int((logits.detach().argmax(1) == yb).sum())
                 run_seen += len(yb)
+            if step in eval_at and not diverged:
+                diverged = not _finite_state(model)  # a step can leave NaN/inf weights
             if step in eval_at or diverged:
                 metrics = _epoch_metrics(model, len(epochs) + 1, step, run_loss, run_correct,
                                          run_seen, optimizer, (x_val, y_val), (x_test, y_test),
                                          dev, config, diverged)
+                if not (diverged or math.isfinite(metrics["val_loss"] + metrics["test_loss"])):
+                    diverged = True  # finite weights whose outputs overflow to NaN/inf
+                    metrics["val_acc"] = math.nan
                 epochs.append(metrics)
                 run_loss, run_correct, run_seen = 0.0, 0, 0
                 state.epoch, state.metrics = metrics["epoch"], dict(metrics)
@@ -418,14 +436,16 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
         bar.close()
     for cb in callbacks:
         cb.on_train_end(state)
-    if checkpoint_path is not None and rank == 0:
-        save_checkpoint(checkpoint_path, model, config, seed, epochs)
     artifacts: list[str] = []
+    artifacts_error: OSError | None = None
     if artifacts_dir is not None and callbacks:
         out = Path(artifacts_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for cb in callbacks:
-            artifacts += [str(p) for p in cb.write_artifacts(out)]
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            for cb in callbacks:
+                artifacts += [str(p) for p in cb.write_artifacts(out)]
+        except OSError as error:  # raised after the result is handed over: the run is kept
+            artifacts_error = error
 
     chosen = _choose_epoch(epochs)
     best = epochs[chosen - 1]
@@ -434,23 +454,58 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
                                        "test": len(y_test)}}
     if artifacts:
         extra["artifacts"] = artifacts
+    if artifacts_error is not None:
+        extra["artifacts_error"] = str(artifacts_error)
     if world > 1:
         extra["world_size"] = world
-    return RunResult(config=config, seed=seed, epochs=epochs, chosen_epoch=chosen,
-                     val_acc=best["val_acc"], test_acc=best["test_acc"],
-                     wall_time=time.perf_counter() - start_time, device=str(dev),
-                     versions=versions(), extra=extra)
+    result = RunResult(config=config, seed=seed, epochs=epochs, chosen_epoch=chosen,
+                       val_acc=best["val_acc"], test_acc=best["test_acc"],
+                       wall_time=time.perf_counter() - start_time, device=str(dev),
+                       versions=versions(), extra=extra)
+    if on_result is not None:
+        on_result(result)
+    if checkpoint_path is not None and rank == 0:
+        save_checkpoint(checkpoint_path, model, config, seed, epochs)
+    if artifacts_error is not None:
+        raise artifacts_error
+    return result
+
+
+class CheckpointError(OSError):
+    """Saving a checkpoint failed; nothing was left behind (the run's result is unaffected)."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: RunConfig, seed: int,
                     epochs: list[dict[str, float]]) -> Path:
-    """Save ``{"model", "config", "seed", "epochs"}`` atomically (temporary file, then rename)."""
+    """Save ``{"model", "config", "seed", "epochs"}`` atomically: into a temporary file in the
+    same folder, flushed to disk, then renamed over ``path``. On any failure (a full disk, a
+    folder that vanished) the temporary file is removed and :class:`CheckpointError` raised."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": state, "config": config.to_dict(), "seed": seed, "epochs": epochs}, tmp)
-    tmp.replace(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            torch.save({"model": state, "config": config.to_dict(), "seed": seed,
+                        "epochs": epochs}, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise CheckpointError(error.errno, f"cannot save the checkpoint {str(path)!r}: "
+                                           f"{error.strerror or error}") from error
+    except BaseException:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+        raise
     return path
 
 
@@ -467,6 +522,12 @@ def _epoch_metrics(model, epoch, step, run_loss, run_correct, run_seen, optimize
             "val_loss": val_loss, "val_acc": val_acc if not diverged else math.nan,
             "test_loss": test_loss, "test_acc": test_acc,
             "lr": float(optimizer.param_groups[0]["lr"])}
+
+
+def _finite_state(model: nn.Module) -> bool:
+    """True when every floating parameter and buffer of ``model`` is finite."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
 
 
 def _choose_epoch(epochs: list[dict[str, float]]) -> int:
