@@ -173,7 +173,8 @@ def test_backward_saves_one_input_sized_tensor():
             m(x)
         big = [s for s in sizes if s >= x.numel()]
         assert len(big) == 1, (type(m).__name__, sizes)
-        assert sum(s for s in sizes if s < x.numel()) <= 6 * 8 * 16 + 4 * 16, sizes
+        # per set at most 8 statistics (the CPU kernels' (NSTATS, sets) block), plus γ, β, τ, ε
+        assert sum(s for s in sizes if s < x.numel()) <= 8 * 8 * 16 + 4 * 16, sizes
 
 
 def test_dispatch_rules():

@@ -198,12 +198,16 @@ def normalized_moments_reference(
 def tlu(y: Tensor, tau: Tensor) -> Tensor:
     """Thresholded linear unit ``z = max(y, τ)`` (FRN seed eq. 3).
 
-    The gradient follows eq. 4: it reaches ``y`` where ``y ≥ τ`` and ``τ`` elsewhere.
+    The gradient follows eq. 4: it reaches ``y`` where ``y ≥ τ`` and ``τ`` elsewhere. A NaN
+    ``y`` stays NaN (as ``torch.relu`` and ``torch.maximum``), with the gradient to ``y``.
     """
-    return torch.where(y >= tau, y, tau.to(y.dtype).expand_as(y))
+    return torch.where(y < tau, tau.to(y.dtype).expand_as(y), y)
 
 
 def affine_tlu(y: Tensor, kappa: Tensor, tau: Tensor) -> Tensor:
-    """Affine-TLU ``z = max(y, κy + τ)`` (FRN seed Table 5: PReLU and TLU combined)."""
+    """Affine-TLU ``z = max(y, κy + τ)`` (FRN seed Table 5: PReLU and TLU combined).
+
+    A NaN ``y`` stays NaN and takes the ``y`` branch, as in :func:`tlu`.
+    """
     threshold = kappa.to(y.dtype) * y + tau.to(y.dtype)  # keeps y's dtype (as tlu does)
-    return torch.where(y >= threshold, y, threshold)
+    return torch.where(y < threshold, threshold, y)

@@ -7,25 +7,38 @@ cache. Per set, forward is ≈ one read and one write of ``x``; backward ≈ two
 ``x`` and ``∂ℓ/∂y`` and one write, with the robust-filter mask recomputed from ``x`` and the
 saved plain moments. Only ``x`` and per-set statistics are saved for backward.
 
+Exact statistics: moments are accumulated per in-cache chunk in two sweeps (the chunk's
+mean in double, then its centred sums) and merged in double with Chan's update; the
+filtered moments do the same over the kept values, centred on their own mean; means reach
+the loops as hi + lo pairs and ``y = (x − μ)·(γ r) + β``. NaN and Inf follow the reference.
+The rule and its cost: ``docs/performance.md``; the C: ``kernels/csrc`` (:mod:`._cpu_source`).
+
 Layouts (``Plan.layout``): contiguous, and channels_last — ``x`` stored as rows of ``C``
 contiguous channel values (a ``channels_last`` NHWC activation after the modules' reshape).
 There the loops run over channels with per-channel accumulators: batch norm makes three
-passes over the rows split among the threads (plain sums, filter sums, normalize; a channel
-is spread over the whole tensor, so nothing is re-read from cache), the row family (GN/FRN/
-IN) one sample at a time as above. ``y`` and ``∂ℓ/∂x`` keep ``x``'s strides.
+passes over the rows split among the threads (plain moments, filtered moments, normalize; a
+channel is spread over the whole tensor, so nothing is re-read from cache), the row family
+(GN/FRN/IN) one sample at a time as above. ``y`` and ``∂ℓ/∂x`` keep ``x``'s strides.
 
 dtypes: float32, float64 and bfloat16. The bfloat16 kernels read and write the bf16 tensors
 in place (``x``, ``y``, ``∂ℓ/∂y``, ``∂ℓ/∂x``; a load is a shift, a store rounds to nearest-even)
-and compute and accumulate in float32, with float32 statistics and parameter vectors (half
-parameters are converted: a few values); no float32 copy of ``x`` is made. float16 inputs
-take the upcast path (``_storage_dtype``): ``x`` (and ``∂ℓ/∂y``) copied to float32 for the
-float32 kernels, ``y``/``∂ℓ/∂x`` cast back — on gcc 12 no in-kernel float16 conversion was
-faster (see ``_cpu_source``). Either way only the half ``x`` is saved for backward.
+and compute in float32, with float32 statistics and parameter vectors (half parameters are
+converted: a few values); no float32 copy of ``x`` is made. float16 inputs take the upcast
+path (``_storage_dtype``): ``x`` (and ``∂ℓ/∂y``) copied to float32 for the float32 kernels,
+``y``/``∂ℓ/∂x`` cast back. Either way only the half ``x`` is saved for backward.
 
-Build: ``gcc -O3 -march=native -fno-trapping-math -fopenmp`` (no torch headers, ~1 s), cached under
-``$NORMLAB_CACHE_DIR`` or ``~/.cache/normlab/kernels`` keyed by a hash of the source, the
-flags and the CPU. No compiler, a failed build, or ``NORMLAB_NO_COMPILE=1`` simply leave the
-reference Function (:mod:`normlab.kernels.analytic`) in charge.
+Build and cache: ``gcc -O3 -march=native -ffp-contract=off -fno-trapping-math -fopenmp``
+(no torch headers, ~2 s), cached under ``$NORMLAB_CACHE_DIR`` or ``~/.cache/normlab/kernels``
+as ``normlab_kernels_<key>.so``, the key hashing the sources, the flags, the machine and the
+target the compiler resolves ``-march=native`` to (``gcc -march=native -Q --help=target``,
+so every CPU model and feature set on every architecture gets its own library). Next to
+each library its sha256 (``.so.sha256``), written at build time and checked before every
+``dlopen``: a truncated or altered library is rebuilt, never mapped. Libraries are loaded
+only from a directory owned by the current user and writable by nobody else (created
+``0700``); a directory that is not is refused with one ``RuntimeWarning`` and the library is
+built in a private temporary directory instead. No compiler, a failed build (the warning
+shows the compiler's first error line), or ``NORMLAB_NO_COMPILE=1`` leave the reference
+Function (:mod:`normlab.kernels.analytic`) in charge.
 """
 
 from __future__ import annotations
@@ -34,7 +47,9 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
+import stat
 import subprocess
 import tempfile
 import threading
@@ -57,10 +72,40 @@ _FLAG_SETS = (
     ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"],
     ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-shared", "-fPIC"],
 )
+
+# The C functions and their ctypes argument types, in one table. "{t}" stands for each storage
+# dtype suffix (_SFX). Pointers are data pointers of tensors (or NULL); st is the (NSTATS, sets)
+# statistics block (rows: mean0, var0, mean, var, rstd, count, mean0_lo, mean_lo); work the
+# channels_last scratch ((threads + 1) · WORK_PER · C doubles).
+_P, _I64, _D, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+_STATS_ARGS = (_I, _D, _D, _D)  # centered, eps, threshold (≤ 0: none), κ
+_SIGNATURES: dict[str, tuple] = {
+    # x, y, w, b, N, C, L, centered, eps, thr, kap, st, running mean, running var, factor, nt
+    "bn_fwd_{t}": (None, (_P, _P, _P, _P, _I64, _I64, _I64, *_STATS_ARGS, _P, _P, _P, _D, _I)),
+    "bnc_fwd_{t}": (None, (_P, _P, _P, _P, _I64, _I64, _I64, *_STATS_ARGS, _P, _P, _P, _D, _P,
+                           _I)),
+    # x, dy, dx, w, N, C, L, centered, eps, thr, kap, st, Σdy, Σdy·x̂, [work,] nt
+    "bn_bwd_{t}": (None, (_P, _P, _P, _P, _I64, _I64, _I64, *_STATS_ARGS, _P, _P, _P, _I)),
+    "bnc_bwd_{t}": (None, (_P, _P, _P, _P, _I64, _I64, _I64, *_STATS_ARGS, _P, _P, _P, _P, _I)),
+    # x, y, w, b, τ, κ_a, R|N, G, Cg, L, centered, eps, thr, kap, act, st, [work,] nt
+    "row_fwd_{t}": (None, (*(_P,) * 6, *(_I64,) * 4, *_STATS_ARGS, _I, _P, _I)),
+    "rowc_fwd_{t}": (None, (*(_P,) * 6, *(_I64,) * 4, *_STATS_ARGS, _I, _P, _P, _I)),
+    # x, dz, dx, w, b, τ, κ_a, R|N, G, Cg, L, centered, eps, thr, kap, act, st,
+    # Σdy, Σdy·x̂, Στ-branch dz, Σ dz·y there, Σ g·x̂ per set, [work,] nt
+    "row_bwd_{t}": (None, (*(_P,) * 7, *(_I64,) * 4, *_STATS_ARGS, _I, _P, *(_P,) * 5, _I)),
+    "rowc_bwd_{t}": (None, (*(_P,) * 7, *(_I64,) * 4, *_STATS_ARGS, _I, _P, *(_P,) * 5, _P,
+                            _I)),
+    "bf16_convert": (None, (_P, _P, _P, _P, _I64)),
+    "normlab_work_per": (ctypes.c_int, ()),
+    "normlab_nstats": (ctypes.c_int, ()),
+}
+
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
 _error: str | None = None
+_WORK_PER = 0  # read from the library (normlab_work_per) when it is loaded
+_NSTATS = 0
 
 
 def _cache_dir() -> Path:
@@ -69,33 +114,123 @@ def _cache_dir() -> Path:
     return Path(root) / "kernels"
 
 
-def _cpu_id() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            lines = [ln for ln in fh if ln.startswith(("model name", "flags"))][:2]
-        return "".join(lines)
-    except OSError:
-        return platform.processor() or platform.machine()
-
-
-def _compile(src: str, flags: list[str], target: Path) -> None:
+def _compiler() -> str:
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     if compiler is None:
         raise RuntimeError("no C compiler found (set CC or install gcc)")
-    target.parent.mkdir(parents=True, exist_ok=True)
+    return compiler
+
+
+def _target_id(compiler: str, flags: list[str]) -> str:
+    """What the library is built for: the machine, the compiler's version and the target
+    options it resolves ``flags`` to (``-march=native`` → the CPU's model and features, as
+    ``gcc -Q --help=target`` lists them), on any architecture. Compilers without ``-Q``
+    fall back to /proc/cpuinfo."""
+    def output(args):
+        try:
+            proc = subprocess.run([compiler, *args], capture_output=True, text=True, timeout=60)
+            return proc.stdout if proc.returncode == 0 else ""
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    target = output([f for f in flags if f.startswith("-m")] + ["-Q", "--help=target"])
+    if not target:
+        try:
+            target = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            target = platform.processor()
+    return "\0".join([platform.machine(), output(["--version"]), target])
+
+
+def _first_error(log: str) -> str:
+    """The compiler's first error line (warnings before it would hide it), or the log's
+    first line."""
+    lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
+    found = next((ln for ln in lines if re.search(r"\b(fatal )?error\b", ln)), None)
+    return found or (lines[0] if lines else "no output")
+
+
+def _not_private(path: Path) -> str | None:
+    """Why ``path`` may not hold libraries we load (None: it may): it must be a directory
+    owned by this user and writable by no one else, and no ancestor may be writable by
+    others unless sticky (as /tmp)."""
+    try:
+        st = os.stat(path)
+    except OSError as error:
+        return str(error)
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{path} is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"{path} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & 0o022:
+        return f"{path} is writable by group or others (mode {st.st_mode & 0o777:o})"
+    for parent in path.resolve().parents:
+        try:
+            pst = os.stat(parent)
+        except OSError as error:
+            return str(error)
+        if pst.st_mode & 0o002 and not pst.st_mode & stat.S_ISVTX:
+            return f"{parent} is writable by others (mode {pst.st_mode & 0o777:o}, not sticky)"
+    return None
+
+
+def _digest_file(lib: Path) -> Path:
+    return lib.with_name(lib.name + ".sha256")
+
+
+def _verified(lib: Path) -> bool:
+    """Whether ``lib`` is a regular file of ours, writable by no one else, whose sha256 is
+    the one recorded when it was built (a truncated or altered file is not)."""
+    try:
+        st = os.lstat(lib)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+            return False
+        want = _digest_file(lib).read_text().strip()
+        return hashlib.sha256(lib.read_bytes()).hexdigest() == want
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
+def _compile(compiler: str, flags: list[str], target: Path) -> None:
+    """Build the library into ``target`` with its digest next to it; both appear atomically
+    (concurrent builders never see half a file; a reader that sees a new library with the
+    old digest rebuilds)."""
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        c_file = Path(tmp) / "normlab_kernels.c"
-        c_file.write_text(src)
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *flags, str(c_file), "-o", str(out), "-lm"],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([compiler, *flags, str(_cpu_source.main_path()), "-o", str(out),
+                               "-lm"], capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed: {proc.stderr.strip()[:500]}")
-        os.replace(out, target)  # atomic: concurrent builders never see half a file
+            raise RuntimeError(f"{Path(compiler).name} {' '.join(flags)}: "
+                               f"{_first_error(proc.stderr + proc.stdout)}")
+        os.chmod(out, 0o700)
+        digest = Path(tmp) / (target.name + ".sha256")
+        digest.write_text(hashlib.sha256(out.read_bytes()).hexdigest() + "\n")
+        os.replace(out, target)
+        os.replace(digest, _digest_file(target))
+
+
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    for name_pattern, (restype, argtypes) in _SIGNATURES.items():
+        for name in {name_pattern.format(t=sfx) for sfx in _SFX.values()}:
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = restype, list(argtypes)
+    return lib
+
+
+def _cache_location() -> tuple[Path | None, str | None]:
+    """The kernel cache directory (created 0700), or None and why it may not be used."""
+    directory = _cache_dir()
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as error:
+        return None, f"cannot create {directory}: {error}"
+    why = _not_private(directory)
+    return (None, why) if why else (directory, None)
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried, _error
+    global _lib, _tried, _error, _WORK_PER, _NSTATS
     if _tried:
         return _lib
     with _lock:
@@ -105,53 +240,53 @@ def _load() -> ctypes.CDLL | None:
         if os.environ.get("NORMLAB_NO_COMPILE", "") not in ("", "0"):
             _error = "disabled by NORMLAB_NO_COMPILE"
             return None
-        src = _cpu_source.source()
-        errors = []
-        for flags in _FLAG_SETS:
-            key = hashlib.sha256("\0".join([src, *flags, _cpu_id(), platform.machine()])
-                                 .encode()).hexdigest()[:16]
-            path = _cache_dir() / f"normlab_kernels_{key}.so"
+        try:
+            compiler = _compiler()
+            source = _cpu_source.digest()
+        except (OSError, RuntimeError) as error:
+            _error = str(error)
+        else:
+            directory, why = _cache_location()
+            private = None
+            if directory is None:
+                warnings.warn(
+                    f"normlab: not loading kernels from the cache directory ({why}); building "
+                    f"them in a private temporary directory for this process instead. Set "
+                    f"NORMLAB_CACHE_DIR to a directory only you can write (mode 700).",
+                    RuntimeWarning, stacklevel=3)
+                private = directory = Path(tempfile.mkdtemp(prefix="normlab-kernels-"))
             try:
-                if not path.exists():
-                    _compile(src, flags, path)
-                lib = ctypes.CDLL(str(path))
-                _declare(lib)
-                _lib = lib
-                return lib
-            except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-                errors.append(f"{' '.join(flags)}: {error}")
-        _error = "; ".join(errors)
+                _lib = _build_and_open(compiler, source, directory)
+            finally:
+                if private is not None:
+                    shutil.rmtree(private, ignore_errors=True)  # the mapping stays valid
+        if _lib is not None:
+            _WORK_PER, _NSTATS = _lib.normlab_work_per(), _lib.normlab_nstats()
+            return _lib
         warnings.warn(f"normlab: fused CPU kernels unavailable, using the reference path "
                       f"({_error})", RuntimeWarning, stacklevel=3)
         return None
 
 
-def _declare(lib: ctypes.CDLL) -> None:
-    P, I64, D, I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-    for sfx in _SFX.values():
-        getattr(lib, f"bn_fwd_{sfx}").argtypes = [P, P, P, P, I64, I64, I64, I, D, D, D,
-                                                   P, P, P, P, P, P, P, P, D, I]
-        getattr(lib, f"bn_bwd_{sfx}").argtypes = [P, P, P, P, I64, I64, I64, I, D, D, D,
-                                                   P, P, P, P, P, P, P, I]
-        getattr(lib, f"row_fwd_{sfx}").argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, I,
-                                                    D, D, D, I, P, P, P, P, P, P, I]
-        getattr(lib, f"row_bwd_{sfx}").argtypes = [P, P, P, P, P, P, P, I64, I64, I64, I64, I,
-                                                    D, D, D, I, P, P, P, P, P,
-                                                    P, P, P, P, P, I]
-        # channels_last: same arguments, plus a scratch buffer before the thread count
-        getattr(lib, f"bnc_fwd_{sfx}").argtypes = [P, P, P, P, I64, I64, I64, I, D, D, D,
-                                                    P, P, P, P, P, P, P, P, D, P, I]
-        getattr(lib, f"bnc_bwd_{sfx}").argtypes = [P, P, P, P, I64, I64, I64, I, D, D, D,
-                                                    P, P, P, P, P, P, P, P, I]
-        getattr(lib, f"rowc_fwd_{sfx}").argtypes = [P, P, P, P, P, P, I64, I64, I64, I64, I,
-                                                     D, D, D, I, P, P, P, P, P, P, P, I]
-        getattr(lib, f"rowc_bwd_{sfx}").argtypes = [P, P, P, P, P, P, P, I64, I64, I64, I64, I,
-                                                     D, D, D, I, P, P, P, P, P,
-                                                     P, P, P, P, P, P, I]
-        for kind in ("bn_fwd", "bn_bwd", "row_fwd", "row_bwd",
-                     "bnc_fwd", "bnc_bwd", "rowc_fwd", "rowc_bwd"):
-            getattr(lib, f"{kind}_{sfx}").restype = None
-    lib.bf16_convert.argtypes, lib.bf16_convert.restype = [P, P, P, P, I64], None
+def _build_and_open(compiler: str, source: str, directory: Path) -> ctypes.CDLL | None:
+    """The first flag set that builds (or is cached) and loads; records why none did."""
+    global _error
+    errors: list[str] = []
+    for flags in _FLAG_SETS:
+        key = hashlib.sha256("\0".join([source, compiler, *flags, _target_id(compiler, flags)])
+                             .encode()).hexdigest()[:20]
+        path = directory / f"normlab_kernels_{key}.so"
+        try:
+            if not _verified(path):
+                _compile(compiler, flags, path)
+                if not _verified(path):  # replaced meanwhile by another process's build
+                    raise RuntimeError(f"{path} changed while it was being loaded")
+            return _open(path)
+        except (OSError, RuntimeError, AttributeError, subprocess.SubprocessError) as error:
+            if str(error) not in errors:
+                errors.append(str(error))
+    _error = "; ".join(errors)
+    return None
 
 
 def available() -> bool:
@@ -253,7 +388,7 @@ def _work(pl: Plan, nt: int) -> Tensor | None:
     """Scratch of the channels_last kernels: per-thread (and shared) per-channel vectors."""
     if pl.layout != "channels_last":
         return None
-    return torch.empty((nt + 1) * _cpu_source.WORK_PER * pl.g * pl.cg, dtype=torch.float64)
+    return torch.empty((nt + 1) * _WORK_PER * pl.g * pl.cg, dtype=torch.float64)
 
 
 class FusedNormCPU(torch.autograd.Function):
@@ -296,12 +431,12 @@ class FusedNormCPU(torch.autograd.Function):
         xk = _as_kernel_input(x, x, pl, sdt)  # x itself; a float32 copy for float16
         y = _empty_as(x, pl, sdt)
         nsets = pl.g if pl.kind == "channel" else pl.n * pl.g
-        stats = torch.empty(6, nsets, dtype=kdt)
-        mean0, var0, mean, var, rstd, count = stats.unbind(0)
+        stats = torch.empty(_NSTATS, nsets, dtype=kdt)  # rows: see _SIGNATURES
+        mean0, var0, mean, var, rstd, count = stats[:6].unbind(0)
         nt = _threads(x)
         work = _work(pl, nt)
         sfx = _sfx(sdt)
-        outs = tuple(map(_ptr, (mean0, var0, mean, var, rstd, count)))
+        outs = (_ptr(stats),)
         # running averages updated by the kernel (batch norm; see fuses_running)
         run = (_ptr(running.mean), _ptr(running.var), float(running.factor)) \
             if running is not None else (None, None, 0.0)
@@ -337,7 +472,7 @@ class FusedNormCPU(torch.autograd.Function):
                 gaussian_consistent=consistent, activation=ACT_NAMES[act, tau is None])
             return (*grads, None, None, None, None, None, None, None)
         lib = _load()
-        mean0, var0, mean, _var, rstd, count = stats.unbind(0)
+        mean0, var0, mean, _var, rstd, count = stats[:6].unbind(0)
         kdt = stats.dtype
         w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
         if act == ACT_CODES["tlu"] and t is None:
@@ -349,7 +484,7 @@ class FusedNormCPU(torch.autograd.Function):
         nt = _threads(x)
         work = _work(pl, nt)
         sfx = _sfx(sdt)
-        saved = tuple(map(_ptr, (mean0, var0, mean, rstd, count)))
+        saved = (_ptr(stats),)
         if pl.kind == "channel":
             s_dy, s_dyxhat = torch.empty(2, pl.g, dtype=kdt).unbind(0)
             if pl.layout == "contiguous":
