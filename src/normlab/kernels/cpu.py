@@ -144,10 +144,16 @@ def _target_id(compiler: str, flags: list[str]) -> str:
 
 def _first_error(log: str) -> str:
     """The compiler's first error line (warnings before it would hide it), or the log's
-    first line."""
+    first line. A link failure reports ``collect2: error: ld returned ...`` after the
+    linker's own line, which is kept in front."""
     lines = [ln.strip() for ln in log.splitlines() if ln.strip()]
-    found = next((ln for ln in lines if re.search(r"\b(fatal )?error\b", ln)), None)
-    return found or (lines[0] if lines else "no output")
+    at = next((i for i, ln in enumerate(lines) if re.search(r"(^|:\s*)(fatal )?error:", ln)),
+              None)
+    if at is None:
+        return lines[0] if lines else "no output"
+    if lines[at].startswith("collect2") and at > 0:
+        return f"{lines[at - 1]} ({lines[at]})"
+    return lines[at]
 
 
 def _not_private(path: Path) -> str | None:
@@ -191,10 +197,11 @@ def _verified(lib: Path) -> bool:
         return False
 
 
-def _compile(compiler: str, flags: list[str], target: Path) -> None:
+def _compile(compiler: str, flags: list[str], target: Path) -> str:
     """Build the library into ``target`` with its digest next to it; both appear atomically
     (concurrent builders never see half a file; a reader that sees a new library with the
-    old digest rebuilds)."""
+    old digest rebuilds). Returns the compiler's messages (empty: the source builds without
+    a warning); a failed build raises with the compiler's first error line."""
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         proc = subprocess.run([compiler, *flags, str(_cpu_source.main_path()), "-o", str(out),
@@ -207,6 +214,7 @@ def _compile(compiler: str, flags: list[str], target: Path) -> None:
         digest.write_text(hashlib.sha256(out.read_bytes()).hexdigest() + "\n")
         os.replace(out, target)
         os.replace(digest, _digest_file(target))
+    return proc.stderr
 
 
 def _open(path: Path) -> ctypes.CDLL:
@@ -268,14 +276,20 @@ def _load() -> ctypes.CDLL | None:
         return None
 
 
+def _library_name(compiler: str, source: str, flags: list[str]) -> str:
+    """``normlab_kernels_<key>.so``, the key hashing the source digest, the compiler, the
+    flags and :func:`_target_id` (what the compiler builds for)."""
+    key = hashlib.sha256("\0".join([source, compiler, *flags, _target_id(compiler, flags)])
+                         .encode()).hexdigest()[:20]
+    return f"normlab_kernels_{key}.so"
+
+
 def _build_and_open(compiler: str, source: str, directory: Path) -> ctypes.CDLL | None:
     """The first flag set that builds (or is cached) and loads; records why none did."""
     global _error
     errors: list[str] = []
     for flags in _FLAG_SETS:
-        key = hashlib.sha256("\0".join([source, compiler, *flags, _target_id(compiler, flags)])
-                             .encode()).hexdigest()[:20]
-        path = directory / f"normlab_kernels_{key}.so"
+        path = directory / _library_name(compiler, source, flags)
         try:
             if not _verified(path):
                 _compile(compiler, flags, path)
