@@ -150,6 +150,17 @@ CASES["fbn no filter (threshold 1e30) mean 1e6 sd 1"] = (
     lambda: normlab.FilteredBatchNorm2d(4, threshold=1e30), lambda: _randn(8, 4, 8, 8) + 1e6)
 CASES["frn+tlu mean 1e6 sd 1"] = (lambda: normlab.FilterResponseNorm2d(4),
                                   lambda: _randn(8, 4, 8, 8) + 1e6)
+# means that move inside a set: every chunk / block of rows is far from the shift carried over
+# from the previous ones, so each one is summed again around its own mean
+_drift = torch.arange(16, dtype=torch.float64).view(16, 1, 1, 1) * 1e3
+CASES["fbn mean drifting 1e3 per sample"] = (lambda: normlab.FilteredBatchNorm2d(4),
+                                             lambda: _randn(16, 4, 16, 16) + _drift)
+_ramp = torch.linspace(0, 1e4, 1024, dtype=torch.float64).view(1, 1, 32, 32)
+CASES["fin ramp 0..1e4 along positions"] = (
+    lambda: normlab.FilteredInstanceNorm2d(4, affine=True, threshold=3.0),
+    lambda: _randn(3, 4, 32, 32) + _ramp)
+CASES["fgn ramp 0..1e4 along positions"] = (lambda: normlab.FilteredGroupNorm(2, 4),
+                                            lambda: _randn(3, 4, 32, 32) + _ramp)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
@@ -158,6 +169,23 @@ CASES["frn+tlu mean 1e6 sd 1"] = (lambda: normlab.FilterResponseNorm2d(4),
 def test_adversarial_inputs_match_float64(case, layout, dtype):
     make, data = CASES[case]
     _assert_close_to_float64(make, data(), dtype, LAYOUTS[layout])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("case", ["fbn 1e6 as the first value of each channel",
+                                  "fbn mean drifting 1e3 per sample", "fgn one 1e5",
+                                  "fin ramp 0..1e4 along positions"])
+def test_adversarial_inputs_match_float64_on_two_threads(monkeypatch, case, layout):
+    """The threaded passes (channels_last batch norm splits the rows among the threads and
+    merges their moments) on the same cases."""
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_NUMEL", 0)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        make, data = CASES[case]
+        _assert_close_to_float64(make, data(), torch.float32, LAYOUTS[layout])
+    finally:
+        torch.set_num_threads(before)
 
 
 _RANDOM_MODULES = (

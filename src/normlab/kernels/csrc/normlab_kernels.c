@@ -35,13 +35,15 @@
    (kept count M), mean0_lo, mean_lo (the low parts: mean0 + mean0_lo is the plain mean in
    more than float precision). */
 
+#include <float.h>
 #include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 
 #define CHUNK 1024        /* values per chunk of a contiguous run: 4 KB of float */
+#define LANES 32          /* partial sums per reduction (independent vector accumulators) */
 #define CL_BLOCK 16384    /* channels_last: bytes of x per chunk of rows (rows × C values) */
-#define WORK_PER 40       /* channels_last scratch: doubles per channel per thread (+1 shared) */
+#define WORK_PER 24       /* channels_last scratch: doubles per channel per thread (+1 shared) */
 #define NSTATS 8
 
 enum { ST_MEAN0, ST_VAR0, ST_MEAN, ST_VAR, ST_RSTD, ST_COUNT, ST_MEAN0_LO, ST_MEAN_LO };
@@ -124,11 +126,12 @@ static inline nl_chunk nl_chunk_at(int64_t i, int64_t stride, int64_t nseg, int6
     return ch;
 }
 
-/* channels_last: rows per chunk for C channels of `size` bytes (the chunk stays in L1) */
+/* channels_last: rows per block for C channels of `size` bytes: the block stays in L1, and
+   each channel's partial sums (one chain of additions per channel) cover at most 128 rows */
 static inline int64_t nl_block_rows(int64_t C, size_t size)
 {
     int64_t r = CL_BLOCK / (C * (int64_t)size);
-    return r < 8 ? 8 : r > CHUNK ? CHUNK : r;
+    return r < 8 ? 8 : r > 128 ? 128 : r;
 }
 
 /* ---- bfloat16 storage ------------------------------------------------------------------ */
@@ -162,6 +165,8 @@ void bf16_convert(const uint16_t *h, float *hf, const float *f, uint16_t *fh, in
 #define LD(v) (v)
 #define ST(v) (v)
 #define FABS fabsf
+#define NEXTAFTER nextafterf
+#define TMAX FLT_MAX
 #define SFX(name) name##_f32
 #include "normlab_body.h"
 #undef S
@@ -169,6 +174,8 @@ void bf16_convert(const uint16_t *h, float *hf, const float *f, uint16_t *fh, in
 #undef LD
 #undef ST
 #undef FABS
+#undef NEXTAFTER
+#undef TMAX
 #undef SFX
 
 #define S double
@@ -176,6 +183,8 @@ void bf16_convert(const uint16_t *h, float *hf, const float *f, uint16_t *fh, in
 #define LD(v) (v)
 #define ST(v) (v)
 #define FABS fabs
+#define NEXTAFTER nextafter
+#define TMAX DBL_MAX
 #define SFX(name) name##_f64
 #include "normlab_body.h"
 #undef S
@@ -183,6 +192,8 @@ void bf16_convert(const uint16_t *h, float *hf, const float *f, uint16_t *fh, in
 #undef LD
 #undef ST
 #undef FABS
+#undef NEXTAFTER
+#undef TMAX
 #undef SFX
 
 #define S uint16_t
@@ -190,6 +201,8 @@ void bf16_convert(const uint16_t *h, float *hf, const float *f, uint16_t *fh, in
 #define LD(v) bf16_ld(v)
 #define ST(v) bf16_st(v)
 #define FABS fabsf
+#define NEXTAFTER nextafterf
+#define TMAX FLT_MAX
 #define SFX(name) name##_bf16
 #include "normlab_body.h"
 #undef S
@@ -197,4 +210,6 @@ void bf16_convert(const uint16_t *h, float *hf, const float *f, uint16_t *fh, in
 #undef LD
 #undef ST
 #undef FABS
+#undef NEXTAFTER
+#undef TMAX
 #undef SFX
