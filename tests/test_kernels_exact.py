@@ -171,6 +171,24 @@ def test_adversarial_inputs_match_float64(case, layout, dtype):
     _assert_close_to_float64(make, data(), dtype, LAYOUTS[layout])
 
 
+def _flat_outliers(*shape, seed=9):
+    x = _randn(*shape, seed=seed)
+    x.view(-1)[0] = 1e6
+    x.view(-1)[x.numel() // 2 + 3] = -1e5
+    return x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("make,shape", [
+    (lambda: normlab.FilteredBatchNorm1d(8), (2048, 8)),  # runs of one value, stride C
+    (lambda: normlab.FilteredBatchNorm1d(8), (64, 8, 40)),
+    (lambda: normlab.FilteredLayerNorm(300), (16, 300)),
+    (lambda: normlab.FilteredInstanceNorm1d(6, affine=True), (5, 6, 700)),
+], ids=["bn1d (N, C)", "bn1d (N, C, L)", "ln (N, D)", "in1d"])
+def test_other_shapes_match_float64(make, shape, dtype):
+    _assert_close_to_float64(make, _flat_outliers(*shape), dtype, torch.contiguous_format)
+
+
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("case", ["fbn 1e6 as the first value of each channel",
                                   "fbn mean drifting 1e3 per sample", "fgn one 1e5",

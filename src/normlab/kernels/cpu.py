@@ -28,7 +28,7 @@ path (``_storage_dtype``): ``x`` (and ``∂ℓ/∂y``) copied to float32 for the
 ``y``/``∂ℓ/∂x`` cast back. Either way only the half ``x`` is saved for backward.
 
 Build and cache: ``gcc -O3 -march=native -ffp-contract=off -fno-trapping-math -fopenmp``
-(no torch headers, ~2 s), cached under ``$NORMLAB_CACHE_DIR`` or ``~/.cache/normlab/kernels``
+(no torch headers, 5–7 s of CPU), cached under ``$NORMLAB_CACHE_DIR`` or ``~/.cache/normlab/kernels``
 as ``normlab_kernels_<key>.so``, the key hashing the sources, the flags, the machine and the
 target the compiler resolves ``-march=native`` to (``gcc -march=native -Q --help=target``,
 so every CPU model and feature set on every architecture gets its own library). Next to
