@@ -752,6 +752,10 @@ static void SFX(col_reduce)(const S *x, int64_t R, int64_t C, int centered, int 
     }
 }
 
+/* x − mh[c], or x where mh == NULL (uncentered: FRN); the test is loop-invariant, so the
+   compiler makes one loop for each case */
+#define XM(v, c) (mh ? (v) - mh[c] : (v))
+
 /* y = (x − mh[c]) a[c] + b[c] (eq. 8, b with the mean's low part folded in), then act 1:
    max(y, t[c]), act 2: max(y, k[c] y + t[c]); a NaN y passes through */
 static NOINLINE void SFX(col_affine)(const S *restrict x, S *restrict y, int64_t nrow, int64_t C,
@@ -764,17 +768,17 @@ static NOINLINE void SFX(col_affine)(const S *restrict x, S *restrict y, int64_t
         S *restrict q = y + r * C;
         if (act == 0) {
             #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) q[c] = ST((LD(p[c]) - mh[c]) * a[c] + b[c]);
+            for (int64_t c = 0; c < C; ++c) q[c] = ST(XM(LD(p[c]), c) * a[c] + b[c]);
         } else if (act == 1) {
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-                T v = (LD(p[c]) - mh[c]) * a[c] + b[c];
+                T v = XM(LD(p[c]), c) * a[c] + b[c];
                 q[c] = ST(v < t[c] ? t[c] : v);
             }
         } else {
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-                T v = (LD(p[c]) - mh[c]) * a[c] + b[c];
+                T v = XM(LD(p[c]), c) * a[c] + b[c];
                 T h = k[c] * v + t[c];
                 q[c] = ST(v < h ? h : v);
             }
@@ -798,19 +802,19 @@ static NOINLINE void SFX(col_bwd_sums)(const S *restrict x, const S *restrict d,
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T dd = LD(g[c]);
-                o0[c] += dd; o1[c] += dd * (LD(p[c]) - mh[c]);
+                o0[c] += dd; o1[c] += dd * XM(LD(p[c]), c);
             }
         } else if (act == 1) {
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-                T xm = LD(p[c]) - mh[c], dd = LD(g[c]);
+                T xm = XM(LD(p[c]), c), dd = LD(g[c]);
                 T dy = xm * a[c] + b[c] < t[c] ? (T)0 : dd;
                 o0[c] += dy; o1[c] += dy * xm; o2[c] += dd - dy;
             }
         } else {
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
-                T xm = LD(p[c]) - mh[c], dd = LD(g[c]);
+                T xm = XM(LD(p[c]), c), dd = LD(g[c]);
                 T y = xm * a[c] + b[c];
                 T low = y < k[c] * y + t[c] ? (T)1 : (T)0;
                 T rest = low * dd;
@@ -837,19 +841,19 @@ static NOINLINE void SFX(col_bwd_dx)(const S *restrict x, const S *restrict d, S
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T v = LD(p[c]);
-                o[c] = ST(A[c] * LD(g[c]) - (B[c] + (v - mh[c]) * Cc[c]));
+                o[c] = ST(A[c] * LD(g[c]) - (B[c] + (XM(v, c)) * Cc[c]));
             }
         } else if (act == 0) {
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T v = LD(p[c]);
-                o[c] = ST(A[c] * LD(g[c]) - KEEP(v, lo[c], hi[c]) * (B[c] + (v - mh[c]) * Cc[c]));
+                o[c] = ST(A[c] * LD(g[c]) - KEEP(v, lo[c], hi[c]) * (B[c] + (XM(v, c)) * Cc[c]));
             }
         } else if (act == 1) {
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T v = LD(p[c]), dd = LD(g[c]);
-                T xm = v - mh[c];
+                T xm = XM(v, c);
                 T dy = xm * a[c] + b[c] < t[c] ? (T)0 : dd;
                 T f = filt ? KEEP(v, lo[c], hi[c]) : (T)1;
                 o[c] = ST(A[c] * dy - f * (B[c] + xm * Cc[c]));
@@ -858,7 +862,7 @@ static NOINLINE void SFX(col_bwd_dx)(const S *restrict x, const S *restrict d, S
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T v = LD(p[c]), dd = LD(g[c]);
-                T xm = v - mh[c];
+                T xm = XM(v, c);
                 T y = xm * a[c] + b[c];
                 T dy = y < k[c] * y + t[c] ? k[c] * dd : dd;
                 T f = filt ? KEEP(v, lo[c], hi[c]) : (T)1;
@@ -915,7 +919,8 @@ void SFX(bnc_fwd)(const S *x, S *y, const T *w, const T *b, int64_t N, int64_t C
     #pragma omp parallel for num_threads(nt) schedule(static, 1)
     for (int t = 0; t < nt; ++t) {
         int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
-        SFX(col_affine)(x + r0 * C, y + r0 * C, r1 - r0, C, mh, av, bv, 0, NULL, NULL);
+        SFX(col_affine)(x + r0 * C, y + r0 * C, r1 - r0, C, centered ? mh : NULL, av, bv, 0,
+                        NULL, NULL);
     }
     SFX(update_running)(rm, rv, st, C, factor);
 }
@@ -929,7 +934,7 @@ void SFX(bnc_bwd)(const S *x, const S *dy, S *dx, const T *w, int64_t N, int64_t
     double *tail = work + (int64_t)nt * WORK_PER * C, *sums = tail;   /* 4C */
     T *A = (T *)(tail + 4 * C), *B = (T *)(tail + 5 * C), *Cc = (T *)(tail + 6 * C);
     T *lo = (T *)(tail + 7 * C), *hi = (T *)(tail + 8 * C);
-    const T *mh = st + ST_MEAN * C;
+    const T *mh = centered ? st + ST_MEAN * C : NULL;   /* uncentered: μ = 0 */
     int filt = 0;
     #pragma omp parallel for num_threads(nt) schedule(static, 1)
     for (int t = 0; t < nt; ++t) {
@@ -1012,7 +1017,7 @@ void SFX(rowc_fwd)(const S *x, S *y, const T *w, const T *b, const T *tau, const
                     bv[c] = SFX(fold)(b ? b[c] : (T)0, st[ST_MEAN_LO * ns + s], av[c]);
                 }
             }
-            SFX(col_affine)(xs, ys, L, C, mh, av, bv, act, tau, ak);
+            SFX(col_affine)(xs, ys, L, C, centered ? mh : NULL, av, bv, act, tau, ak);
         }
     }
 }
@@ -1040,7 +1045,8 @@ void SFX(rowc_bwd)(const S *x, const S *dz, S *dx, const T *w, const T *b, const
                 av[c] = (w ? w[c] : (T)1) * st[ST_RSTD * ns + s];
                 bv[c] = SFX(fold)(b ? b[c] : (T)0, st[ST_MEAN_LO * ns + s], av[c]);
             }
-            SFX(col_bwd_accumulate)(xs, ds, 0, L, C, mh, act, av, bv, tau, ak, acc, tp);
+            const T *mc = centered ? mh : NULL;
+            SFX(col_bwd_accumulate)(xs, ds, 0, L, C, mc, act, av, bv, tau, ak, acc, tp);
             for (int64_t g = 0; g < G; ++g) {
                 int64_t s = n * G + g;
                 T ml = st[ST_MEAN_LO * ns + s];
@@ -1063,8 +1069,11 @@ void SFX(rowc_bwd)(const S *x, const S *dz, S *dx, const T *w, const T *b, const
                 }
             }
             if (dx)
-                SFX(col_bwd_dx)(xs, ds, dx + n * L * C, L, C, act, mh, av, bv, tau, ak, A, B, Cc,
+                SFX(col_bwd_dx)(xs, ds, dx + n * L * C, L, C, act, mc, av, bv, tau, ak, A, B, Cc,
                                 filt, lo, hi);
         }
     }
 }
+
+#undef KEEP
+#undef XM
