@@ -581,9 +581,9 @@ static NOINLINE void SFX(col_mom)(const S *restrict x, int64_t nrow, int64_t C, 
                                   const T *restrict sh, T *restrict cnt, T *restrict a,
                                   T *restrict b)
 {
-    for (int64_t r = 0; r < nrow; ++r) {
-        const S *restrict p = x + r * C;
-        if (filt) {
+    if (filt) {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T v = LD(p[c]);
@@ -591,7 +591,10 @@ static NOINLINE void SFX(col_mom)(const S *restrict x, int64_t nrow, int64_t C, 
                 T u = (v - sh[c]) * f;
                 cnt[c] += f; a[c] += u; b[c] += u * u;
             }
-        } else {
+        }
+    } else {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T u = LD(p[c]) - sh[c];
@@ -606,16 +609,19 @@ static NOINLINE void SFX(col_dev)(const S *restrict x, int64_t nrow, int64_t C, 
                                   const T *restrict lo, const T *restrict hi,
                                   const T *restrict m, T *restrict d, T *restrict q)
 {
-    for (int64_t r = 0; r < nrow; ++r) {
-        const S *restrict p = x + r * C;
-        if (filt) {
+    if (filt) {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T v = LD(p[c]);
                 T u = (v - m[c]) * KEEP(v, lo[c], hi[c]);
                 d[c] += u; q[c] += u * u;
             }
-        } else {
+        }
+    } else {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T u = LD(p[c]) - m[c];
@@ -630,9 +636,9 @@ static NOINLINE void SFX(col_sq)(const S *restrict x, int64_t nrow, int64_t C, i
                                  const T *restrict lo, const T *restrict hi, T *restrict cnt,
                                  T *restrict q)
 {
-    for (int64_t r = 0; r < nrow; ++r) {
-        const S *restrict p = x + r * C;
-        if (filt) {
+    if (filt) {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T v = LD(p[c]);
@@ -640,7 +646,10 @@ static NOINLINE void SFX(col_sq)(const S *restrict x, int64_t nrow, int64_t C, i
                 T u = f * v;
                 cnt[c] += f; q[c] += u * u;
             }
-        } else {
+        }
+    } else {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) { T v = LD(p[c]); q[c] += v * v; }
         }
@@ -685,11 +694,15 @@ static void SFX(col_moments)(const S *x, int64_t r0, int64_t r1, int64_t C, int 
             SFX(col_sq)(p, n, C, filt, lo, hi, cnt, b);
         else
             SFX(col_mom)(p, n, C, filt, lo, hi, sh, cnt, a, b);
-        int again = 0;   /* (uncentered sums need no shift: nothing to cancel) */
-        for (int64_t c = 0; centered && c < C; ++c) {
-            double d = a[c];
-            again |= !(2 * d * d <= (double)cnt[c] * (double)b[c]);
+        double bad = 0;   /* channels failing the test (uncentered: nothing to cancel) */
+        if (centered) {
+            #pragma omp simd reduction(+:bad)
+            for (int64_t c = 0; c < C; ++c) {
+                double d = a[c];
+                bad += 2 * d * d <= (double)cnt[c] * (double)b[c] ? 0.0 : 1.0;
+            }
         }
+        int again = bad != 0;
         if (!again) {
             for (int64_t c = 0; c < C; ++c) {
                 K[c] += cnt[c]; A[c] += a[c]; B[c] += b[c];
@@ -763,19 +776,27 @@ static NOINLINE void SFX(col_affine)(const S *restrict x, S *restrict y, int64_t
                                      const T *restrict b, int act, const T *restrict t,
                                      const T *restrict k)
 {
-    for (int64_t r = 0; r < nrow; ++r) {
-        const S *restrict p = x + r * C;
-        S *restrict q = y + r * C;
-        if (act == 0) {
+    if (act == 0) {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C;
+            S *restrict q = y + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) q[c] = ST(XM(LD(p[c]), c) * a[c] + b[c]);
-        } else if (act == 1) {
+        }
+    } else if (act == 1) {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C;
+            S *restrict q = y + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T v = XM(LD(p[c]), c) * a[c] + b[c];
                 q[c] = ST(v < t[c] ? t[c] : v);
             }
-        } else {
+        }
+    } else {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C;
+            S *restrict q = y + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T v = XM(LD(p[c]), c) * a[c] + b[c];
@@ -796,22 +817,28 @@ static NOINLINE void SFX(col_bwd_sums)(const S *restrict x, const S *restrict d,
                                        T *restrict o0, T *restrict o1, T *restrict o2,
                                        T *restrict o3)
 {
-    for (int64_t r = 0; r < nrow; ++r) {
-        const S *restrict p = x + r * C, *restrict g = d + r * C;
-        if (act == 0) {
+    if (act == 0) {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C, *restrict g = d + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T dd = LD(g[c]);
                 o0[c] += dd; o1[c] += dd * XM(LD(p[c]), c);
             }
-        } else if (act == 1) {
+        }
+    } else if (act == 1) {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C, *restrict g = d + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T xm = XM(LD(p[c]), c), dd = LD(g[c]);
                 T dy = xm * a[c] + b[c] < t[c] ? (T)0 : dd;
                 o0[c] += dy; o1[c] += dy * xm; o2[c] += dd - dy;
             }
-        } else {
+        }
+    } else {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C, *restrict g = d + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T xm = XM(LD(p[c]), c), dd = LD(g[c]);
@@ -834,22 +861,28 @@ static NOINLINE void SFX(col_bwd_dx)(const S *restrict x, const S *restrict d, S
                                      const T *restrict Cc, int filt, const T *restrict lo,
                                      const T *restrict hi)
 {
-    for (int64_t r = 0; r < nrow; ++r) {
-        const S *restrict p = x + r * C, *restrict g = d + r * C;
-        S *restrict o = q + r * C;
-        if (act == 0 && !filt) {
+    if (act == 0 && !filt) {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C, *restrict g = d + r * C;
+            S *restrict o = q + r * C;
+            #pragma omp simd
+            for (int64_t c = 0; c < C; ++c)
+                o[c] = ST(A[c] * LD(g[c]) - (B[c] + XM(LD(p[c]), c) * Cc[c]));
+        }
+    } else if (act == 0) {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C, *restrict g = d + r * C;
+            S *restrict o = q + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T v = LD(p[c]);
-                o[c] = ST(A[c] * LD(g[c]) - (B[c] + (XM(v, c)) * Cc[c]));
+                o[c] = ST(A[c] * LD(g[c]) - KEEP(v, lo[c], hi[c]) * (B[c] + XM(v, c) * Cc[c]));
             }
-        } else if (act == 0) {
-            #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-                T v = LD(p[c]);
-                o[c] = ST(A[c] * LD(g[c]) - KEEP(v, lo[c], hi[c]) * (B[c] + (XM(v, c)) * Cc[c]));
-            }
-        } else if (act == 1) {
+        }
+    } else if (act == 1) {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C, *restrict g = d + r * C;
+            S *restrict o = q + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T v = LD(p[c]), dd = LD(g[c]);
@@ -858,7 +891,11 @@ static NOINLINE void SFX(col_bwd_dx)(const S *restrict x, const S *restrict d, S
                 T f = filt ? KEEP(v, lo[c], hi[c]) : (T)1;
                 o[c] = ST(A[c] * dy - f * (B[c] + xm * Cc[c]));
             }
-        } else {
+        }
+    } else {
+        for (int64_t r = 0; r < nrow; ++r) {
+            const S *restrict p = x + r * C, *restrict g = d + r * C;
+            S *restrict o = q + r * C;
             #pragma omp simd
             for (int64_t c = 0; c < C; ++c) {
                 T v = LD(p[c]), dd = LD(g[c]);
