@@ -106,9 +106,9 @@ PLANT_AND_LOAD = """
     from normlab.kernels import cpu, _cpu_source
     kernels = Path(os.environ["NORMLAB_CACHE_DIR"]) / "kernels"
     planted = Path({planted!r})
-    compiler, source = cpu._compiler(), _cpu_source.digest()
+    source = _cpu_source.digest()
     for flags in cpu._FLAG_SETS:  # under every name the loader could look for
-        target = kernels / cpu._library_name(compiler, source, flags)
+        target = kernels / cpu._library_name(source, flags)
         shutil.copy(planted, target)
         cpu._digest_file(target).write_text(hashlib.sha256(target.read_bytes()).hexdigest())
     with warnings.catch_warnings(record=True) as caught:
@@ -222,22 +222,58 @@ def test_library_is_verified_by_its_digest_before_loading(tmp_path):
     assert not cpu._verified(copy)
 
 
-def test_cache_key_follows_what_the_compiler_targets(monkeypatch):
-    """The key holds the machine and the target gcc resolves -march=native to, so two CPU
-    models never share a library on any architecture (aarch64's /proc/cpuinfo, the old key,
-    has no model name or flags)."""
-    compiler, source, flags = cpu._compiler(), _cpu_source.digest(), cpu._FLAG_SETS[0]
-    native = cpu._target_id(compiler, flags)
-    assert platform.machine() in native
-    assert native.split("-march=")[1].split()[0] not in ("", "native")  # resolved to a CPU
-    generic = cpu._target_id(compiler, [f for f in flags if not f.startswith("-m")])
-    assert native != generic
-    name = cpu._library_name(compiler, source, flags)
-    monkeypatch.setattr(cpu, "_target_id", lambda c, f: native.replace("-march=", "-march=x"))
-    assert cpu._library_name(compiler, source, flags) != name
-    monkeypatch.undo()
-    monkeypatch.setattr(cpu.platform, "machine", lambda: "aarch64")
-    assert cpu._library_name(compiler, source, flags) != name
+X86 = """processor\t: 0
+vendor_id\t: AuthenticAMD
+cpu family\t: 25
+model\t\t: 1
+model name\t: AMD EPYC 7B13
+cpu MHz\t\t: 2450.000
+flags\t\t: fpu sse sse2 avx avx2 fma bmi2
+bogomips\t: 4900.00
+
+processor\t: 1
+cpu MHz\t\t: 2449.998
+"""
+ARM = """processor\t: 0
+BogoMIPS\t: 50.00
+Features\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics fphp asimdhp cpuid
+CPU implementer\t: 0x41
+CPU architecture: 8
+CPU variant\t: 0x3
+CPU part\t: 0xd0c
+CPU revision\t: 1
+"""
+
+
+def test_cache_key_separates_cpus_on_every_architecture(monkeypatch):
+    """The key holds the machine and the first processor's description without its volatile
+    fields: on aarch64 (no "model name" or "flags", the old key) the part, variant, revision
+    and features; on x86 the model and flags. Clock and BogoMIPS do not change it."""
+    ident = cpu._cpu_identity
+    assert ident(X86) == ident(X86.replace("2450.000", "1800.000").replace("4900.00", "4899.7"))
+    assert ident(X86) != ident(X86.replace(" avx2", ""))
+    assert ident(X86) != ident(X86.replace("7B13", "7763"))
+    assert ident(ARM) == ident(ARM.replace("50.00", "48.00"))
+    assert ident(ARM) != ident(ARM.replace("0xd0c", "0xd40"))  # Neoverse N1 vs V1
+    assert ident(ARM) != ident(ARM.replace("0x3", "0x1"))
+    assert ident(ARM) != ident(ARM.replace(" atomics", ""))
+    assert platform.machine() in ident(ARM)
+    # no /proc/cpuinfo (macOS, BSD): what gcc resolves -march=native to
+    native = ident("")
+    assert "-march=" in native and native.split("-march=")[1].split()[0] != "native"
+    source, flags = _cpu_source.digest(), cpu._FLAG_SETS[0]
+    name = cpu._library_name(source, flags)
+    monkeypatch.setattr(cpu, "_cpu_identity", lambda: ident(ARM))
+    assert cpu._library_name(source, flags) != name
+
+
+def test_cached_library_loads_without_a_compiler(tmp_path):
+    """Loading a cached (verified) library runs no compiler: PATH empty, CC unset."""
+    kernels = _private_cache(tmp_path)
+    res = _python(USE_KERNELS, kernels.parent, PATH="", CC="")
+    assert res.returncode == 0, res.stderr
+    assert Path(res.stdout.strip().splitlines()[-1]).parent == kernels
+    assert "RuntimeWarning" not in res.stderr
 
 
 def test_kernels_build_without_a_warning(tmp_path):

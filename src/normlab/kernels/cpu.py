@@ -28,11 +28,13 @@ path (``_storage_dtype``): ``x`` (and ``∂ℓ/∂y``) copied to float32 for the
 ``y``/``∂ℓ/∂x`` cast back. Either way only the half ``x`` is saved for backward.
 
 Build and cache: ``gcc -O3 -march=native -ffp-contract=off -fno-trapping-math -fopenmp``
-(no torch headers, 5–7 s of CPU), cached under ``$NORMLAB_CACHE_DIR`` or ``~/.cache/normlab/kernels``
-as ``normlab_kernels_<key>.so``, the key hashing the sources, the flags, the machine and the
-target the compiler resolves ``-march=native`` to (``gcc -march=native -Q --help=target``,
-so every CPU model and feature set on every architecture gets its own library). Next to
-each library its sha256 (``.so.sha256``), written at build time and checked before every
+(no torch headers, 5–7 s of CPU), cached under ``$NORMLAB_CACHE_DIR`` or
+``~/.cache/normlab/kernels`` as ``normlab_kernels_<key>.so``, the key hashing the sources,
+the flags and the CPU (:func:`_cpu_identity`: the machine and /proc/cpuinfo's processor
+description — model and flags on x86, part, variant, revision and features on aarch64 —, or
+gcc's resolution of ``-march=native`` where there is no /proc/cpuinfo), so every CPU model
+and feature set gets its own library and a cached one loads without a compiler. Next to each
+library its sha256 (``.so.sha256``), written at build time and checked before every
 ``dlopen``: a truncated or altered library is rebuilt, never mapped. Libraries are loaded
 only from a directory owned by the current user and writable by nobody else (created
 ``0700``); a directory that is not is refused with one ``RuntimeWarning`` and the library is
@@ -121,25 +123,40 @@ def _compiler() -> str:
     return compiler
 
 
-def _target_id(compiler: str, flags: list[str]) -> str:
-    """What the library is built for: the machine, the compiler's version and the target
-    options it resolves ``flags`` to (``-march=native`` → the CPU's model and features, as
-    ``gcc -Q --help=target`` lists them), on any architecture. Compilers without ``-Q``
-    fall back to /proc/cpuinfo."""
-    def output(args):
-        try:
-            proc = subprocess.run([compiler, *args], capture_output=True, text=True, timeout=60)
-            return proc.stdout if proc.returncode == 0 else ""
-        except (OSError, subprocess.SubprocessError):
-            return ""
+# /proc/cpuinfo fields that change while the CPU does not (clock, boot-time calibration,
+# which core, kernel-reported bugs, microcode revision): left out of the CPU's identity
+_VOLATILE_CPUINFO = ("processor", "cpu mhz", "bogomips", "core id", "apicid", "initial apicid",
+                     "siblings", "cpu cores", "physical id", "bugs", "microcode")
 
-    target = output([f for f in flags if f.startswith("-m")] + ["-Q", "--help=target"])
-    if not target:
+
+def _cpu_identity(cpuinfo: str | None = None) -> str:
+    """The CPU the library is built for (``-march=native``): the machine and the first
+    processor's description in /proc/cpuinfo without its volatile fields — model and feature
+    flags on x86; implementer, architecture, variant, part, revision and features on aarch64
+    (which has no "model name" or "flags"); the equivalent lines elsewhere. Where there is no
+    /proc/cpuinfo, what the compiler resolves ``-march=native`` to (``-Q --help=target``).
+    Needs no compiler when /proc/cpuinfo exists, so a cached library loads without one."""
+    if cpuinfo is None:
         try:
-            target = Path("/proc/cpuinfo").read_text()
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
         except OSError:
-            target = platform.processor()
-    return "\0".join([platform.machine(), output(["--version"]), target])
+            cpuinfo = ""
+    first = cpuinfo.strip().split("\n\n")[0]
+    lines = [" ".join(ln.split()) for ln in first.splitlines()
+             if ":" in ln and ln.split(":")[0].strip().lower() not in _VOLATILE_CPUINFO]
+    if not lines:
+        lines = [_native_target() or platform.processor()]
+    return "\n".join([platform.machine(), *lines])
+
+
+def _native_target() -> str:
+    """``gcc -march=native -Q --help=target`` (the CPU as the compiler sees it), or ""."""
+    try:
+        proc = subprocess.run([_compiler(), "-march=native", "-Q", "--help=target"],
+                              capture_output=True, text=True, timeout=60)
+        return proc.stdout if proc.returncode == 0 else ""
+    except (OSError, RuntimeError, subprocess.SubprocessError):
+        return ""
 
 
 def _first_error(log: str) -> str:
@@ -249,9 +266,8 @@ def _load() -> ctypes.CDLL | None:
             _error = "disabled by NORMLAB_NO_COMPILE"
             return None
         try:
-            compiler = _compiler()
             source = _cpu_source.digest()
-        except (OSError, RuntimeError) as error:
+        except OSError as error:
             _error = str(error)
         else:
             directory, why = _cache_location()
@@ -264,7 +280,7 @@ def _load() -> ctypes.CDLL | None:
                     RuntimeWarning, stacklevel=3)
                 private = directory = Path(tempfile.mkdtemp(prefix="normlab-kernels-"))
             try:
-                _lib = _build_and_open(compiler, source, directory)
+                _lib = _build_and_open(source, directory)
             finally:
                 if private is not None:
                     shutil.rmtree(private, ignore_errors=True)  # the mapping stays valid
@@ -276,23 +292,23 @@ def _load() -> ctypes.CDLL | None:
         return None
 
 
-def _library_name(compiler: str, source: str, flags: list[str]) -> str:
-    """``normlab_kernels_<key>.so``, the key hashing the source digest, the compiler, the
-    flags and :func:`_target_id` (what the compiler builds for)."""
-    key = hashlib.sha256("\0".join([source, compiler, *flags, _target_id(compiler, flags)])
-                         .encode()).hexdigest()[:20]
+def _library_name(source: str, flags: list[str]) -> str:
+    """``normlab_kernels_<key>.so``, the key hashing the source digest, the flags and
+    :func:`_cpu_identity` (the CPU ``-march=native`` builds for)."""
+    key = hashlib.sha256("\0".join([source, *flags, _cpu_identity()]).encode()).hexdigest()[:20]
     return f"normlab_kernels_{key}.so"
 
 
-def _build_and_open(compiler: str, source: str, directory: Path) -> ctypes.CDLL | None:
-    """The first flag set that builds (or is cached) and loads; records why none did."""
+def _build_and_open(source: str, directory: Path) -> ctypes.CDLL | None:
+    """The first flag set that is cached (verified) or builds, and loads; records why none
+    did. The compiler is looked for only when a library must be built."""
     global _error
     errors: list[str] = []
     for flags in _FLAG_SETS:
-        path = directory / _library_name(compiler, source, flags)
+        path = directory / _library_name(source, flags)
         try:
             if not _verified(path):
-                _compile(compiler, flags, path)
+                _compile(_compiler(), flags, path)
                 if not _verified(path):  # replaced meanwhile by another process's build
                     raise RuntimeError(f"{path} changed while it was being loaded")
             return _open(path)
