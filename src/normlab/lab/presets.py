@@ -640,8 +640,10 @@ def make_plan(preset: str = "default", *, seeds: int | list[int] | None = None,
     base = dict(p.base)
     if paper:
         base.update(paper.base)
-    if smoke:
-        base.update(paper.smoke if paper else p.smoke)
+    smoke_changes = (paper.smoke if paper else p.smoke) if smoke else {}
+    method_keys = {k for _, m in methods for k in m}
+    # smoke values of keys a method sets apply to that method only (below)
+    base.update({k: v for k, v in smoke_changes.items() if k not in method_keys})
     base.update(overrides)
     if paper and base.get("data_root") is None and _needs_root(base["data"]):
         raise ValueError(f"--scale paper for {preset!r} reads {base['data']} ({paper.source}); "
@@ -669,6 +671,8 @@ def make_plan(preset: str = "default", *, seeds: int | list[int] | None = None,
             for label, method in methods:
                 cfg = dict(base, batch_size=bs, **group_overrides)
                 cfg.update(method)
+                cfg.update({k: v for k, v in smoke_changes.items()  # smoke stays tiny
+                            if k in method and k not in overrides})
                 if p.lr_scaling and "lr" not in overrides:
                     cfg["lr"] = cfg["lr"] * bs / 64
                 variants.append(Variant(label, ", ".join(parts), RunConfig.from_dict(cfg)))
