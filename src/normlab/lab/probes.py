@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from typing import Any
 
 import torch
@@ -160,9 +161,9 @@ def _per_unit_shape(values: Tensor) -> dict[str, float]:
         kurts.append(excess_kurtosis(unit))
     finite = [i for i, k in enumerate(kurts) if k == k]
 
-    def median(xs):
-        xs = sorted(xs[i] for i in finite)
-        return float(torch.tensor(xs, dtype=torch.float64).median()) if xs else math.nan
+    def median(xs):  # the mean of the two middle values for an even count
+        xs = [xs[i] for i in finite]
+        return statistics.median(xs) if xs else math.nan
 
     return {"skewness": median(skews), "excess_kurtosis": median(kurts),
             "zero_fraction": float((values == 0).double().mean()),
