@@ -316,7 +316,7 @@ _REVISIT_CIFAR10 = {"data": "cifar10", "model": "resnet18", "placement": "all",
                     "batch_size": 128, "epochs": 180, "lr": 0.1, "momentum": 0.9,
                     "weight_decay": 1e-4, "schedule": "cosine", "augment": "flip",
                     "input_norm": "online", "model_options": {}}
-_CIFAR_SMOKE = {"limit": 200, "epochs": 1, "model_options": {"width": 0.125}}
+_CIFAR_SMOKE = {"limit": 100, "epochs": 1, "model_options": {"width": 0.0625}}
 _FBN = "Horváth & Al-afandi 2020 (filtered BN, arXiv 2010.08251)"
 _FBN_MNIST = {"data": "mnist-idx"}
 _FBN_SMOKE = {"limit": 300, "epochs": 1}
@@ -328,8 +328,8 @@ _FRN_IMAGENET = {"data": "image-folder", "model": "preact_resnet50", "placement"
                  "weight_decay": 1e-4, "schedule": "cosine", "augment": "crop-flip",
                  "input_norm": "offline", "data_options": {"image_size": 299},
                  "model_options": {"stem": "imagenet"}}
-_FRN_SMOKE = {"limit": 60, "steps": 2, "epochs": 1, "data_options": {"image_size": 32},
-              "model_options": {"stem": "imagenet", "width": 0.125}}
+_FRN_SMOKE = {"limit": 40, "steps": 2, "epochs": 1, "data_options": {"image_size": 16},
+              "model_options": {"stem": "imagenet", "width": 0.0625}}
 _FRN_NOTES = ("Per-GPU statistics as in the paper need `torchrun --nproc_per_node=8` "
               "(each process normalizes its eighth of the batch; batch sizes here are the "
               "global 16…256 = 2…32 images per GPU); in one process the whole batch is one "
@@ -382,7 +382,8 @@ _paper("frn-batch-size", PaperScale(
 _paper("frn-ablation", PaperScale(
     source=f"{_FRN} §4.2, Table 3: ImageNet, ResnetV2-50, 32 images per GPU on 8 GPUs",
     base=dict(_FRN_IMAGENET, batch_size=256, lr=0.1), seeds=1,
-    methods=tuple((label, dict(cfg, norm=cfg["norm"].replace("gn:groups=2", "gn")))
+    methods=tuple((label, dict(cfg, norm=cfg["norm"].replace("gn:groups=2,", "gn:")
+                               .replace("gn:groups=2", "gn")))
                   for label, cfg in PRESETS["frn-ablation"].methods),
     reported={"bn+relu": "76.21 (Table 3, P@1)", "bn+tlu": "76.03", "gn+relu": "75.67",
               "gn+tlu": "76.59", "ln+relu": "72.75", "ln+tlu": "73.99", "in+relu": "71.63",

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -344,8 +345,10 @@ def _plots(plan: Plan, rows: list[ResultRow], runs, label_of, out: Path) -> dict
                                   dtype=float)
                 key = "step" if v.config.steps else "epoch"
                 x = np.array([m.get(key, m["epoch"]) for m in longest])
-                mean = np.nanmean(values, axis=0)
-                std = np.nanstd(values, axis=0, ddof=1) if len(curves) > 1 else 0 * mean
+                with warnings.catch_warnings():  # an evaluation where every run is NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean = np.nanmean(values, axis=0)
+                    std = np.nanstd(values, axis=0, ddof=1) if len(curves) > 1 else 0 * mean
                 ax.plot(x, mean, marker="o", ms=3, label=v.label)
                 ax.fill_between(x, mean - std, mean + std, alpha=0.2)
             title = ("validation" if split == "val_acc" else "test") + " accuracy"
