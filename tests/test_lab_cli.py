@@ -97,6 +97,10 @@ def test_killed_compare_resumes_with_every_run_exactly_once(tmp_path):
      "activation must be one of sigmoid, relu, tanh"),
     (["train", "--model", "lenet5", "--probe", "shape"],
      "the probes measure the fully connected net"),
+    (["compare", "--preset", "bn-learning-rate", "--lr", "0.1"],
+     "--lr: preset 'bn-learning-rate' varies this across its methods or groups"),
+    (["compare", "--preset", "revisit-input-norm", "--input-norm", "fixed"],
+     "--input-norm: preset 'revisit-input-norm' varies this"),
 ])
 def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):
     try:

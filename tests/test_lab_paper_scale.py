@@ -116,6 +116,13 @@ def test_paper_configurations_are_the_papers():
                                                                               "gn:act=tlu"}
     # the CPU scale is untouched by the paper's
     assert make_plan("revisit-gamma").variants[0].config.data == "mnist"
+    # model options merge key by key: a method's dropout keeps the base's activation, and a
+    # command-line option reaches every variant
+    plan = make_plan("bn-dropout", model_options={"hidden": 50})
+    options = [dict(v.config.model_options) for v in plan.variants]
+    assert options == [{"activation": "relu", "hidden": 50, "dropout": 0.2},
+                       {"activation": "relu", "hidden": 50},
+                       {"activation": "relu", "hidden": 50, "dropout": 0.2}]
 
 
 def test_paper_scale_needs_the_data_and_says_so(capsys, tmp_path):

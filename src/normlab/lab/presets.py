@@ -638,14 +638,18 @@ def make_plan(preset: str = "default", *, seeds: int | list[int] | None = None,
     if baseline is not None:
         base_label = baseline
 
-    base = dict(p.base)
-    if paper:
-        base.update(paper.base)
-    smoke_changes = (paper.smoke if paper else p.smoke) if smoke else {}
     method_keys = {k for _, m in methods for k in m}
+    varied = (method_keys | {k for _, g in groups for k in g}) - set(_OPTION_DICTS)
+    clash = sorted(set(overrides) & varied)
+    if clash and not norms:
+        names = ", ".join("--" + k.replace("_", "-") for k in clash)
+        raise ValueError(f"{names}: preset {preset!r} varies this across its methods or groups "
+                         f"(it would be overridden); drop it, or compare your own settings with "
+                         f"--norms")
+    smoke_changes = (paper.smoke if paper else p.smoke) if smoke else {}
     # smoke values of keys a method sets apply to that method only (below)
-    base.update({k: v for k, v in smoke_changes.items() if k not in method_keys})
-    base.update(overrides)
+    base = _merged(p.base, paper.base if paper else {},
+                   {k: v for k, v in smoke_changes.items() if k not in method_keys}, overrides)
     if paper and base.get("data_root") is None and _needs_root(base["data"]):
         raise ValueError(f"--scale paper for {preset!r} reads {base['data']} ({paper.source}); "
                          f"give its folder with --data-root DIR")
@@ -670,10 +674,9 @@ def make_plan(preset: str = "default", *, seeds: int | list[int] | None = None,
         for bs in sizes:
             parts = [g for g in (group_name, f"batch {bs}" if len(sizes) > 1 else "") if g]
             for label, method in methods:
-                cfg = dict(base, batch_size=bs, **group_overrides)
-                cfg.update(method)
-                cfg.update({k: v for k, v in smoke_changes.items()  # smoke stays tiny
-                            if k in method and k not in overrides})
+                cfg = _merged(base, {"batch_size": bs}, group_overrides, method,
+                              {k: v for k, v in smoke_changes.items()  # smoke stays tiny
+                               if k in method and k not in overrides})
                 if p.lr_scaling and "lr" not in overrides:
                     cfg["lr"] = cfg["lr"] * bs / 64
                 variants.append(Variant(label, ", ".join(parts), RunConfig.from_dict(cfg)))
@@ -683,6 +686,23 @@ def make_plan(preset: str = "default", *, seeds: int | list[int] | None = None,
     return Plan(preset if not norms else "custom", variants, seed_list, base_label,
                 description, scale, dict(paper.reported) if paper and not norms else {},
                 paper.notes if paper else "", list(p.extra_scores))
+
+
+_OPTION_DICTS = ("model_options", "data_options")
+
+
+def _merged(*layers: dict[str, Any]) -> dict[str, Any]:
+    """Config dicts merged left to right (later wins); ``model_options`` and
+    ``data_options`` merge key by key, so a method adding ``dropout`` keeps the base's
+    ``activation`` and ``--model-option`` reaches every variant."""
+    out: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key in _OPTION_DICTS:
+                out[key] = {**dict(out.get(key) or {}), **dict(value or {})}
+            else:
+                out[key] = value
+    return out
 
 
 def _needs_root(data: str) -> bool:
