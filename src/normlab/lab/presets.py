@@ -308,7 +308,7 @@ _add(Preset(
 
 # ---- the papers' own configurations of the seed presets (--scale paper) ----------------------
 
-_REVISIT = "Davis & Frank 2021 (revisiting BN)"
+_REVISIT = "Davis & Frank 2021 (revisiting BN, arXiv 2110.13989)"
 #: §4.1–4.2: CIFAR-10, ResNet-18 with the CIFAR stem, SGD momentum 0.9, weight decay 1e-4 on
 #: conv/FC weights, 180 epochs, half-period cosine, batch 128, horizontal flips only, the
 #: BN-based online input normalization, 15 seeds (MD5), best-validation epoch.
