@@ -209,6 +209,16 @@ def test_modes_parameters_rng_and_batch_forms():
                                atol=ATOL, rtol=0)
 
 
+def test_empty_batches_contribute_nothing():
+    layer = normlab.FilteredBatchNorm1d(3, threshold=2.0).double()
+    xs = batches_of((9, 3), 3)
+    normlab.precise_bn_(layer, xs[:1] + [torch.zeros(0, 3, dtype=torch.float64)] + xs[1:],
+                        progress=False)
+    mean, var = algorithm2([filtered_stats(x, 2.0, layer.eps) for x in xs])
+    torch.testing.assert_close(layer.running_mean, mean, atol=ATOL, rtol=0)
+    torch.testing.assert_close(layer.running_var, var, atol=ATOL, rtol=0)
+
+
 def test_float32_buffers_are_written_in_their_dtype():
     layer = nn.BatchNorm2d(3)
     xs = [x.float() for x in batches_of((4, 3, 2, 2), 3)]

@@ -40,7 +40,8 @@ average (``momentum=None``, which also unbiases each batch with its own ``m_b``)
 so ``torch.optim.swa_utils.update_bn`` on the same batches gives the same numbers for the
 layers whose training forward does not read the running statistics. Batches are weighted
 equally (Algorithm 2 averages over mini-batches): pass equal-sized batches (``drop_last``)
-for the paper's estimate. A set with ``m_b = 1`` contributes σ² = 0, as the layers do.
+for the paper's estimate. A set with ``m_b = 1`` contributes σ² = 0, as the layers do; an
+empty batch (``N = 0``, which the layers pass through) contributes nothing.
 
 **Across processes.** When ``torch.distributed`` is initialized with more than one process
 (and ``all_reduce`` is not ``False``), the per-layer sums ``Σ_b μ_b``, ``Σ_b m_b/(m_b−1) σ²_b``
@@ -262,6 +263,8 @@ def precise_bn_(model: nn.Module, batches: Iterable, *, num_batches: int | None 
 
     def hook_for(name: str):
         def hook(module: nn.Module, args: tuple, output: Any) -> None:
+            if args[0].shape[0] == 0 and _sync_group(module) is None:
+                return  # an empty batch has no statistics (torch's BN passes it through)
             stats = layer_batch_moments(module, args[0])
             if name not in accumulators:
                 accumulators[name] = PopulationStats(stats.mean.numel(), stats.mean.device)
