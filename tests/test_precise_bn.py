@@ -102,7 +102,10 @@ LAYERS = {
     "sync-fbn-single-process": (lambda: D.SyncFilteredBatchNorm(3), (6, 3, 2, 2), 2.0, 1.0),
     "torch-syncbn-single-process": (lambda: nn.SyncBatchNorm(3), (6, 3, 2, 2), None, 1.0),
     "rbn": (lambda: normlab.nn.ScaleCalibratedBatchNorm2d(3, stats="normalized"),
-                  (6, 3, 2, 2), None, 1.0),
+            (6, 3, 2, 2), None, 1.0),
+    "iebn-minus-filtered": (lambda: normlab.nn.ScaleCalibratedBatchNorm1d(
+        4, stats=None, wb_init=-1.0, threshold=2.0), (10, 4), 2.0, 1.0),
+    "a2": (lambda: normlab.nn.AltScaleBatchNorm2d(3, form="a2"), (6, 3, 2, 2), None, 1.0),
     "input-norm": (lambda: normlab.nn.InputNorm(3), (6, 3, 2, 2), None, 1.0),
 }
 
