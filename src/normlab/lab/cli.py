@@ -253,7 +253,8 @@ def _add_run_options(p: argparse.ArgumentParser, *, single: bool) -> None:
                    help="learning-rate schedule after the warm-up (default cosine)")
     g.add_argument("--augment", choices=AUGMENTS,
                    help="training augmentation: random flips, or 4-px padded crops + flips")
-    g.add_argument("--precise-bn", type=_int_at_least(1), metavar="N", dest="precise_bn",
+    g.add_argument("--precise-bn", type=_int_at_least(1, 100_000), metavar="N",
+                   dest="precise_bn",
                    help="evaluate with the BN paper's Algorithm 2 population statistics "
                         "(normlab.precise_bn_ over N training batches) instead of the "
                         "running averages")
