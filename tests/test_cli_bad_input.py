@@ -303,7 +303,7 @@ def _quick(opt: str, command: str) -> list[str]:
 for opt, kinds in (("--seeds", NUMBERS), ("--limit", NUMBERS), ("--epochs", NUMBERS),
                    ("--steps", NUMBERS), ("--batch-sizes", NUMBERS), ("--jobs", NUMBERS),
                    ("--threads", NUMBERS), ("--lr", FLOATS), ("--warmup", FLOATS),
-                   ("--gamma", FLOATS), ("-c", FLOATS)):
+                   ("--gamma", FLOATS), ("-c", FLOATS), ("--precise-bn", NUMBERS)):
     for kind, value in kinds.items():
         if opt == "--warmup" and kind == "0":
             continue  # no warm-up is valid
@@ -311,7 +311,7 @@ for opt, kinds in (("--seeds", NUMBERS), ("--limit", NUMBERS), ("--epochs", NUMB
              f"argument {opt}" if opt != "-c" else "argument --gamma-lr-divisor/-c")
 for opt, kinds in (("--limit", NUMBERS), ("--epochs", NUMBERS), ("--steps", NUMBERS),
                    ("--batch-size", NUMBERS), ("--seed", NUMBERS), ("--lr", FLOATS),
-                   ("--warmup", FLOATS), ("--gamma", FLOATS)):
+                   ("--warmup", FLOATS), ("--gamma", FLOATS), ("--precise-bn", NUMBERS)):
     for kind, value in kinds.items():
         if not (opt == "--warmup" and kind == "0"):
             case(f"train {opt} {kind}", ["train", opt, value, *_quick(opt, "train")],

@@ -88,6 +88,19 @@ def test_killed_compare_resumes_with_every_run_exactly_once(tmp_path):
     (["train", "--norm", "fbn:treshold=3"], "unknown option 'treshold' for norm 'fbn'"),
     (["train", "--data-option", "oops"], "expected KEY=VALUE, got 'oops'"),
     (["report", "/nonexistent/folder"], "no such folder"),
+    (["compare", "--precise-bn", "0"], "argument --precise-bn: must be >= 1, got 0"),
+    (["compare", "--schedule", "step"], "argument --schedule: invalid choice: 'step'"),
+    (["compare", "--scale", "huge"], "argument --scale: invalid choice: 'huge'"),
+    (["compare", "--preset", "revisit-gamma", "--scale", "paper"],
+     "reads cifar10 (Davis & Frank 2021"),
+    (["train", "--model", "mlp", "--model-option", "activation=gelu"],
+     "activation must be one of sigmoid, relu, tanh"),
+    (["train", "--model", "lenet5", "--probe", "shape"],
+     "the probes measure the fully connected net"),
+    (["compare", "--preset", "bn-learning-rate", "--lr", "0.1"],
+     "--lr: preset 'bn-learning-rate' varies this across its methods or groups"),
+    (["compare", "--preset", "revisit-input-norm", "--input-norm", "fixed"],
+     "--input-norm: preset 'revisit-input-norm' varies this"),
 ])
 def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):
     try:
@@ -116,6 +129,11 @@ def test_every_preset_runs_in_smoke_mode(preset, tmp_path):
     assert RunStore(tmp_path).count() == len({(v.config.config_hash(), s) for v, s in plan.runs()})
     for name in ("report.md", "results.csv", "runs.csv", "curves.png", "final.png"):
         assert (tmp_path / name).stat().st_size > 0
+    probe = {v.config.probe for v in plan.variants} - {None}
+    assert (tmp_path / "percentiles.png").exists() == ("percentiles" in probe)
+    assert (tmp_path / "shape.png").exists() == ("shape" in probe)
+    for score in plan.scores:
+        assert (tmp_path / f"results-{score.replace(':', '')}.csv").stat().st_size > 0
     varies = len({v.config.batch_size for v in plan.variants}) > 1
     assert (tmp_path / "batch_size.png").exists() == varies
     with open(tmp_path / "results.csv") as f:

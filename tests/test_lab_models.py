@@ -24,9 +24,10 @@ from normlab.nn import (
 from normlab.nn._common import AffineMixin
 
 ALL = ["lenet5", "alexnet", "vgg", "resnet18", "resnet34", "resnet50", "preact_resnet18",
-       "mobilenetv2"]
+       "mobilenetv2", "preact_resnet50"]
 SMALL = {"lenet5": 1.0, "alexnet": 0.25, "vgg": 0.25, "resnet18": 0.125, "resnet34": 0.125,
-         "resnet50": 0.125, "preact_resnet18": 0.125, "mobilenetv2": 0.25}
+         "resnet50": 0.125, "preact_resnet18": 0.125, "mobilenetv2": 0.25,
+         "preact_resnet50": 0.125}
 # norms with placement "all": every conv / hidden FC norm, counted by hand from the definitions
 EXPECTED_NORMS = {
     "lenet5": 4,                       # conv1, conv2, fc1, fc2
@@ -36,6 +37,7 @@ EXPECTED_NORMS = {
     "resnet34": 1 + 16 * 2 + 3,
     "resnet50": 1 + 16 * 3 + 4,        # first stage projects 64 -> 256 as well
     "preact_resnet18": 8 * 2 + 1,      # 2 per block + the final norm; shortcuts are bare convs
+    "preact_resnet50": 16 * 3 + 1,     # 3 per bottleneck + the final norm
     "mobilenetv2": 1 + 2 + 16 * 3 + 1,  # stem, t=1 block, 16 expanding blocks, last 1x1
 }
 
@@ -200,6 +202,71 @@ def test_errors_list_valid_choices():
 
 
 def test_list_models_and_config():
-    assert list(list_models()) == ALL
+    assert list(list_models()) == ALL + ["mlp"]
     model = build_model("lenet5", norm="fbn:threshold=3", placement="last")
     assert model.config["norm"] == "fbn:threshold=3" and model.config["placement"] == "last"
+
+
+# ---- the fully connected net of the BN paper (Ioffe & Szegedy 2015, §4.1) --------------------
+
+def _children(block):
+    return [name for name, _ in block.named_children()]
+
+
+def test_mlp_placements_order_the_norm_around_the_nonlinearity():
+    pre = build_model("mlp", norm="bn")               # the paper's: BN on Wu + b
+    assert len(pre.hidden) == 3
+    for block in pre.hidden:
+        assert _children(block) == ["linear", "norm", "act"]
+        assert block.linear.out_features == 100 and isinstance(block.act, nn.Sigmoid)
+        assert isinstance(block.norm, FilteredBatchNorm1d) and block.norm.threshold is None
+    assert pre.hidden[0].linear.in_features == 784 and pre.classifier.out_features == 10
+    post = build_model("mlp", norm="bn", placement="post", activation="relu", dropout=0.3)
+    assert _children(post.hidden[1]) == ["linear", "act", "norm", "dropout"]
+    assert isinstance(post.hidden[1].act, nn.ReLU) and post.hidden[1].dropout.p == 0.3
+    plain = build_model("mlp", norm="none", depth=2, hidden=7, activation="tanh")
+    assert [_children(b) for b in plain.hidden] == [["linear", "act"]] * 2
+    assert build_model("mlp", norm="bn", placement="all").placement == "pre"
+    frn = build_model("mlp", norm="frn")               # the spec's own activation: TLU
+    assert isinstance(frn.hidden[0].act, TLU)
+    x = torch.randn(5, 1, 28, 28)
+    for model in (pre, post, plain, frn):
+        assert model(x).shape == (5, 10)
+
+
+def test_mlp_init_is_gaussian_at_the_fan_in_scale():
+    torch.manual_seed(0)
+    for scale in (0.1, 1.0, 10.0):
+        model = build_model("mlp", norm="none", hidden=400, init_scale=scale)
+        w = model.hidden[0].linear.weight           # 400 × 784 draws of N(0, (s/28)²)
+        assert w.mean().abs() < 0.01 * scale
+        assert abs(w.std().item() / (scale / 28.0) - 1) < 0.01
+        assert torch.equal(model.hidden[0].linear.bias, torch.zeros(400))
+        assert abs(model.classifier.weight.std().item() / (scale / 20.0) - 1) < 0.05
+
+
+def test_mlp_and_stem_errors():
+    with pytest.raises(ValueError, match=r"unknown placement 'conv' for mlp; valid placements: "
+                                         r"pre"):
+        build_model("mlp", placement="conv")
+    with pytest.raises(ValueError, match=r"activation must be one of sigmoid, relu, tanh"):
+        build_model("mlp", activation="gelu")
+    with pytest.raises(ValueError, match=r"dropout must be a probability in \[0, 1\), got 1"):
+        build_model("mlp", dropout=1)
+    with pytest.raises(ValueError, match=r"init_scale must be a number > 0"):
+        build_model("mlp", init_scale=0)
+    with pytest.raises(ValueError, match=r"depth must be an int >= 1, got 0"):
+        build_model("mlp", depth=0)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) 'width' for model 'mlp'; valid "
+                                         r"options: depth, hidden, activation, dropout, init_scale"):
+        build_model("mlp", width=2)
+    with pytest.raises(ValueError, match=r"stem must be 'cifar'"):
+        build_model("resnet18", stem="tiny")
+
+
+def test_imagenet_stem_downsamples_four_times():
+    model = build_model("preact_resnet18", norm="bn", in_channels=3, width=0.125,
+                        stem="imagenet")
+    x = torch.randn(2, 3, 64, 64)
+    assert model.stem(x).shape[-1] == 16 and model(x).shape == (2, 10)
+    assert build_model("resnet18", width=0.125, stem="imagenet").stem[0].kernel_size == (7, 7)

@@ -13,6 +13,7 @@ from .registry import create_norm, create_norm_act, list_norms, parse_spec, regi
 from .optim import fan_in_init_, init_norm_, param_groups
 from .convert import ConversionReport, convert, fuse_for_inference
 from .distributed import SyncBatchRenorm, SyncFilteredBatchNorm, convert_sync
+from .precise_bn import precise_bn_
 
 __version__ = "0.1.0"
 
@@ -20,5 +21,5 @@ __all__ = list(_nn_all) + [
     "functional", "create_norm", "create_norm_act", "list_norms", "parse_spec", "register_norm",
     "param_groups", "init_norm_", "fan_in_init_", "convert", "fuse_for_inference",
     "ConversionReport",
-    "SyncFilteredBatchNorm", "SyncBatchRenorm", "convert_sync",
+    "SyncFilteredBatchNorm", "SyncBatchRenorm", "convert_sync", "precise_bn_",
 ]

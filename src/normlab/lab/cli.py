@@ -22,7 +22,8 @@ from typing import Any
 from .._checks import check_out_dir, check_output_file, int_range, nonneg_float, \
     one_line_errors, positive_float
 from .presets import PRESETS, Plan, make_plan, preset_doc
-from .train import INPUT_NORM_MODES, CheckpointError, RunConfig, resolve_device, train_run
+from .train import (AUGMENTS, INPUT_NORM_MODES, PROBES, SCHEDULES, CheckpointError, RunConfig,
+                    resolve_device, train_run)
 
 __all__ = ["register", "run_plan", "compare", "DEFAULT_OUT"]
 
@@ -182,7 +183,8 @@ def compare(preset: str = "default", out_dir: str | Path | None = None, *, jobs:
     >>> plan, counts = compare("fbn-mnist", "runs/fbn", seeds=3, jobs=2)
     """
     plan = make_plan(preset, **plan_options)
-    out = Path(out_dir) if out_dir is not None else Path(DEFAULT_OUT) / plan.name
+    out = Path(out_dir) if out_dir is not None else Path(DEFAULT_OUT) / (
+        plan.name + ("-paper" if plan.scale == "paper" else ""))
     counts = run_plan(plan, out, jobs=jobs, device=device, progress=progress, diagnose=diagnose,
                       save_checkpoints=save_checkpoints)
     if report:
@@ -247,6 +249,18 @@ def _add_run_options(p: argparse.ArgumentParser, *, single: bool) -> None:
     g.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:N")
     g.add_argument("--sync-stats", action="store_true", default=None,
                    help="under torchrun: batch statistics across all processes")
+    g.add_argument("--schedule", choices=SCHEDULES,
+                   help="learning-rate schedule after the warm-up (default cosine)")
+    g.add_argument("--augment", choices=AUGMENTS,
+                   help="training augmentation: random flips, or 4-px padded crops + flips")
+    g.add_argument("--precise-bn", type=_int_at_least(1, 100_000), metavar="N",
+                   dest="precise_bn",
+                   help="evaluate with the BN paper's Algorithm 2 population statistics "
+                        "(normlab.precise_bn_ over N training batches) instead of the "
+                        "running averages")
+    g.add_argument("--probe", choices=PROBES,
+                   help="record (mlp): percentiles of the last sigmoid's input, or the shape "
+                        "of Wu+b and u per evaluation")
     if single:
         g.add_argument("--norm", default="bn", help="normalization spec, e.g. fbn:threshold=3")
         g.add_argument("--batch-size", type=_int_at_least(1, MAX_BATCH), default=64)
@@ -256,7 +270,7 @@ def _add_run_options(p: argparse.ArgumentParser, *, single: bool) -> None:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("data", "data_root", "limit", "model", "placement", "epochs", "steps", "lr",
             "warmup", "gamma", "gamma_lr_divisor", "input_norm", "amp", "channels_last",
-            "sync_stats")
+            "sync_stats", "schedule", "augment", "precise_bn", "probe")
     out = {k: getattr(args, k) for k in keys if getattr(args, k, None) is not None}
     if args.data_option:
         out["data_options"] = tuple(sorted(args.data_option))
@@ -379,12 +393,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
     plan = make_plan(args.preset, seeds=args.seeds, norms=args.norms,
                      batch_sizes=args.batch_sizes, baseline=args.baseline, smoke=args.smoke,
-                     **_overrides(args))
+                     scale=args.scale, **_overrides(args))
     if not _multi_process(args):
         resolve_device(args.device)
     check_plan([v.config for v in plan.variants])
     out = Path(args.out) if args.out else Path(DEFAULT_OUT) / (
-        "compare" if plan.name == "default" else plan.name)
+        ("compare" if plan.name == "default" else plan.name)
+        + ("-paper" if plan.scale == "paper" else ""))
     ctx = _distributed(args)
     is_main = ctx is None or ctx.is_main
     try:
@@ -546,6 +561,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help=f"output folder (default {DEFAULT_OUT}/compare or "
                                  f"{DEFAULT_OUT}/PRESET)")
     p.add_argument("--smoke", action="store_true", help="tiny data, 1 epoch, 2 seeds")
+    p.add_argument("--scale", choices=["cpu", "paper"], default="cpu",
+                   help="cpu: the preset's CPU scale on the shipped MNIST; paper: the paper's "
+                        "own configuration (data from --data-root), its numbers in the report")
     p.add_argument("--diagnose", action="store_true",
                    help="attach normlab.diagnostics callbacks; artifacts in OUT/artifacts")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")

@@ -584,6 +584,11 @@ def dataset_options(name: str) -> dict[str, Any]:
     return dict(_entry(name).options)
 
 
+def dataset_needs_root(name: str) -> bool:
+    """Whether ``name`` is read from a folder the user gives (``--data-root``)."""
+    return _entry(name).needs_root
+
+
 def _entry(name: str) -> _Entry:
     if not isinstance(name, str) or name.lower() not in _DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(_DATASETS)}")

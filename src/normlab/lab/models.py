@@ -20,12 +20,14 @@ Initialization follows the revisiting-BN seed (§4): convolution weights Kaiming
 >>> model = build_model("lenet5", norm="fbn:threshold=2", placement="fc2")  # filtered-BN §IV.A
 >>> model = build_model("resnet18", norm="frn", num_classes=10, in_channels=3, image_size=32)
 >>> model = build_model("vgg", norm="bn", width=0.5)
+>>> model = build_model("mlp", norm="bn", activation="sigmoid")  # BN paper Fig. 1 net
 >>> list_models()
 """
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -34,8 +36,8 @@ from torch import nn
 from ..registry import create_norm, create_norm_act, parse_spec, spec_activation
 from ..nn import make_activation
 
-__all__ = ["build_model", "list_models", "model_placements", "LeNet5", "SmallAlexNet",
-           "SmallVGG", "ResNet", "PreActResNet", "MobileNetV2"]
+__all__ = ["build_model", "list_models", "model_placements", "model_options", "MLP", "LeNet5",
+           "SmallAlexNet", "SmallVGG", "ResNet", "PreActResNet", "MobileNetV2"]
 
 
 # -- building blocks ----------------------------------------------------------------------------
@@ -94,6 +96,89 @@ def _init_weights(model: nn.Module) -> nn.Module:
 def _pooled(size: int, kernel: int, stride: int, padding: int = 0, *, ceil: bool = False) -> int:
     span = size + 2 * padding - kernel
     return (-(-span // stride) if ceil else span // stride) + 1
+
+
+# -- fully connected net (the BN paper's MNIST experiment) --------------------------------------
+
+MLP_PLACEMENTS = ("pre", "post", "none", "all")
+MLP_ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+class MLP(nn.Module):
+    r"""Fully connected net: ``depth`` hidden layers of ``hidden`` units and a linear classifier.
+
+    Each hidden layer is an ``nn.Sequential`` with named children, in this order:
+
+    * ``placement="pre"`` (= ``"all"``): ``linear → norm → act`` — the norm on ``x = Wu + b``,
+      before the nonlinearity (Ioffe & Szegedy 2015, arXiv 1502.03167, §3.2 and §4.1:
+      "3 fully-connected hidden layers with 100 activations each … sigmoid nonlinearity"
+      with BN added to each hidden layer);
+    * ``placement="post"``: ``linear → act → norm`` — the norm on the nonlinearity's output
+      ``u`` (the layer input of the next layer, what §3.2 argues against);
+    * ``placement="none"`` or ``norm="none"``: ``linear → act``;
+
+    then ``dropout`` (``nn.Dropout(p)``, only when ``dropout > 0``). Layers followed by a norm
+    that has its own shift (β) keep their bias anyway, so the pre/post/none nets have the same
+    linear layers. The nonlinearity is ``activation`` (sigmoid, relu, tanh) unless the spec
+    carries its own (``"frn"`` → TLU, ``"bn:act=tlu"``). Norms see ``(N, C)`` inputs.
+
+    Initialization (``build_model`` keeps it): every weight ``W ~ N(0, (s/√fan_in)²)`` with
+    ``s = init_scale`` (1: LeCun's fan-in scale; the BN paper's "small random Gaussian
+    values"), biases 0.
+    """
+
+    def __init__(self, norm: str = "bn", num_classes: int = 10, in_channels: int = 1,
+                 image_size: int = 28, placement: str = "pre", *, depth: int = 3,
+                 hidden: int = 100, activation: str = "sigmoid", dropout: float = 0.0,
+                 init_scale: float = 1.0) -> None:
+        super().__init__()
+        if placement not in MLP_PLACEMENTS:
+            raise ValueError(f"unknown placement {placement!r} for mlp; valid placements: "
+                             f"pre (norm on Wu+b, before the nonlinearity; 'all' is the same), "
+                             f"post (norm on u, after it), none")
+        for name, value in (("depth", depth), ("hidden", hidden)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(MLP_ACTIVATIONS)}, got "
+                             f"{activation!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
+        if (isinstance(init_scale, bool) or not isinstance(init_scale, (int, float))
+                or not 0 < init_scale < math.inf):
+            raise ValueError(f"init_scale must be a number > 0 (× the fan-in scale 1/sqrt(fan_in)), "
+                             f"got {init_scale!r}")
+        where = "none" if _is_none(norm) else ("pre" if placement == "all" else placement)
+        own = spec_activation(norm) if where != "none" else None
+        self.placement, self.init_scale = where, float(init_scale)
+        width = in_channels * image_size * image_size
+        blocks = []
+        for _ in range(depth):
+            act = make_activation(own, hidden) if own is not None else MLP_ACTIVATIONS[activation]()
+            parts: list[tuple[str, nn.Module]] = [("linear", nn.Linear(width, hidden))]
+            norm_layer = (create_norm(norm, hidden, dim=1, act="none") if where != "none"
+                          else None)
+            if where == "pre":
+                parts += [("norm", norm_layer), ("act", act)]
+            elif where == "post":
+                parts += [("act", act), ("norm", norm_layer)]
+            else:
+                parts.append(("act", act))
+            if dropout > 0:
+                parts.append(("dropout", nn.Dropout(float(dropout))))
+            blocks.append(nn.Sequential(OrderedDict(parts)))
+            width = hidden
+        self.flatten = nn.Flatten()
+        self.hidden = nn.Sequential(*blocks)
+        self.classifier = nn.Linear(width, num_classes)
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    m.weight.normal_(0.0, self.init_scale / m.in_features ** 0.5)
+                    m.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.hidden(self.flatten(x)))
 
 
 # -- LeNet-5 ------------------------------------------------------------------------------------
@@ -312,18 +397,25 @@ def _shortcut(norm: str, c_in: int, c_out: int, stride: int) -> nn.Module:
 class ResNet(nn.Module):
     """ResNet-18/34/50 (He et al. 2016) with the CIFAR stem of the revisiting-BN seed §4.
 
-    Stem: 3×3 stride-1 convolution (64 × ``width`` channels) → norm → activation, *no* max-pool;
-    four stages of ``blocks`` blocks (64, 128, 256, 512 × ``width`` planes; stride 1, 2, 2, 2),
+    Stem: 3×3 stride-1 convolution (64 × ``width`` channels) → norm → activation, *no* max-pool
+    (``stem="imagenet"``: He et al.'s 7×7 stride-2 convolution → norm → activation → 3×3
+    stride-2 max-pool, for 224-px images); four stages of ``blocks`` blocks (64, 128, 256, 512 × ``width`` planes; stride 1, 2, 2, 2),
     global average pooling, a linear classifier. At width 1 with 10 classes ResNet-18 has
     11,173,962 parameters with BN.
     """
 
     def __init__(self, block: type[nn.Module], blocks: tuple[int, ...], norm: str = "bn",
-                 num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+                 num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
+                 stem: str = "cifar") -> None:
         super().__init__()
         planes = [_scaled(v, width) for v in (64, 128, 256, 512)]
-        self.stem = nn.Sequential(_conv(in_channels, planes[0], 3, bias=_is_none(norm)),
-                                  _norm_act(norm, planes[0]))
+        if _check_stem(stem) == "imagenet":
+            self.stem = nn.Sequential(
+                _conv(in_channels, planes[0], 7, stride=2, bias=_is_none(norm)),
+                _norm_act(norm, planes[0]), nn.MaxPool2d(3, stride=2, padding=1))
+        else:
+            self.stem = nn.Sequential(_conv(in_channels, planes[0], 3, bias=_is_none(norm)),
+                                      _norm_act(norm, planes[0]))
         stages, c_in = [], planes[0]
         for i, (p, n) in enumerate(zip(planes, blocks)):
             layer = []
@@ -365,21 +457,55 @@ class PreActBlock(nn.Module):
         return out + skip
 
 
+class PreActBottleneck(nn.Module):
+    """Pre-activation bottleneck (ResNetV2-50, He et al. 2016b): norm-act → 1×1 → norm-act →
+    3×3 (stride) → norm-act → 1×1 (×4 channels), added to the (projected) input."""
+
+    expansion = 4
+
+    def __init__(self, norm: str, c_in: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        bias = _is_none(norm)
+        c_out = planes * self.expansion
+        self.norm1 = _norm_act(norm, c_in)
+        self.conv1 = _conv(c_in, planes, 1, bias=bias)
+        self.norm2 = _norm_act(norm, planes)
+        self.conv2 = _conv(planes, planes, 3, stride=stride, bias=bias)
+        self.norm3 = _norm_act(norm, planes)
+        self.conv3 = _conv(planes, c_out, 1, bias=bias)
+        self.shortcut = (None if stride == 1 and c_in == c_out
+                         else _conv(c_in, c_out, 1, stride=stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm1(x)
+        skip = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv3(self.norm3(self.conv2(self.norm2(self.conv1(out)))))
+        return out + skip
+
+
 class PreActResNet(nn.Module):
-    """Pre-activation ResNet-18 (ResNetV2) with the CIFAR stem; a final norm → activation
-    before pooling, as in He et al. 2016b."""
+    """Pre-activation ResNet-18 or -50 (ResNetV2) with the CIFAR stem (or ``stem="imagenet"``,
+    7×7 stride-2 convolution and 3×3 stride-2 max-pool); a final norm → activation before
+    pooling, as in He et al. 2016b. The FRN seed's ResNetV2-50 is ``preact_resnet50``."""
 
     def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), norm: str = "bn",
-                 num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+                 num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
+                 stem: str = "cifar", block: type[nn.Module] = PreActBlock) -> None:
         super().__init__()
         planes = [_scaled(v, width) for v in (64, 128, 256, 512)]
-        self.stem = _conv(in_channels, planes[0], 3, bias=_is_none(norm))
+        if _check_stem(stem) == "imagenet":
+            self.stem = nn.Sequential(
+                _conv(in_channels, planes[0], 7, stride=2, bias=_is_none(norm)),
+                nn.MaxPool2d(3, stride=2, padding=1))
+        else:
+            self.stem = _conv(in_channels, planes[0], 3, bias=_is_none(norm))
+        expansion = getattr(block, "expansion", 1)
         stages, c_in = [], planes[0]
         for i, (p, n) in enumerate(zip(planes, blocks)):
             layer = []
             for j in range(n):
-                layer.append(PreActBlock(norm, c_in, p, 2 if (i > 0 and j == 0) else 1))
-                c_in = p
+                layer.append(block(norm, c_in, p, 2 if (i > 0 and j == 0) else 1))
+                c_in = p * expansion
             stages.append(nn.Sequential(*layer))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.final = _norm_act(norm, c_in)
@@ -458,21 +584,37 @@ def _single_placement(model: str, placement: str) -> None:
                          f"(use norm='none' for a model without normalization)")
 
 
+STEMS = ("cifar", "imagenet")
+
+
+def _check_stem(stem: Any) -> str:
+    if stem not in STEMS:
+        raise ValueError(f"stem must be 'cifar' (3x3 stride 1, no max-pool) or 'imagenet' "
+                         f"(7x7 stride 2 + max-pool), got {stem!r}")
+    return stem
+
+
 def _resnet(block, blocks, model):
-    def build(norm, num_classes, in_channels, image_size, placement, width=1.0):
+    def build(norm, num_classes, in_channels, image_size, placement, width=1.0, stem="cifar"):
         _single_placement(model, placement)
-        return ResNet(block, blocks, norm, num_classes, in_channels, width)
+        return ResNet(block, blocks, norm, num_classes, in_channels, width, stem)
     return build
 
 
-def _preact(norm, num_classes, in_channels, image_size, placement, width=1.0):
-    _single_placement("preact_resnet18", placement)
-    return PreActResNet((2, 2, 2, 2), norm, num_classes, in_channels, width)
+def _preact(block, blocks, model):
+    def build(norm, num_classes, in_channels, image_size, placement, width=1.0, stem="cifar"):
+        _single_placement(model, placement)
+        return PreActResNet(blocks, norm, num_classes, in_channels, width, stem, block)
+    return build
 
 
 def _mobilenet(norm, num_classes, in_channels, image_size, placement, width=1.0):
     _single_placement("mobilenetv2", placement)
     return MobileNetV2(norm, num_classes, in_channels, width)
+
+
+def _mlp(norm, num_classes, in_channels, image_size, placement, **options):
+    return MLP(norm, num_classes, in_channels, image_size, placement, **options)
 
 
 _MODELS: dict[str, tuple[Callable[..., nn.Module], str, tuple[str, ...]]] = {
@@ -488,14 +630,39 @@ _MODELS: dict[str, tuple[Callable[..., nn.Module], str, tuple[str, ...]]] = {
                  "ResNet-34, CIFAR stem", ("all",)),
     "resnet50": (_resnet(Bottleneck, (3, 4, 6, 3), "resnet50"),
                  "ResNet-50 (bottleneck), CIFAR stem", ("all",)),
-    "preact_resnet18": (_preact, "pre-activation ResNet-18 (ResNetV2), CIFAR stem", ("all",)),
+    "preact_resnet18": (_preact(PreActBlock, (2, 2, 2, 2), "preact_resnet18"),
+                        "pre-activation ResNet-18 (ResNetV2), CIFAR stem", ("all",)),
     "mobilenetv2": (_mobilenet, "MobileNetV2 for small images (stride-1 stem)", ("all",)),
+    "preact_resnet50": (_preact(PreActBottleneck, (3, 4, 6, 3), "preact_resnet50"),
+                        "pre-activation ResNet-50 (ResNetV2-50, the FRN seed's model)",
+                        ("all",)),
+    "mlp": (_mlp, "fully connected net (BN paper Fig. 1: 3 x 100 sigmoid units); placement "
+            "pre|post|none; options depth, hidden, activation, dropout, init_scale",
+            MLP_PLACEMENTS),
 }
 
 
 def list_models() -> dict[str, str]:
     """``{name: one-line description}`` of every model :func:`build_model` knows."""
     return {name: description for name, (_, description, _) in _MODELS.items()}
+
+
+#: Options each model accepts, with their defaults.
+_WIDTH = {"width": 1.0}
+_STEM = {"width": 1.0, "stem": "cifar"}
+_MODEL_OPTIONS: dict[str, dict[str, Any]] = {
+    "mlp": {"depth": 3, "hidden": 100, "activation": "sigmoid", "dropout": 0.0,
+            "init_scale": 1.0},
+    "lenet5": _WIDTH, "alexnet": _WIDTH, "vgg": _WIDTH, "mobilenetv2": _WIDTH,
+    "resnet18": _STEM, "resnet34": _STEM, "resnet50": _STEM, "preact_resnet18": _STEM,
+    "preact_resnet50": _STEM,
+}
+
+
+def model_options(name: str) -> dict[str, Any]:
+    """The options model ``name`` accepts (``--model-option K=V``), with their defaults."""
+    _entry(name)
+    return dict(_MODEL_OPTIONS[name.lower()])
 
 
 def model_placements(name: str) -> tuple[str, ...]:
@@ -518,7 +685,10 @@ def build_model(name: str, *, norm: str = "bn", num_classes: int = 10, in_channe
         norm: a registry spec (``"bn"``, ``"fbn:threshold=3"``, ``"frn"``, ``"none"``, ...).
         num_classes, in_channels, image_size: the data's shape (square images).
         placement: where the norms go; ``"all"`` everywhere (see :func:`model_placements`).
-        options: ``width`` (float > 0, default 1): channel multiplier, for CPU-scale runs.
+        options: see :func:`model_options` — ``width`` (float > 0, default 1): channel
+            multiplier, for CPU-scale runs; ``stem`` (``"cifar"``/``"imagenet"``) for the
+            ResNets; ``depth``, ``hidden``, ``activation``, ``dropout``, ``init_scale`` for
+            ``mlp``.
 
     The model carries ``model.config`` (the arguments it was built with).
     """
@@ -529,19 +699,23 @@ def build_model(name: str, *, norm: str = "bn", num_classes: int = 10, in_channe
                        ("image_size", image_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{key} must be a positive int, got {value!r}")
-    unknown = sorted(set(options) - {"width"})
+    valid = _MODEL_OPTIONS[name]
+    unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for model "
-                         f"{name!r}; valid options: width")
-    width = options.get("width", 1.0)
-    if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width < math.inf:
-        raise ValueError(f"width must be a positive number, got {width!r}")
+                         f"{name!r}; valid options: {', '.join(valid)}")
+    options = dict(valid, **options)
+    if "width" in options:
+        width = options["width"]
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not 0 < width < math.inf:
+            raise ValueError(f"width must be a positive number, got {width!r}")
+        options["width"] = float(width)
     if factory in (LeNet5, SmallAlexNet, SmallVGG):
-        model = factory(norm, num_classes, in_channels, image_size, placement, float(width))
+        model = factory(norm, num_classes, in_channels, image_size, placement, options["width"])
     else:
-        model = factory(norm, num_classes, in_channels, image_size, placement, width=float(width))
+        model = factory(norm, num_classes, in_channels, image_size, placement, **options)
     _init_weights(model)
     model.config = {"name": name, "norm": norm, "num_classes": num_classes,
                     "in_channels": in_channels, "image_size": image_size,
-                    "placement": placement, "width": float(width)}
+                    "placement": placement, **options}
     return model

@@ -12,7 +12,16 @@ and writes:
 * ``runs.csv`` — one row per run (seed, chosen epoch, val/test accuracy, time);
 * ``curves.png`` — validation and test accuracy per epoch, mean with a ±1 std band;
 * ``final.png`` — final test accuracy, mean with ±1 std error bars;
-* ``batch_size.png`` — accuracy versus batch size, when the batch size varies.
+* ``batch_size.png`` — accuracy versus batch size, when the batch size varies;
+* ``percentiles.png`` / ``shape.png`` — the probes' records (``RunConfig.probe``): the
+  15/50/85th percentiles of a sigmoid's input over training (BN paper Fig. 1(b, c)), and
+  the skewness, excess kurtosis and zero fraction of ``Wu + b`` and ``u`` per evaluation,
+  with a table of the latter in ``report.md``.
+
+Tables also show, where they apply: the number of runs that diverged (a non-finite loss
+stopped them; their score is the best validation epoch before), the paper's reported number
+(``--scale paper``), and extra paired tests at a fixed evaluation (``Plan.scores``,
+``"eval:K"``: the test accuracy at the K-th evaluation, for claims about training speed).
 
 ``normlab report DIR`` re-renders them.
 """
@@ -21,6 +30,7 @@ from __future__ import annotations
 
 import csv
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,6 +56,8 @@ class ResultRow:
     is_baseline: bool
     is_best: bool
     mean_time: float
+    diverged: int = 0         # runs stopped by a non-finite loss
+    reported: str = ""        # the paper's number (--scale paper)
 
 
 def load_plan(store: RunStore) -> Plan:
@@ -61,8 +73,30 @@ def load_plan(store: RunStore) -> Plan:
                          f"another --out") from None
 
 
-def compute_results(plan: Plan, store: RunStore, *, alpha: float = 0.05) -> list[ResultRow]:
-    """Summaries and paired t-tests for every variant of ``plan`` (runs of the plan's seeds)."""
+def score_of(run, score: str = "best-val") -> float | None:
+    """A run's score: ``"best-val"`` — its stored test accuracy (at the best-validation
+    evaluation); ``"eval:K"`` — the test accuracy of its K-th evaluation (1-based; a run
+    that stopped earlier, by divergence, keeps its last evaluation's)."""
+    if score == "best-val":
+        return run.test_acc
+    if not score.startswith("eval:"):
+        raise ValueError(f"score must be 'best-val' or 'eval:K', got {score!r}")
+    k = int(score.split(":", 1)[1])
+    if not run.epochs:
+        return None
+    return run.epochs[min(k, len(run.epochs)) - 1].get("test_acc")
+
+
+def score_title(score: str) -> str:
+    if score == "best-val":
+        return "test accuracy at the best-validation evaluation"
+    return f"test accuracy at evaluation {score.split(':', 1)[1]}"
+
+
+def compute_results(plan: Plan, store: RunStore, *, alpha: float = 0.05,
+                    score: str = "best-val") -> list[ResultRow]:
+    """Summaries and paired t-tests for every variant of ``plan`` (runs of the plan's seeds),
+    by ``score`` (:func:`score_of`)."""
     runs_by_hash: dict[str, dict[int, Any]] = {}
     for run in store.runs():
         runs_by_hash.setdefault(run.config_hash, {})[run.seed] = run
@@ -72,10 +106,12 @@ def compute_results(plan: Plan, store: RunStore, *, alpha: float = 0.05) -> list
         variants = [v for v in plan.variants if v.group == group]
         scores: dict[str, dict[int, float]] = {}
         times: dict[str, float] = {}
+        diverged: dict[str, int] = {}
         for v in variants:
             runs = {s: r for s, r in runs_by_hash.get(v.config.config_hash(), {}).items()
-                    if s in seeds and r.test_acc is not None}
-            scores[v.label] = {s: float(r.test_acc) for s, r in runs.items()}
+                    if s in seeds and score_of(r, score) is not None}
+            scores[v.label] = {s: float(score_of(r, score)) for s, r in runs.items()}
+            diverged[v.label] = sum(bool(r.extra.get("diverged")) for r in runs.values())
             times[v.label] = (sum(r.wall_time for r in runs.values()) / len(runs)
                               if runs else math.nan)
         base = scores.get(plan.baseline, {})
@@ -90,7 +126,8 @@ def compute_results(plan: Plan, store: RunStore, *, alpha: float = 0.05) -> list
                 batch_size=v.config.batch_size, summary=summarize(list(sc.values())),
                 scores=sc, test=None if is_base else paired_ttest(sc, base, alpha=alpha),
                 is_baseline=is_base, is_best=best is not None and means[v.label] == best,
-                mean_time=times[v.label]))
+                mean_time=times[v.label], diverged=diverged[v.label],
+                reported=plan.reported_for(group, v.label)))
     return rows
 
 
@@ -106,6 +143,12 @@ def format_table(rows: list[ResultRow], *, markdown: bool = True) -> str:
         if group:
             lines.append(f"\n**{group}**\n" if markdown else f"\n[{group}]")
         header = ["method", "test acc % (mean ± std)", "runs", "p vs baseline", "better?"]
+        show_diverged = any(r.diverged for r in rows)
+        show_paper = any(r.reported for r in rows)
+        if show_diverged:
+            header.append("diverged")
+        if show_paper:
+            header.append("paper")
         body = []
         for r in (x for x in rows if x.group == group):
             acc = "—" if r.summary.n == 0 else f"{r.summary.mean:.2f} ± {r.summary.std:.2f}"
@@ -124,10 +167,16 @@ def format_table(rows: list[ResultRow], *, markdown: bool = True) -> str:
                     acc = f"<u>{acc}</u>"
             else:
                 acc += (" *" if sig else "") + (" ^" if r.is_best else "")
-            body.append([r.label, acc, str(r.summary.n), p, verdict])
+            row = [r.label, acc, str(r.summary.n), p, verdict]
+            if show_diverged:
+                row.append(f"{r.diverged}/{r.summary.n}" if r.diverged else "")
+            if show_paper:
+                row.append(r.reported or "—")
+            body.append(row)
         if markdown:
             lines.append("| " + " | ".join(header) + " |")
-            lines.append("|" + "|".join(["---"] + ["---:"] * 3 + [":---:"]) + "|")
+            lines.append("|" + "|".join(["---"] + ["---:"] * 3 + [":---:"]
+                                        + ["---:"] * (len(header) - 5)) + "|")
             lines += ["| " + " | ".join(row) + " |" for row in body]
         else:
             widths = [max(len(h), *(len(row[i]) for row in body)) for i, h in enumerate(header)]
@@ -138,6 +187,9 @@ def format_table(rows: list[ResultRow], *, markdown: bool = True) -> str:
     if not markdown:
         lines.append("* significantly better than the baseline (one-sided paired t-test, "
                      "p < 0.05); ^ best mean")
+    if any(r.diverged for r in rows):
+        lines.append("diverged: runs a non-finite loss stopped (scored at their best "
+                     "validation evaluation before it)")
     return "\n".join(lines).lstrip("\n")
 
 
@@ -157,14 +209,28 @@ def render_report(out_dir: str | Path, *, plots: bool = True, plan: Plan | None 
         w = csv.writer(f)
         w.writerow(["group", "method", "batch_size", "n", "mean_test_acc", "std_test_acc",
                     "t", "p", "significant", "baseline", "best", "mean_seconds",
-                    "config_hash"])
+                    "config_hash", "diverged", "paper"])
         for r in rows:
             t = r.test
             w.writerow([r.group, r.label, r.batch_size, r.summary.n, _fmt(r.summary.mean),
                         _fmt(r.summary.std), _fmt(t.t) if t else "", _fmt(t.p) if t else "",
                         int(bool(t and t.significant)), int(r.is_baseline), int(r.is_best),
-                        _fmt(r.mean_time), r.config_hash])
+                        _fmt(r.mean_time), r.config_hash, r.diverged, r.reported])
     written["results.csv"] = out / "results.csv"
+    extra_rows = {score: compute_results(plan, store, score=score) for score in plan.scores}
+    for score, score_rows in extra_rows.items():
+        name = f"results-{score.replace(':', '')}.csv"
+        with open(out / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["group", "method", "n", "mean_test_acc", "std_test_acc", "t", "p",
+                        "significant", "baseline"])
+            for r in score_rows:
+                t = r.test
+                w.writerow([r.group, r.label, r.summary.n, _fmt(r.summary.mean),
+                            _fmt(r.summary.std), _fmt(t.t) if t else "",
+                            _fmt(t.p) if t else "", int(bool(t and t.significant)),
+                            int(r.is_baseline)])
+        written[name] = out / name
 
     label_of = {v.config.config_hash(): (v.group, v.label) for v in plan.variants}
     seeds = set(plan.seeds)
@@ -181,6 +247,9 @@ def render_report(out_dir: str | Path, *, plots: bool = True, plan: Plan | None 
 
     if plots:
         written.update(_plots(plan, rows, runs, label_of, out))
+        from .probe_report import probe_plots
+
+        written.update(probe_plots(plan, runs, label_of, out))
 
     total = len(plan.variants) * len(plan.seeds)
     done = sum(r.summary.n for r in rows)
@@ -193,7 +262,13 @@ def render_report(out_dir: str | Path, *, plots: bool = True, plan: Plan | None 
           + f", lr {base_cfg.lr:g}, input norm `{base_cfg.input_norm}`",
           f"- score: test accuracy at the epoch with the best validation accuracy; baseline "
           f"`{plan.baseline}`; one-sided paired t-test by seed, p < 0.05 in **bold**, best mean "
-          f"<u>underlined</u>", ""]
+          f"<u>underlined</u>"]
+    if plan.scale == "paper":
+        md.append("- scale: **paper** (the paper's configuration; its reported numbers in the "
+                  "column *paper*)")
+    if plan.notes:
+        md.append(f"- notes: {plan.notes}")
+    md.append("")
     if runs:
         versions = runs[0].versions
         md.append(f"- device `{runs[0].device}`, " + ", ".join(
@@ -205,14 +280,25 @@ def render_report(out_dir: str | Path, *, plots: bool = True, plan: Plan | None 
         md.append("")
     md.append(format_table(rows, markdown=True))
     md.append("")
+    for score, score_rows in extra_rows.items():
+        md += [f"## Paired test at a fixed point: {score_title(score)}", "",
+               format_table(score_rows, markdown=True), ""]
+    from .probe_report import probe_markdown
+
+    md += probe_markdown(plan, runs, label_of)
     md.append("## Configurations\n")
-    md.append("| group | method | norm | γ | c | batch | config hash |")
-    md.append("|---|---|---|---|---|---|---|")
+    md.append("| group | method | norm | γ | c | batch | other settings | config hash |")
+    md.append("|---|---|---|---|---|---|---|---|")
+    first = plan.variants[0].config.to_dict()
     for v in plan.variants:
         c = v.config
+        other = ", ".join(f"{k}={val}" for k, val in c.to_dict().items()
+                          if k not in ("norm", "gamma", "gamma_lr_divisor", "batch_size")
+                          and (val != first.get(k) or k in ("lr", "model_options")
+                               and val))
         md.append(f"| {v.group} | {v.label} | `{c.norm}` | {c.gamma if c.gamma is not None else 'default'} "
-                  f"| {c.gamma_lr_divisor:g} | {c.batch_size} | `{c.config_hash()}` |")
-    for name in ("curves.png", "final.png", "batch_size.png"):
+                  f"| {c.gamma_lr_divisor:g} | {c.batch_size} | {other} | `{c.config_hash()}` |")
+    for name in ("curves.png", "final.png", "batch_size.png", "percentiles.png", "shape.png"):
         if name in written:
             md += ["", f"![{name}]({name})"]
     (out / "report.md").write_text("\n".join(md) + "\n")
@@ -250,18 +336,25 @@ def _plots(plan: Plan, rows: list[ResultRow], runs, label_of, out: Path) -> dict
                 curves = [r.epochs for r in runs if r.config_hash == v.config.config_hash()]
                 if not curves:
                     continue
-                length = min(len(c) for c in curves)
+                # a diverged run stopped early: hold it at its last evaluation (its NaN
+                # model's test accuracy) rather than cutting every curve short
+                longest = max(curves, key=len)
+                length = len(longest)
                 values = np.array([[m[split] if m[split] is not None else np.nan
-                                    for m in c[:length]] for c in curves], dtype=float)
-                x = np.array([m["epoch"] for m in curves[0][:length]])
-                mean = np.nanmean(values, axis=0)
-                std = np.nanstd(values, axis=0, ddof=1) if len(curves) > 1 else 0 * mean
+                                    for m in c + c[-1:] * (length - len(c))] for c in curves],
+                                  dtype=float)
+                key = "step" if v.config.steps else "epoch"
+                x = np.array([m.get(key, m["epoch"]) for m in longest])
+                with warnings.catch_warnings():  # an evaluation where every run is NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    mean = np.nanmean(values, axis=0)
+                    std = np.nanstd(values, axis=0, ddof=1) if len(curves) > 1 else 0 * mean
                 ax.plot(x, mean, marker="o", ms=3, label=v.label)
                 ax.fill_between(x, mean - std, mean + std, alpha=0.2)
             title = ("validation" if split == "val_acc" else "test") + " accuracy"
             ax.set_title(f"{title} {('— ' + group) if group else ''}".strip())
-            ax.set_xlabel("evaluation (epoch)" if not plan.variants[0].config.steps
-                          else "evaluation point")
+            ax.set_xlabel("epoch" if not plan.variants[0].config.steps
+                          else "training step")
             ax.set_ylabel("accuracy (%)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)

@@ -18,6 +18,27 @@ Protocol (the revisiting-BN seed, §4.1–4.3, and the FRN seed, §4.1):
 
 ``steps`` (optional) trains for a fixed number of iterations instead of whole epochs (the
 filtered-BN seed's Fig. 6); the run is then evaluated ``epochs`` times, evenly spaced.
+
+Options added for the classic-BN experiments (Ioffe & Szegedy 2015, arXiv 1502.03167); each is
+left out of :meth:`RunConfig.to_dict` (and the config hash) at its default, so stores written
+before they existed still resume:
+
+* ``schedule="constant"`` keeps the peak rate after the warm-up (no cosine decay);
+* ``augment="flip"`` / ``"crop-flip"``: random horizontal flips (and random 4-pixel-padded
+  crops) of every training batch, drawn from their own seeded generator;
+* ``precise_bn=N``: every evaluation uses the population statistics of the paper's
+  Algorithm 2 (:func:`normlab.precise_bn_` over N training batches, drawn once per run)
+  instead of the running averages; training is unaffected (the averages are restored after
+  each evaluation, and its dropout draws use a forked RNG), the final model keeps the
+  population statistics;
+* ``probe="percentiles"`` / ``"shape"`` (``mlp`` only): record the 15th/50th/85th percentiles
+  of the input to the last hidden layer's nonlinearity over training (the paper's
+  Fig. 1(b, c)), or per-unit skewness, excess kurtosis and fraction of zeros of ``Wu + b`` and
+  ``u`` at every evaluation (:mod:`normlab.lab.probes`), into ``RunResult.extra["probe"]``.
+
+A run whose loss becomes non-finite stops there and is stored with ``extra["diverged"] =
+True`` (its validation accuracy at that evaluation is NaN, so the reported epoch is the best
+one before it); the report counts diverged runs per method.
 """
 
 from __future__ import annotations
@@ -42,10 +63,13 @@ from torch import nn
 from .callbacks import Callback, TrainState
 
 __all__ = ["RunConfig", "RunResult", "seed_value", "seed_everything", "train_run",
-           "resolve_device", "cosine_lr_factor", "save_checkpoint", "CheckpointError",
-           "INPUT_NORM_MODES"]
+           "resolve_device", "cosine_lr_factor", "lr_factor", "augment_batch", "save_checkpoint",
+           "CheckpointError", "INPUT_NORM_MODES", "SCHEDULES", "AUGMENTS", "PROBES"]
 
 INPUT_NORM_MODES = ("offline", "fixed", "online", "none")
+SCHEDULES = ("cosine", "constant")
+AUGMENTS = ("none", "flip", "crop-flip")
+PROBES = ("percentiles", "shape")
 
 
 def seed_value(i: int) -> int:
@@ -100,6 +124,11 @@ class RunConfig:
     data_root: str | None = None
     data_options: tuple[tuple[str, Any], ...] = ()
     model_options: tuple[tuple[str, Any], ...] = ()
+    # added later: left out of to_dict()/config_hash() at their defaults (old stores resume)
+    schedule: str = "cosine"             # cosine | constant (after the optional warm-up)
+    augment: str = "none"                # none | flip | crop-flip
+    precise_bn: int | None = None        # evaluate with Algorithm 2 over N training batches
+    probe: str | None = None             # percentiles | shape (mlp)
 
     def __post_init__(self) -> None:
         def positive(name: str, value: Any, kind=int, allow_zero=False) -> None:
@@ -125,14 +154,26 @@ class RunConfig:
         if self.input_norm not in INPUT_NORM_MODES:
             raise ValueError(f"input_norm must be one of {', '.join(INPUT_NORM_MODES)}, got "
                              f"{self.input_norm!r}")
+        for name, value, valid in (("schedule", self.schedule, SCHEDULES),
+                                   ("augment", self.augment, AUGMENTS),
+                                   ("probe", self.probe, PROBES + (None,))):
+            if value not in valid:
+                shown = ", ".join(str(v) for v in valid if v is not None)
+                raise ValueError(f"{name} must be one of {shown}, got {value!r}")
+        if self.precise_bn is not None:
+            positive("precise_bn", self.precise_bn)
         if self.batch_size < 2 and self.norm.split(":")[0] in ("bn", "fbn", "brn"):
             raise ValueError(f"batch_size {self.batch_size} is too small for batch statistics "
                              f"({self.norm!r}); use at least 2")
 
     def to_dict(self) -> dict[str, Any]:
+        """Every field, except the later additions (:data:`_LATER_FIELDS`) at their defaults."""
         d = asdict(self)
         d["data_options"] = dict(self.data_options)
         d["model_options"] = dict(self.model_options)
+        for name, default in _LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
         return d
 
     @classmethod
@@ -150,6 +191,12 @@ class RunConfig:
         """First 16 hex digits of the SHA-256 of the canonical JSON of :meth:`to_dict`."""
         text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+#: Fields added after stores existed, with the defaults at which they are left out of
+#: :meth:`RunConfig.to_dict`, so the hash of every earlier configuration is unchanged.
+_LATER_FIELDS: dict[str, Any] = {"schedule": "cosine", "augment": "none", "precise_bn": None,
+                                 "probe": None}
 
 
 @dataclass
@@ -176,6 +223,38 @@ def cosine_lr_factor(step: int, total: int, warmup: int = 0) -> float:
         return 0.5 * (1.0 - math.cos(math.pi * (step + 1) / warmup))
     span = max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(step - warmup, span) / span))
+
+
+def lr_factor(schedule: str, step: int, total: int, warmup: int = 0) -> float:
+    """The learning-rate multiplier of ``schedule`` at ``step``: ``"cosine"`` is
+    :func:`cosine_lr_factor`; ``"constant"`` is the same cosine ramp-up over ``warmup`` steps,
+    then 1."""
+    if schedule == "constant":
+        return cosine_lr_factor(step, total, warmup) if (warmup > 0 and step < warmup) else 1.0
+    if schedule != "cosine":
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    return cosine_lr_factor(step, total, warmup)
+
+
+def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator,
+                  pad: int = 4) -> torch.Tensor:
+    """Random horizontal flips (probability ½ per image) for ``"flip"``; for ``"crop-flip"``
+    first a random ``H × W`` crop of the image zero-padded by ``pad`` pixels on every side
+    (the usual CIFAR augmentation). Draws come from ``generator`` (on the CPU)."""
+    if mode == "none" or x.dim() != 4:
+        return x
+    n, _, h, w = x.shape
+    if mode == "crop-flip":
+        padded = nn.functional.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+        rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        chans = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, chans, rows, cols]
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(-1), x)
 
 
 def versions() -> dict[str, str]:
@@ -357,6 +436,16 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
         eval_at = {steps_per_pass * (k + 1) for k in range(config.epochs)}
     warmup_steps = int(round(config.warmup * steps_per_pass))
 
+    probes = []
+    if config.probe is not None:
+        from .probes import make_probe
+
+        probes = [make_probe(config.probe, model, x_test, total_steps=total_steps,
+                             channels_last=config.channels_last)]
+        callbacks = list(callbacks) + probes
+    augment_gen = torch.Generator().manual_seed(seed_value(seed) + 2)
+    precise_batches = (_precise_bn_batches(len(y_train), config, seed, rank, world)
+                       if config.precise_bn else None)
     state = TrainState(model=model, optimizer=optimizer, loss_fn=nn.functional.cross_entropy,
                        device=dev, config=config.to_dict())
     for cb in callbacks:
@@ -378,9 +467,10 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
                 break
             if world > 1:
                 idx = idx[rank::world]
-            xb = _to(x_train[idx], dev, config.channels_last)
+            xb = _to(augment_batch(x_train[idx], config.augment, augment_gen), dev,
+                     config.channels_last)
             yb = y_train[idx].to(dev)
-            factor = cosine_lr_factor(step, total_steps, warmup_steps)
+            factor = lr_factor(config.schedule, step, total_steps, warmup_steps)
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
             optimizer.zero_grad(set_to_none=True)
@@ -413,9 +503,12 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
             if step in eval_at and not diverged:
                 diverged = not _finite_state(model)  # a step can leave NaN/inf weights
             if step in eval_at or diverged:
-                metrics = _epoch_metrics(model, len(epochs) + 1, step, run_loss, run_correct,
-                                         run_seen, optimizer, (x_val, y_val), (x_test, y_test),
-                                         dev, config, diverged)
+                final = diverged or step >= total_steps
+                with _precise_statistics(model, config, precise_batches, x_train, dev,
+                                         keep=final):
+                    metrics = _epoch_metrics(model, len(epochs) + 1, step, run_loss, run_correct,
+                                             run_seen, optimizer, (x_val, y_val),
+                                             (x_test, y_test), dev, config, diverged)
                 if not (diverged or math.isfinite(metrics["val_loss"] + metrics["test_loss"])):
                     diverged = True  # finite weights whose outputs overflow to NaN/inf
                     metrics["val_acc"] = math.nan
@@ -456,6 +549,8 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
         extra["artifacts"] = artifacts
     if artifacts_error is not None:
         extra["artifacts_error"] = str(artifacts_error)
+    if probes:
+        extra["probe"] = {config.probe: probes[0].record}
     if world > 1:
         extra["world_size"] = world
     result = RunResult(config=config, seed=seed, epochs=epochs, chosen_epoch=chosen,
@@ -476,6 +571,45 @@ class CheckpointError(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+def _precise_bn_batches(n: int, config: RunConfig, seed: int, rank: int, world: int
+                        ) -> list[torch.Tensor]:
+    """``config.precise_bn`` index batches of the training split at the training batch size,
+    from passes shuffled by their own generator (this process's shard under torchrun)."""
+    generator = torch.Generator().manual_seed(seed_value(seed) + 1)
+    out: list[torch.Tensor] = []
+    while len(out) < config.precise_bn:
+        out += _batches(n, config.batch_size, generator)
+    return [idx[rank::world] if world > 1 else idx for idx in out[:config.precise_bn]]
+
+
+@contextlib.contextmanager
+def _precise_statistics(model: nn.Module, config: RunConfig, batches, x_train: torch.Tensor,
+                        dev: torch.device, *, keep: bool):
+    """With ``config.precise_bn``: the batch-statistics layers hold Algorithm 2's population
+    statistics inside the block; their running averages come back afterwards unless ``keep``.
+    The passes run under a forked RNG, so dropout in them leaves training's draws alone."""
+    if not config.precise_bn:
+        yield
+        return
+    from ..precise_bn import batch_stat_layers, precise_bn_
+
+    layers = batch_stat_layers(model)
+    saved = {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in layers.items()}
+    devices = [dev.index if dev.index is not None else torch.cuda.current_device()] if (
+        dev.type == "cuda") else []
+    with torch.random.fork_rng(devices=devices):
+        precise_bn_(model, (_to(x_train[idx], dev, config.channels_last) for idx in batches),
+                    num_batches=len(batches), progress=False)
+    try:
+        yield
+    finally:
+        if not keep:
+            with torch.no_grad():
+                for name, m in layers.items():
+                    m.running_mean.copy_(saved[name][0])
+                    m.running_var.copy_(saved[name][1])
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, config: RunConfig, seed: int,
