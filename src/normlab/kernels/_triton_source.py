@@ -68,6 +68,13 @@ def _accumulate(x, f, k, sh, s1, s2, CENTERED: tl.constexpr):
 
 
 @triton.jit
+def _zero_lanes(A: tl.constexpr, B: tl.constexpr):
+    """Four (A, B) float32 zero tiles: a lane set's count, shift and two sums."""
+    z = tl.zeros((A, B), tl.float32)
+    return z, z, z, z
+
+
+@triton.jit
 def _lane_moments(k, sh, s1, s2, CENTERED: tl.constexpr):
     """Per lane: mean as ``sh + e`` and ``M2 = Σ(x − mean)²`` (uncentered: e = 0, M2 = Σx²)."""
     if CENTERED:
@@ -99,6 +106,14 @@ def _merge(k, hi, lo, m2, AXIS: tl.constexpr, CENTERED: tl.constexpr):
         d = n * 0.0
         big = tl.sum(m2, AXIS)
     return n, ref, d, big
+
+
+@triton.jit
+def _plain_moments(big, ref, d, m, eps):
+    """From a set's merge (M2 = big, mean ref + d): (var0, r0 = (var0 + ε)^(-1/2)) and the
+    final moments (ref, d, var, count) as they stand without a filter."""
+    var0 = big / m
+    return var0, _rsqrt(var0 + eps), ref, d, var0, tl.zeros_like(var0) + m
 
 
 @triton.jit
@@ -185,6 +200,51 @@ def _activation_grads(y, dz, t, k, ACT: tl.constexpr):
     return dy, rest
 
 
+@triton.jit
+def _grad_terms(x, dz, valid, ref, d, a, c, t, k, ACT: tl.constexpr):
+    """Per value: ∂ℓ/∂y, x − μ (0 outside the set), and the TLU's ∂ℓ/∂τ and ∂ℓ/∂κ parts
+    (``rest``, ``rest·y``); ``ref, d, a = γr, c = β − d·a, t, k`` broadcast against x."""
+    xc = tl.where(valid, (x - ref) - d, 0.0)
+    y = (x - ref) * a + c
+    dy, rest = _activation_grads(y, dz, t, k, ACT)
+    return dy, xc, rest, tl.where(valid, rest * y, 0.0)
+
+
+@triton.jit
+def _store_grad_sums(WS, row, mask, c1, c2, c3, c4, rstd):
+    """WS[row] = (Σ∂ℓ/∂y, Σ∂ℓ/∂y·x̂, Σ∂ℓ/∂τ, Σ∂ℓ/∂κ) of the tiles' rows; returns the first two."""
+    s_dy = tl.sum(c1, 1)
+    s_dyxhat = tl.sum(c2, 1) * rstd
+    tl.store(WS + row * 4 + 0, s_dy, mask=mask)
+    tl.store(WS + row * 4 + 1, s_dyxhat, mask=mask)
+    tl.store(WS + row * 4 + 2, tl.sum(c3, 1), mask=mask)
+    tl.store(WS + row * 4 + 3, tl.sum(c4, 1), mask=mask)
+    return s_dy, s_dyxhat
+
+
+@triton.jit
+def _dx_coefficients(rstd, sg, sgx, cnt, kap, CENTERED: tl.constexpr):
+    """(Bc, Cc) of ∂ℓ/∂x = γr ∂ℓ/∂y − f (Bc + (x − μ) Cc): Bc = rΣg/M (0 uncentered),
+    Cc = r² Σg x̂/(κM)."""
+    if CENTERED:
+        bc = rstd * sg / cnt
+    else:
+        bc = tl.zeros_like(sgx)
+    return bc, rstd * rstd * sgx / (kap * cnt)
+
+
+@triton.jit
+def _dx_tile(x, dz, ref, d, a, c, t, k, ref0, d0, r0, thr, partial, bc, cc,
+             ACT: tl.constexpr, FILTER: tl.constexpr):
+    """∂ℓ/∂x of a tile (the mask and the TLU decision recomputed from x)."""
+    y = (x - ref) * a + c
+    dy, rest = _activation_grads(y, dz, t, k, ACT)
+    f = 1.0
+    if FILTER:
+        f = _kept_weight(x, ref0, d0, r0, thr, partial)
+    return a * dy - f * (bc + ((x - ref) - d) * cc)
+
+
 # ---- rows: one program per row (GN, LN, IN/FRN on contiguous tensors) ------------------
 # Row s = n·G + g starts at n·stride_n + g·stride_g; its values (j, l), j < channels,
 # l < positions, lie at j·stride_c + l·stride_l; the parameter index of (s, j) is g·channels + j.
@@ -222,6 +282,26 @@ def _vector_params(W, B, TAU, AK, pidx, pmask, HAS_W: tl.constexpr, HAS_B: tl.co
 
 
 @triton.jit
+def _row_moments(X, base, channels, positions, stride_c, stride_l, ref0, d0, r0, thr,
+                 FILTERED: tl.constexpr, CENTERED: tl.constexpr, BLOCK_J: tl.constexpr,
+                 BLOCK_L: tl.constexpr):
+    """(count, ref, delta, M2) of one row's values — all of them, or (FILTERED) those
+    passing the filter around the plain moments (ref0 + d0, r0)."""
+    k, sh, s1, s2 = _zero_lanes(BLOCK_J, BLOCK_L)
+    for j0 in range(0, channels, BLOCK_J):
+        for l0 in range(0, positions, BLOCK_L):
+            x, offs, valid, j = _row_tile(X, base, j0, l0, channels, positions, stride_c,
+                                          stride_l, BLOCK_J, BLOCK_L)
+            f = valid
+            if FILTERED:
+                f = valid & _keep(x, ref0, d0, r0, thr)
+            k, sh, s1, s2 = _accumulate(x, f, k, sh, s1, s2, CENTERED)
+    e, m2 = _lane_moments(k, sh, s1, s2, CENTERED)
+    n_j, ref_j, d_j, m2_j = _merge(k, sh, e, m2, 1, CENTERED)
+    return _merge(n_j, ref_j, d_j, m2_j, 0, CENTERED)
+
+
+@triton.jit
 def rows_fwd_kernel(X, Y, W, B, TAU, AK, EPSX, STATS,
                     rows, groups, stride_n, stride_g, channels, positions, stride_c, stride_l,
                     eps, thr, kap,
@@ -235,38 +315,13 @@ def rows_fwd_kernel(X, Y, W, B, TAU, AK, EPSX, STATS,
     m = _f32(channels * positions)
     if HAS_EPSX:
         eps = eps + tl.load(EPSX).to(tl.float32)
-    k = tl.zeros((BLOCK_J, BLOCK_L), tl.float32)
-    sh = tl.zeros((BLOCK_J, BLOCK_L), tl.float32)
-    s1 = tl.zeros((BLOCK_J, BLOCK_L), tl.float32)
-    s2 = tl.zeros((BLOCK_J, BLOCK_L), tl.float32)
-    for j0 in range(0, channels, BLOCK_J):
-        for l0 in range(0, positions, BLOCK_L):
-            x, offs, valid, j = _row_tile(X, base, j0, l0, channels, positions, stride_c,
-                                          stride_l, BLOCK_J, BLOCK_L)
-            k, sh, s1, s2 = _accumulate(x, valid, k, sh, s1, s2, CENTERED)
-    e, m2 = _lane_moments(k, sh, s1, s2, CENTERED)
-    n_j, ref_j, d_j, m2_j = _merge(k, sh, e, m2, 1, CENTERED)
-    _n, ref0, d0, big0 = _merge(n_j, ref_j, d_j, m2_j, 0, CENTERED)
-    var0 = big0 / m
-    r0 = _rsqrt(var0 + eps)
-    ref = ref0
-    d = d0
-    var = var0
-    cnt = m
+    _n, ref0, d0, big0 = _row_moments(X, base, channels, positions, stride_c, stride_l, 0.0,
+                                      0.0, 0.0, thr, False, CENTERED, BLOCK_J, BLOCK_L)
+    var0, r0, ref, d, var, cnt = _plain_moments(big0, ref0, d0, m, eps)
     if FILTER:
-        k = tl.zeros((BLOCK_J, BLOCK_L), tl.float32)
-        sh = tl.zeros((BLOCK_J, BLOCK_L), tl.float32)
-        s1 = tl.zeros((BLOCK_J, BLOCK_L), tl.float32)
-        s2 = tl.zeros((BLOCK_J, BLOCK_L), tl.float32)
-        for j0 in range(0, channels, BLOCK_J):
-            for l0 in range(0, positions, BLOCK_L):
-                x, offs, valid, j = _row_tile(X, base, j0, l0, channels, positions, stride_c,
-                                              stride_l, BLOCK_J, BLOCK_L)
-                f = valid & _keep(x, ref0, d0, r0, thr)
-                k, sh, s1, s2 = _accumulate(x, f, k, sh, s1, s2, CENTERED)
-        e, m2 = _lane_moments(k, sh, s1, s2, CENTERED)
-        n_j, ref_j, d_j, m2_j = _merge(k, sh, e, m2, 1, CENTERED)
-        kept, ref_f, d_f, big_f = _merge(n_j, ref_j, d_j, m2_j, 0, CENTERED)
+        kept, ref_f, d_f, big_f = _row_moments(X, base, channels, positions, stride_c,
+                                               stride_l, ref0, d0, r0, thr, True, CENTERED,
+                                               BLOCK_J, BLOCK_L)
         ref, d, var, cnt = _filtered_or_plain(kept, ref_f, d_f, big_f, ref0, d0, var0, m, kap)
     rstd = _rsqrt(var + eps)
     for j0 in range(0, channels, BLOCK_J):
@@ -310,39 +365,27 @@ def rows_bwd_kernel(X, DZ, DX, W, B, TAU, AK, STATS, WS, GX,
                                       BLOCK_J)
         a = w * rstd
         c = bb - d * a
-        c1 = tl.zeros((BLOCK_J, BLOCK_L), tl.float32)
-        c2 = tl.zeros((BLOCK_J, BLOCK_L), tl.float32)
-        c3 = tl.zeros((BLOCK_J, BLOCK_L), tl.float32)
-        c4 = tl.zeros((BLOCK_J, BLOCK_L), tl.float32)
+        c1, c2, c3, c4 = _zero_lanes(BLOCK_J, BLOCK_L)
         for l0 in range(0, positions, BLOCK_L):
             x, offs, valid, j = _row_tile(X, base, j0, l0, channels, positions, stride_c,
                                           stride_l, BLOCK_J, BLOCK_L)
             dz, doffs, _v, _j = _row_tile(DZ, dbase, j0, l0, channels, positions, dz_stride_c,
                                           dz_stride_l, BLOCK_J, BLOCK_L)
-            xc = tl.where(valid, (x - ref) - d, 0.0)
-            y = (x - ref) * a[:, None] + c[:, None]
-            dy, rest = _activation_grads(y, dz, t[:, None], kk[:, None], ACT)
+            dy, xc, rest, rest_y = _grad_terms(x, dz, valid, ref, d, a[:, None], c[:, None],
+                                               t[:, None], kk[:, None], ACT)
             c1 += dy
             c2 += dy * xc
             c3 += rest
-            c4 += tl.where(valid, rest * y, 0.0)
+            c4 += rest_y
             acc_g += w[:, None] * dy
             acc_gx += w[:, None] * dy * xc
-        wsoff = (s.to(tl.int64) * channels + jj) * 4
-        tl.store(WS + wsoff + 0, tl.sum(c1, 1), mask=jm)
-        tl.store(WS + wsoff + 1, tl.sum(c2, 1) * rstd, mask=jm)
-        tl.store(WS + wsoff + 2, tl.sum(c3, 1), mask=jm)
-        tl.store(WS + wsoff + 3, tl.sum(c4, 1), mask=jm)
+        _store_grad_sums(WS, s.to(tl.int64) * channels + jj, jm, c1, c2, c3, c4, rstd)
     sg = tl.sum(tl.sum(acc_g, 1), 0)
     sgx = tl.sum(tl.sum(acc_gx, 1), 0) * rstd
     tl.store(GX + s, sgx)
     if NEED_DX:
         partial = cnt < m  # all kept (or the fallback): no mask
-        if CENTERED:
-            bc = rstd * sg / cnt
-        else:
-            bc = 0.0
-        cc = rstd * rstd * sgx / (kap * cnt)
+        bc, cc = _dx_coefficients(rstd, sg, sgx, cnt, kap, CENTERED)
         for j0 in range(0, channels, BLOCK_J):
             jj = j0 + tl.arange(0, BLOCK_J)
             w, bb, t, kk = _vector_params(W, B, TAU, AK, g * channels + jj, jj < channels,
@@ -354,12 +397,8 @@ def rows_bwd_kernel(X, DZ, DX, W, B, TAU, AK, STATS, WS, GX,
                                               stride_l, BLOCK_J, BLOCK_L)
                 dz, doffs, _v, _j = _row_tile(DZ, dbase, j0, l0, channels, positions,
                                               dz_stride_c, dz_stride_l, BLOCK_J, BLOCK_L)
-                y = (x - ref) * a[:, None] + c[:, None]
-                dy, rest = _activation_grads(y, dz, t[:, None], kk[:, None], ACT)
-                f = 1.0
-                if FILTER:
-                    f = _kept_weight(x, ref0, d0, r0, thr, partial)
-                dx = a[:, None] * dy - f * (bc + ((x - ref) - d) * cc)
+                dx = _dx_tile(x, dz, ref, d, a[:, None], c[:, None], t[:, None], kk[:, None],
+                              ref0, d0, r0, thr, partial, bc, cc, ACT, FILTER)
                 tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=valid)
 
 
@@ -377,47 +416,47 @@ def _rows1_tile(X, base, l0, smask, positions, stride_l, BLOCK_L: tl.constexpr):
 
 
 @triton.jit
+def _rows1_block(groups, stride_n, stride_g, BLOCK_S: tl.constexpr):
+    """This program's rows: sample n, channels g (mask), row ids s of S, base offsets."""
+    n = tl.program_id(0)
+    g = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
+    base = n.to(tl.int64) * stride_n + g.to(tl.int64) * stride_g
+    return n, g, g < groups, n * groups + g, tl.num_programs(0) * groups, base
+
+
+@triton.jit
+def _rows1_moments(X, base, smask, positions, stride_l, ref0, d0, r0, thr,
+                   FILTERED: tl.constexpr, CENTERED: tl.constexpr, BLOCK_S: tl.constexpr,
+                   BLOCK_L: tl.constexpr):
+    """Per row of the block, as :func:`_row_moments`."""
+    k, sh, s1, s2 = _zero_lanes(BLOCK_S, BLOCK_L)
+    for l0 in range(0, positions, BLOCK_L):
+        x, offs, valid = _rows1_tile(X, base, l0, smask, positions, stride_l, BLOCK_L)
+        f = valid
+        if FILTERED:
+            f = valid & _keep(x, ref0[:, None], d0[:, None], r0[:, None], thr)
+        k, sh, s1, s2 = _accumulate(x, f, k, sh, s1, s2, CENTERED)
+    e, m2 = _lane_moments(k, sh, s1, s2, CENTERED)
+    return _merge(k, sh, e, m2, 1, CENTERED)
+
+
+@triton.jit
 def rows1_fwd_kernel(X, Y, W, B, TAU, AK, EPSX, STATS, groups, positions, stride_n, stride_g,
                      stride_l, eps, thr, kap,
                      HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_EPSX: tl.constexpr,
                      ACT: tl.constexpr, CENTERED: tl.constexpr, FILTER: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr):
     """Rows s = n·G + g for BLOCK_S channels g: moments, filter, z = act(γ x̂ + β)."""
-    n = tl.program_id(0)
-    g = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    smask = g < groups
-    s = n * groups + g
-    S = tl.num_programs(0) * groups
-    base = n.to(tl.int64) * stride_n + g.to(tl.int64) * stride_g
+    n, g, smask, s, S, base = _rows1_block(groups, stride_n, stride_g, BLOCK_S)
     m = _f32(positions)
     if HAS_EPSX:
         eps = eps + tl.load(EPSX).to(tl.float32)
-    k = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
-    sh = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
-    s1 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
-    s2 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
-    for l0 in range(0, positions, BLOCK_L):
-        x, offs, valid = _rows1_tile(X, base, l0, smask, positions, stride_l, BLOCK_L)
-        k, sh, s1, s2 = _accumulate(x, valid, k, sh, s1, s2, CENTERED)
-    e, m2 = _lane_moments(k, sh, s1, s2, CENTERED)
-    _n, ref0, d0, big0 = _merge(k, sh, e, m2, 1, CENTERED)
-    var0 = big0 / m
-    r0 = _rsqrt(var0 + eps)
-    ref = ref0
-    d = d0
-    var = var0
-    cnt = tl.full((BLOCK_S,), 1.0, tl.float32) * m
+    _n, ref0, d0, big0 = _rows1_moments(X, base, smask, positions, stride_l, 0.0, 0.0, 0.0,
+                                        thr, False, CENTERED, BLOCK_S, BLOCK_L)
+    var0, r0, ref, d, var, cnt = _plain_moments(big0, ref0, d0, m, eps)
     if FILTER:
-        k = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
-        sh = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
-        s1 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
-        s2 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
-        for l0 in range(0, positions, BLOCK_L):
-            x, offs, valid = _rows1_tile(X, base, l0, smask, positions, stride_l, BLOCK_L)
-            f = valid & _keep(x, ref0[:, None], d0[:, None], r0[:, None], thr)
-            k, sh, s1, s2 = _accumulate(x, f, k, sh, s1, s2, CENTERED)
-        e, m2 = _lane_moments(k, sh, s1, s2, CENTERED)
-        kept, ref_f, d_f, big_f = _merge(k, sh, e, m2, 1, CENTERED)
+        kept, ref_f, d_f, big_f = _rows1_moments(X, base, smask, positions, stride_l, ref0, d0,
+                                                 r0, thr, True, CENTERED, BLOCK_S, BLOCK_L)
         ref, d, var, cnt = _filtered_or_plain(kept, ref_f, d_f, big_f, ref0, d0, var0, m, kap)
     rstd = _rsqrt(var + eps)
     w, bb, t, kk = _vector_params(W, B, TAU, AK, g, smask, HAS_W, HAS_B, ACT, BLOCK_S)
@@ -438,59 +477,36 @@ def rows1_bwd_kernel(X, DZ, DX, W, B, TAU, AK, STATS, WS, GX, groups, positions,
                      CENTERED: tl.constexpr, FILTER: tl.constexpr, NEED_DX: tl.constexpr,
                      BLOCK_S: tl.constexpr, BLOCK_L: tl.constexpr):
     """Backward of rows1_fwd_kernel (the formula of rows_bwd_kernel)."""
-    n = tl.program_id(0)
-    g = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)
-    smask = g < groups
-    s = n * groups + g
-    S = tl.num_programs(0) * groups
-    base = n.to(tl.int64) * stride_n + g.to(tl.int64) * stride_g
+    n, g, smask, s, S, base = _rows1_block(groups, stride_n, stride_g, BLOCK_S)
     dbase = n.to(tl.int64) * dz_stride_n + g.to(tl.int64) * dz_stride_g
     m = _f32(positions)
     ref0, d0, r0, ref, d, rstd, cnt = _load_stats(STATS, S, s, smask)
     w, bb, t, kk = _vector_params(W, B, TAU, AK, g, smask, HAS_W, HAS_B, ACT, BLOCK_S)
     a = w * rstd
     c = bb - d * a
-    c1 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
-    c2 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
-    c3 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
-    c4 = tl.zeros((BLOCK_S, BLOCK_L), tl.float32)
+    c1, c2, c3, c4 = _zero_lanes(BLOCK_S, BLOCK_L)
     for l0 in range(0, positions, BLOCK_L):
         x, offs, valid = _rows1_tile(X, base, l0, smask, positions, stride_l, BLOCK_L)
         dz, doffs, _v = _rows1_tile(DZ, dbase, l0, smask, positions, dz_stride_l, BLOCK_L)
-        xc = tl.where(valid, (x - ref[:, None]) - d[:, None], 0.0)
-        y = (x - ref[:, None]) * a[:, None] + c[:, None]
-        dy, rest = _activation_grads(y, dz, t[:, None], kk[:, None], ACT)
+        dy, xc, rest, rest_y = _grad_terms(x, dz, valid, ref[:, None], d[:, None],
+                                           a[:, None], c[:, None], t[:, None], kk[:, None], ACT)
         c1 += dy
         c2 += dy * xc
         c3 += rest
-        c4 += tl.where(valid, rest * y, 0.0)
-    s_dy = tl.sum(c1, 1)
-    s_dyxhat = tl.sum(c2, 1) * rstd
-    tl.store(WS + s.to(tl.int64) * 4 + 0, s_dy, mask=smask)
-    tl.store(WS + s.to(tl.int64) * 4 + 1, s_dyxhat, mask=smask)
-    tl.store(WS + s.to(tl.int64) * 4 + 2, tl.sum(c3, 1), mask=smask)
-    tl.store(WS + s.to(tl.int64) * 4 + 3, tl.sum(c4, 1), mask=smask)
+        c4 += rest_y
+    s_dy, s_dyxhat = _store_grad_sums(WS, s.to(tl.int64), smask, c1, c2, c3, c4, rstd)
     sg = w * s_dy
     sgx = w * s_dyxhat
     tl.store(GX + s, sgx, mask=smask)
     if NEED_DX:
         partial = cnt < m  # all kept (or the fallback): no mask
-        if CENTERED:
-            bc = rstd * sg / cnt
-        else:
-            bc = tl.zeros((BLOCK_S,), tl.float32)
-        cc = rstd * rstd * sgx / (kap * cnt)
+        bc, cc = _dx_coefficients(rstd, sg, sgx, cnt, kap, CENTERED)
         for l0 in range(0, positions, BLOCK_L):
             x, offs, valid = _rows1_tile(X, base, l0, smask, positions, stride_l, BLOCK_L)
             dz, doffs, _v = _rows1_tile(DZ, dbase, l0, smask, positions, dz_stride_l, BLOCK_L)
-            y = (x - ref[:, None]) * a[:, None] + c[:, None]
-            dy, rest = _activation_grads(y, dz, t[:, None], kk[:, None], ACT)
-            f = 1.0
-            if FILTER:
-                f = _kept_weight(x, ref0[:, None], d0[:, None], r0[:, None], thr,
-                                 partial[:, None])
-            xc = (x - ref[:, None]) - d[:, None]
-            dx = a[:, None] * dy - f * (bc[:, None] + xc * cc[:, None])
+            dx = _dx_tile(x, dz, ref[:, None], d[:, None], a[:, None], c[:, None], t[:, None],
+                          kk[:, None], ref0[:, None], d0[:, None], r0[:, None], thr,
+                          partial[:, None], bc[:, None], cc[:, None], ACT, FILTER)
             tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=valid)
 
 
@@ -503,6 +519,13 @@ def rows1_bwd_kernel(X, DZ, DX, W, B, TAU, AK, STATS, WS, GX, groups, positions,
 # them once per channel in a fixed order (deterministic, no atomics) into STATS.
 
 @triton.jit
+def _bn_block(channels, BLOCK_C: tl.constexpr):
+    """This program's channels c (and mask) and its chunk index p."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return c, tl.program_id(1), c < channels
+
+
+@triton.jit
 def _bn_tile(X, c, r0, channels, r_end, positions, stride_c, stride_n, stride_l,
              BLOCK_R: tl.constexpr):
     r = r0 + tl.arange(0, BLOCK_R)
@@ -512,6 +535,17 @@ def _bn_tile(X, c, r0, channels, r_end, positions, stride_c, stride_n, stride_l,
             + (r - n * positions)[None, :].to(tl.int64) * stride_l)
     x = tl.load(X + offs, mask=valid, other=0.0).to(tl.float32)
     return x, offs, valid
+
+
+@triton.jit
+def _bn_grad_tiles(X, DZ, c, r0, channels, r_end, positions, stride_c, stride_n, stride_l,
+                   dz_stride_c, dz_stride_n, dz_stride_l, BLOCK_R: tl.constexpr):
+    """The tiles of x and ∂ℓ/∂y at rows r0.. of channels c (each with its own strides)."""
+    x, offs, valid = _bn_tile(X, c, r0, channels, r_end, positions, stride_c, stride_n,
+                              stride_l, BLOCK_R)
+    dy, _offs, _valid = _bn_tile(DZ, c, r0, channels, r_end, positions, dz_stride_c,
+                                 dz_stride_n, dz_stride_l, BLOCK_R)
+    return x, dy, offs, valid
 
 
 @triton.jit
@@ -575,42 +609,23 @@ def _bn_merge_partials(PART, c, cmask, channels, SPLIT, CENTERED: tl.constexpr,
 
 
 @triton.jit
-def bn_sums_kernel(X, PART, channels, rows, positions, stride_c, stride_n, stride_l, SPLIT,
-                   ROWS, CENTERED: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Pass 1: each program's (count, mean pair, M2) of its chunk of rows, per channel."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = tl.program_id(1)
-    cmask = c < channels
-    k = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
-    sh = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
-    s1 = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
-    s2 = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
-    r_end = tl.minimum(rows, (p + 1) * ROWS)
-    for r0 in range(p * ROWS, r_end, BLOCK_R):
-        x, offs, valid = _bn_tile(X, c, r0, channels, r_end, positions, stride_c, stride_n,
-                                  stride_l, BLOCK_R)
-        k, sh, s1, s2 = _accumulate(x, valid, k, sh, s1, s2, CENTERED)
-    _bn_store_partials(PART, c, cmask, channels, SPLIT, p, k, sh, s1, s2, CENTERED)
-
-
-@triton.jit
-def bn_filter_sums_kernel(X, STATS, PART, channels, rows, positions, stride_c, stride_n,
-                          stride_l, SPLIT, ROWS, thr, CENTERED: tl.constexpr,
-                          BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Pass 2: the same partials over the kept values f = [|x − μ0| r0 ≤ T] (eq. 4–7)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = tl.program_id(1)
-    cmask = c < channels
-    ref0, d0, r0, _ref, _d, _rstd, _cnt = _load_stats(STATS, channels, c, cmask)
-    k = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
-    sh = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
-    s1 = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
-    s2 = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
+def bn_moments_kernel(X, STATS, PART, channels, rows, positions, stride_c, stride_n, stride_l,
+                      SPLIT, ROWS, thr, FILTERED: tl.constexpr, CENTERED: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Each program's (count, mean pair, M2) of its chunk of rows, per channel: over every
+    value (pass 1), or (FILTERED, pass 2) over the values f = [|x − μ0| r0 ≤ T] kept around
+    the plain moments already in STATS (eq. 4–7)."""
+    c, p, cmask = _bn_block(channels, BLOCK_C)
+    if FILTERED:
+        ref0, d0, r0, _ref, _d, _rstd, _cnt = _load_stats(STATS, channels, c, cmask)
+    k, sh, s1, s2 = _zero_lanes(BLOCK_C, BLOCK_R)
     r_end = tl.minimum(rows, (p + 1) * ROWS)
     for r0_ in range(p * ROWS, r_end, BLOCK_R):
         x, offs, valid = _bn_tile(X, c, r0_, channels, r_end, positions, stride_c, stride_n,
                                   stride_l, BLOCK_R)
-        f = valid & _keep(x, ref0[:, None], d0[:, None], r0[:, None], thr)
+        f = valid
+        if FILTERED:
+            f = valid & _keep(x, ref0[:, None], d0[:, None], r0[:, None], thr)
         k, sh, s1, s2 = _accumulate(x, f, k, sh, s1, s2, CENTERED)
     _bn_store_partials(PART, c, cmask, channels, SPLIT, p, k, sh, s1, s2, CENTERED)
 
@@ -624,8 +639,7 @@ def bn_finalize_kernel(PART, STATS, EPSX, RM, RV, channels, rows, SPLIT, eps, ka
     STATS. The last stage (pass 2, or pass 1 without a filter) writes the final moments and,
     with HAS_RUN, updates the running averages as torch's BatchNorm does (variance unbiased
     over the kept count M: σ′² M/(M − 1))."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < channels
+    c, _p, cmask = _bn_block(channels, BLOCK_C)
     if HAS_EPSX:
         eps = eps + tl.load(EPSX).to(tl.float32)
     m = _f32(rows)
@@ -640,12 +654,7 @@ def bn_finalize_kernel(PART, STATS, EPSX, RM, RV, channels, rows, SPLIT, eps, ka
     else:
         ref0 = ref_p
         d0 = d_p
-        var0 = big / m
-        r0 = _rsqrt(var0 + eps)
-        ref = ref0
-        d = d0
-        var = var0
-        cnt = tl.full((BLOCK_C,), 1.0, tl.float32) * m
+        var0, r0, ref, d, var, cnt = _plain_moments(big, ref0, d0, m, eps)
     rstd = _rsqrt(var + eps)
     if FILTERED or not FILTER:
         _store_stats(STATS, channels, c, cmask, ref0, d0, var0, r0, ref, d, var, rstd, cnt)
@@ -670,20 +679,11 @@ def bn_apply_kernel(X, Y, W, B, STATS, channels, rows, positions, stride_c, stri
                     stride_l, ROWS, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                     BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """Pass 3: y = (x − ref)·γr + (β − delta·γr), i.e. γ (x − μ′) r + β (eq. 8)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = tl.program_id(1)
-    cmask = c < channels
+    c, p, cmask = _bn_block(channels, BLOCK_C)
     ref = tl.load(STATS + 8 * channels + c, mask=cmask, other=0.0)
     d = tl.load(STATS + 9 * channels + c, mask=cmask, other=0.0)
     rstd = tl.load(STATS + 4 * channels + c, mask=cmask, other=1.0)
-    if HAS_W:
-        w = tl.load(W + c, mask=cmask, other=1.0).to(tl.float32)
-    else:
-        w = tl.full((BLOCK_C,), 1.0, tl.float32)
-    if HAS_B:
-        bb = tl.load(B + c, mask=cmask, other=0.0).to(tl.float32)
-    else:
-        bb = tl.zeros((BLOCK_C,), tl.float32)
+    w, bb, _t, _k = _vector_params(W, B, W, W, c, cmask, HAS_W, HAS_B, 0, BLOCK_C)
     a = w * rstd
     b0 = bb - d * a
     r_end = tl.minimum(rows, (p + 1) * ROWS)
@@ -699,19 +699,16 @@ def bn_bwd_sums_kernel(X, DZ, STATS, PART, channels, rows, positions, stride_c, 
                        stride_l, dz_stride_c, dz_stride_n, dz_stride_l, SPLIT, ROWS,
                        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """Backward pass 1: partial Σ∂ℓ/∂y and Σ∂ℓ/∂y · (x − μ) per channel → PART (2, C, SPLIT)."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = tl.program_id(1)
-    cmask = c < channels
+    c, p, cmask = _bn_block(channels, BLOCK_C)
     ref = tl.load(STATS + 8 * channels + c, mask=cmask, other=0.0)
     d = tl.load(STATS + 9 * channels + c, mask=cmask, other=0.0)
     a1 = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
     a2 = tl.zeros((BLOCK_C, BLOCK_R), tl.float32)
     r_end = tl.minimum(rows, (p + 1) * ROWS)
     for r0 in range(p * ROWS, r_end, BLOCK_R):
-        x, offs, valid = _bn_tile(X, c, r0, channels, r_end, positions, stride_c, stride_n,
-                                  stride_l, BLOCK_R)
-        dy, doffs, _v = _bn_tile(DZ, c, r0, channels, r_end, positions, dz_stride_c,
-                                 dz_stride_n, dz_stride_l, BLOCK_R)
+        x, dy, offs, valid = _bn_grad_tiles(X, DZ, c, r0, channels, r_end, positions, stride_c,
+                                            stride_n, stride_l, dz_stride_c, dz_stride_n,
+                                            dz_stride_l, BLOCK_R)
         a1 += dy
         a2 += dy * tl.where(valid, (x - ref[:, None]) - d[:, None], 0.0)
     out = c.to(tl.int64) * SPLIT + p
@@ -723,8 +720,7 @@ def bn_bwd_sums_kernel(X, DZ, STATS, PART, channels, rows, positions, stride_c, 
 def bn_bwd_finalize_kernel(PART, STATS, SUMS, channels, SPLIT, BLOCK_C: tl.constexpr,
                            BLOCK_P: tl.constexpr):
     """Per channel Σ∂ℓ/∂y and Σ∂ℓ/∂y·x̂ (→ SUMS (2, C)) from the partials, in a fixed order."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < channels
+    c, _p, cmask = _bn_block(channels, BLOCK_C)
     acc1 = tl.zeros((BLOCK_C, BLOCK_P), tl.float32)
     acc2 = tl.zeros((BLOCK_C, BLOCK_P), tl.float32)
     for p0 in range(0, SPLIT, BLOCK_P):
@@ -744,38 +740,26 @@ def bn_bwd_dx_kernel(X, DZ, DX, W, STATS, SUMS, channels, rows, positions, strid
                      HAS_W: tl.constexpr, CENTERED: tl.constexpr, FILTER: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     """Backward pass 2: ∂ℓ/∂x = r (g − f (Σg/M + x̂ Σg x̂ / (κM))), g = γ ∂ℓ/∂y."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    p = tl.program_id(1)
-    cmask = c < channels
+    c, p, cmask = _bn_block(channels, BLOCK_C)
     m = _f32(rows)
     ref0, d0, r0, ref, d, rstd, cnt = _load_stats(STATS, channels, c, cmask)
-    if HAS_W:
-        w = tl.load(W + c, mask=cmask, other=1.0).to(tl.float32)
-    else:
-        w = tl.full((BLOCK_C,), 1.0, tl.float32)
+    w, _b, _t, _k = _vector_params(W, W, W, W, c, cmask, HAS_W, False, 0, BLOCK_C)
     sg = w * tl.load(SUMS + c, mask=cmask, other=0.0)
     sgx = w * tl.load(SUMS + channels + c, mask=cmask, other=0.0)
     partial = cnt < m  # all kept (or the fallback): no mask
     a = w * rstd
-    if CENTERED:
-        bc = rstd * sg / cnt
-    else:
-        bc = tl.zeros((BLOCK_C,), tl.float32)
-    cc = rstd * rstd * sgx / (kap * cnt)
+    bc, cc = _dx_coefficients(rstd, sg, sgx, cnt, kap, CENTERED)
     r_end = tl.minimum(rows, (p + 1) * ROWS)
     for r0_ in range(p * ROWS, r_end, BLOCK_R):
-        x, offs, valid = _bn_tile(X, c, r0_, channels, r_end, positions, stride_c, stride_n,
-                                  stride_l, BLOCK_R)
-        dy, doffs, _v = _bn_tile(DZ, c, r0_, channels, r_end, positions, dz_stride_c,
-                                 dz_stride_n, dz_stride_l, BLOCK_R)
-        f = 1.0
-        if FILTER:
-            f = _kept_weight(x, ref0[:, None], d0[:, None], r0[:, None], thr, partial[:, None])
-        xc = (x - ref[:, None]) - d[:, None]
-        dx = a[:, None] * dy - f * (bc[:, None] + xc * cc[:, None])
+        x, dy, offs, valid = _bn_grad_tiles(X, DZ, c, r0_, channels, r_end, positions,
+                                            stride_c, stride_n, stride_l, dz_stride_c,
+                                            dz_stride_n, dz_stride_l, BLOCK_R)
+        dx = _dx_tile(x, dy, ref[:, None], d[:, None], a[:, None], 0.0, 0.0, 0.0, ref0[:, None],
+                      d0[:, None], r0[:, None], thr, partial[:, None], bc[:, None],
+                      cc[:, None], 0, FILTER)
         tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=valid)
 
 
 KERNELS = (rows_fwd_kernel, rows_bwd_kernel, rows1_fwd_kernel, rows1_bwd_kernel,
-           bn_sums_kernel, bn_filter_sums_kernel, bn_finalize_kernel, bn_apply_kernel,
+           bn_moments_kernel, bn_finalize_kernel, bn_apply_kernel,
            bn_bwd_sums_kernel, bn_bwd_finalize_kernel, bn_bwd_dx_kernel)

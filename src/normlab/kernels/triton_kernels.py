@@ -188,12 +188,10 @@ def _bn_forward(x, w, b, eps_extra, threshold, kap, centered, eps, running=None)
                  kap=float(kap), factor=float(factor), HAS_EPSX=eps_extra is not None,
                  CENTERED=bool(centered), FILTER=threshold is not None,
                  HAS_RUN=running is not None, BLOCK_C=cfg.block_c, BLOCK_P=cfg.block_p)
-    _launch(src.bn_sums_kernel, cfg.grid, cfg.num_warps, X=x, PART=part, **tiles)
-    _launch(src.bn_finalize_kernel, (cfg.channel_blocks,), 4, FILTERED=False, **merge)
-    if threshold is not None:
-        _launch(src.bn_filter_sums_kernel, cfg.grid, cfg.num_warps, X=x, STATS=stats,
-                PART=part, thr=float(threshold), **tiles)
-        _launch(src.bn_finalize_kernel, (cfg.channel_blocks,), 4, FILTERED=True, **merge)
+    for filtered in (False, True) if threshold is not None else (False,):
+        _launch(src.bn_moments_kernel, cfg.grid, cfg.num_warps, X=x, STATS=stats, PART=part,
+                thr=_threshold_arg(threshold), FILTERED=filtered, **tiles)
+        _launch(src.bn_finalize_kernel, (cfg.channel_blocks,), 4, FILTERED=filtered, **merge)
     _launch(src.bn_apply_kernel, cfg.grid, cfg.num_warps, X=x, Y=y,
             W=w if w is not None else x, B=b if b is not None else x, STATS=stats,
             **view._asdict(), ROWS=cfg.rows_per_program, HAS_W=w is not None,
