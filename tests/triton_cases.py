@@ -289,6 +289,7 @@ def _exact_cases():
         "fin mean 1e6 sd 0.01 channels_last": (_in, _channels_last(big_rows), 2.0),
         "fgn mean 1e6 sd 0.01": (lambda x: _gn(x, 2), big_rows, 2.0),
         "fln mean 1e6 sd 0.01": (_ln, big_rows, 2.0),
+        "in mean 1e6 sd 1": (_in, torch.randn(2, 4, 8, 8, generator=gen(7)) + 1e6, None),
         "bn mean 1e8 sd 10": (_bn, huge, None),
         "fin mean 1e8 sd 10": (_in, huge, 2.0),
     }

@@ -26,7 +26,7 @@ carries an accumulator fed by a reduction — loops accumulate register tiles, r
 after the loop. ``tests/test_triton_aot.py`` checks the rule and compiles every kernel for
 sm_80 and sm_90.
 
-Statistics buffer ``STATS`` (float32, shape (11, sets)), rows:
+Statistics buffer ``STATS`` (float32, shape (11, sets): ``triton_kernels.STATS_ROWS``), rows:
 0 mean0, 1 var0 (plain moments), 2 mean, 3 var (final: filtered, or plain), 4 rstd
 ``(var + ε)^(-1/2)``, 5 count M, 6 ref0, 7 delta0 (plain mean as a pair), 8 ref, 9 delta
 (final mean as a pair), 10 rstd0 ``(var0 + ε)^(-1/2)`` (the filter's scale). Rows 0–5 are the
@@ -36,7 +36,6 @@ public statistics (mean = ref + delta rounded); backward reads the pairs.
 import triton
 import triton.language as tl
 
-STATS_ROWS = 11
 
 
 @triton.jit
