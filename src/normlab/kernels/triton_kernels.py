@@ -130,6 +130,11 @@ class BNLaunch(NamedTuple):
     def grid(self) -> tuple[int, int]:
         return (self.channel_blocks, self.split)
 
+    @property
+    def merge_warps(self) -> int:
+        """Warps of the merge launches, which hold (block_c, block_p) tiles."""
+        return 8 if self.block_c * self.block_p >= 2048 else 4
+
 
 def bn_launch(x: Tensor) -> BNLaunch:
     """Launch configuration for ``x`` of shape (N, C, L).
@@ -191,7 +196,8 @@ def _bn_forward(x, w, b, eps_extra, threshold, kap, centered, eps, running=None)
     for filtered in (False, True) if threshold is not None else (False,):
         _launch(src.bn_moments_kernel, cfg.grid, cfg.num_warps, X=x, STATS=stats, PART=part,
                 thr=_threshold_arg(threshold), FILTERED=filtered, **tiles)
-        _launch(src.bn_finalize_kernel, (cfg.channel_blocks,), 4, FILTERED=filtered, **merge)
+        _launch(src.bn_finalize_kernel, (cfg.channel_blocks,), cfg.merge_warps,
+                FILTERED=filtered, **merge)
     _launch(src.bn_apply_kernel, cfg.grid, cfg.num_warps, X=x, Y=y,
             W=w if w is not None else x, B=b if b is not None else x, STATS=stats,
             **view._asdict(), ROWS=cfg.rows_per_program, HAS_W=w is not None,
@@ -218,8 +224,8 @@ def _bn_backward(x, dz, w, eps_extra, stats, threshold, kap, centered, eps, need
                  BLOCK_C=cfg.block_c, BLOCK_R=cfg.block_r)
     _launch(src.bn_bwd_sums_kernel, cfg.grid, cfg.num_warps, X=x, DZ=dz, STATS=stats,
             PART=part, SPLIT=cfg.split, **tiles)
-    _launch(src.bn_bwd_finalize_kernel, (cfg.channel_blocks,), 4, PART=part, STATS=stats,
-            SUMS=sums, channels=c, SPLIT=cfg.split, BLOCK_C=cfg.block_c,
+    _launch(src.bn_bwd_finalize_kernel, (cfg.channel_blocks,), cfg.merge_warps, PART=part,
+            STATS=stats, SUMS=sums, channels=c, SPLIT=cfg.split, BLOCK_C=cfg.block_c,
             BLOCK_P=cfg.block_p)
     dx = None
     if need_dx:
