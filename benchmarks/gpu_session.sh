@@ -1,34 +1,64 @@
 #!/usr/bin/env bash
-# Everything the GPU targets of docs/performance.md need, in one run (about 5 minutes on an
-# H100), so a session with a lent GPU spends one device call on it:
+# The GPU session: the Triton path's checks and the GPU targets of docs/performance.md in one
+# device call, about 4 minutes on an H200. Every step runs under its own `timeout`, and the
+# whole under a budget (default 230 s): a step that would start with less than 10 s left is
+# skipped and says so, so one hung or failing step cannot eat the device time.
 #
-#     bash benchmarks/gpu_session.sh "$OUT"        # from the repository root
+#     bash benchmarks/gpu_session.sh OUTDIR [BUDGET_SECONDS]     # from the repository root
 #
-# Writes into the given folder (default ./gpu-results): machine.txt, gpu_check.txt (Triton
-# vs the reference path, forward + backward, 3 dtypes x 2 layouts), cuda_tests.txt (the
-# CUDA/NCCL tests and the Triton interpreter tests), bench_*.md (the `normlab bench` tables:
-# layer ratios to cuDNN BN / native GN, %copy bandwidth, peak memory, ResNet-18 and LeNet-5
-# training steps) and split_sweep.txt (filtered BN time per forced NORMLAB_TRITON_BN_SPLIT,
-# to check the bn_launch heuristic). Needs torch with CUDA and triton; nothing is installed.
+# Writes only into OUTDIR (Triton's and normlab's caches go to a temporary directory):
+#   steps.txt            each step: exit status, seconds, limit (124 = timed out)
+#   machine.txt          nvidia-smi, torch / triton versions, SM count
+#   gpu_check.txt        Triton vs reference (modules, fwd+bwd), adversarial inputs vs float64,
+#                        NaN/Inf rule                       (benchmarks/gpu_check.py)
+#   bench_fp32.md        `normlab bench`: layer ratios to cuDNN BN / native GN, %copy
+#                        bandwidth, peak memory, LeNet-5 and ResNet-18 training steps
+#   cuda_cases.txt       tests/triton_cases.py on the GPU (every interpreter case, -v)
+#   compile.txt          torch.compile(conv → filtered BN → ReLU, fullgraph=True) vs eager
+#   bench_bf16_channels_last.md   the layer table in bfloat16, channels_last
+#   cuda_distributed.txt the CUDA/NCCL test of tests/test_distributed.py
+# Needs torch with CUDA and triton; installs nothing.
 set -uo pipefail
 out=${1:-gpu-results}
+budget=${2:-230}
 mkdir -p "$out"
-export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+: > "$out/steps.txt"
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 \
+    TRITON_CACHE_DIR="$tmp/triton" NORMLAB_CACHE_DIR="$tmp/normlab"
+unset TRITON_INTERPRET NORMLAB_KERNELS NORMLAB_TRITON_BN_SPLIT
 py=${PYTHON:-python3}
+start=$SECONDS
 
-{ nvidia-smi; "$py" -c "import torch, triton; p = torch.cuda.get_device_properties(0); \
-print(torch.__version__, triton.__version__, p.name, p.multi_processor_count, 'SMs')"; } \
-    > "$out/machine.txt" 2>&1
-"$py" benchmarks/gpu_check.py > "$out/gpu_check.txt" 2>&1
-"$py" -m pytest -p no:cacheprovider tests/test_distributed.py tests/test_kernels_triton.py \
-    > "$out/cuda_tests.txt" 2>&1
-bench() { "$py" -m normlab.cli bench --device cuda "$@"; }
-bench --rounds 30 --batch 128 > "$out/bench_fp32.md" 2>&1
-bench --rounds 30 --no-models --channels-last > "$out/bench_fp32_channels_last.md" 2>&1
-bench --rounds 30 --dtype bfloat16 --channels-last --batch 128 > "$out/bench_bf16_channels_last.md" 2>&1
-bench --rounds 30 --no-models --shape 256,64,56,56 > "$out/bench_fp32_large.md" 2>&1
-for split in 1 2 4 8 16 32 64 128; do
-    echo "NORMLAB_TRITON_BN_SPLIT=$split"
-    NORMLAB_TRITON_BN_SPLIT=$split bench --rounds 20 --no-models | grep -E '^\| (fbn|bn \(torch\)) '
-done > "$out/split_sweep.txt" 2>&1
-tail -n 3 "$out"/*.txt
+step() {  # step NAME LIMIT_S OUTFILE COMMAND...
+    local name=$1 limit=$2 file=$3
+    shift 3
+    local left=$((budget - (SECONDS - start)))
+    if ((left < 10)); then
+        echo "$name: skipped, budget of ${budget}s spent" | tee -a "$out/steps.txt"
+        return
+    fi
+    ((limit > left)) && limit=$left
+    local t0=$SECONDS
+    timeout -k 5 "$limit" "$@" > "$out/$file" 2>&1
+    local rc=$?
+    local note=""
+    ((rc == 124 || rc == 137)) && note=" TIMED OUT"
+    echo "$name: rc=$rc $((SECONDS - t0))s (limit ${limit}s)$note" | tee -a "$out/steps.txt"
+}
+
+step machine 30 machine.txt bash -c "nvidia-smi; $py -c \"import torch, triton; \
+p = torch.cuda.get_device_properties(0); \
+print('torch', torch.__version__, 'triton', triton.__version__, p.name, p.multi_processor_count, 'SMs')\""
+step gpu_check 90 gpu_check.txt "$py" benchmarks/gpu_check.py --sections matrix,adversarial
+step bench_fp32 60 bench_fp32.md "$py" -m normlab.cli bench --device cuda --rounds 20 --batch 128
+step cuda_cases 75 cuda_cases.txt "$py" -m pytest tests/triton_cases.py -v -p no:cacheprovider \
+    -o addopts= -W ignore::RuntimeWarning
+step compile 45 compile.txt "$py" benchmarks/gpu_check.py --sections compile
+step bench_bf16_cl 30 bench_bf16_channels_last.md "$py" -m normlab.cli bench --device cuda \
+    --rounds 20 --dtype bfloat16 --channels-last --no-models
+step cuda_distributed 30 cuda_distributed.txt "$py" -m pytest tests/test_distributed.py -q \
+    -p no:cacheprovider -o addopts= -k cuda
+echo "total $((SECONDS - start))s of ${budget}s" | tee -a "$out/steps.txt"
+tail -n 2 "$out"/gpu_check.txt "$out"/cuda_cases.txt "$out"/compile.txt 2>/dev/null
