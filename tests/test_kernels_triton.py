@@ -24,8 +24,13 @@ SCRIPT = textwrap.dedent(r'''
     assert os.environ.get("TRITON_INTERPRET") == "1"
     import torch
     from normlab import functional as F
+    from normlab import kernels as K
     from normlab.kernels import reference_normalize_affine as ref
-    from normlab.kernels import triton_kernels as TK
+
+    def on_triton(*args, **kw):
+        """The normlab::normalize_triton op (CPU tensors: Triton's interpreter)."""
+        with K.use_backend("triton"):
+            return K.normalize_affine_act(*args, **kw)
 
     def leaf(t):
         return None if t is None else t.detach().clone().requires_grad_()
@@ -43,8 +48,8 @@ SCRIPT = textwrap.dedent(r'''
                 if act == "affine_tlu":
                     y = F.affine_tlu(y, kappa.float(), tau.float())
             else:
-                y, st = TK.fused_normalize_affine_act(xx, w, b, dims, activation=act, tau=tau,
-                                                      kappa=kappa, eps_extra=epsx, **kw)
+                y, st = on_triton(xx, w, b, dims, activation=act, tau=tau, kappa=kappa,
+                              eps_extra=epsx, **kw)
                 assert y.dtype == x.dtype and y.stride() == x.stride()
             g = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
             y.float().backward(g)
@@ -126,14 +131,14 @@ SCRIPT = textwrap.dedent(r'''
             None), (2, 3), threshold=2.0),
     ]
 
-    # running averages updated inside the batch-norm kernel vs the reference update
+    # running averages updated from the op's statistics vs the reference update
     from normlab.kernels import RunningStats, update_running_stats
     def running_case(name, xx, ww, bb, **kw):
         fused = RunningStats(torch.linspace(-1, 1, xx.shape[1]), torch.linspace(0.5, 2, xx.shape[1]), 0.3)
         expect = RunningStats(fused.mean.clone(), fused.var.clone(), 0.3)
         _, st = ref(xx.float(), ww, bb, (0, 2), **kw)
         update_running_stats(expect, st)
-        TK.fused_normalize_affine_act(xx, ww, bb, (0, 2), running=fused, **kw)
+        on_triton(xx, ww, bb, (0, 2), running=fused, **kw)
         return name, max(((a - b).abs().max() / (1 + a.abs().max())).item()
                          for a, b in zip(expect[:2], fused[:2]))
     os.environ["NORMLAB_TRITON_BN_SPLIT"] = "3"
@@ -144,7 +149,7 @@ SCRIPT = textwrap.dedent(r'''
     ]
     del os.environ["NORMLAB_TRITON_BN_SPLIT"]
 
-    # create_graph=True: first and second derivatives through the Triton Function
+    # create_graph=True: first and second derivatives through the Triton op
     def second(name, fn_ref, fn_triton, inputs):
         outs = []
         for fn in (fn_ref, fn_triton):
@@ -162,11 +167,11 @@ SCRIPT = textwrap.dedent(r'''
     results += [
         second("bn filtered double backward",
                lambda x, w, b: ref(x, w, b, (0, 2), threshold=2.0)[0],
-               lambda x, w, b: TK.fused_normalize_affine_act(x, w, b, (0, 2),
+               lambda x, w, b: on_triton(x, w, b, (0, 2),
                                                               threshold=2.0)[0], (x, w, b)),
         second("frn tlu double backward",
                lambda x, w, t: F.tlu(ref(x, w, None, (2, 3), centered=False)[0], t),
-               lambda x, w, t: TK.fused_normalize_affine_act(
+               lambda x, w, t: on_triton(
                    x, w, None, (2, 3), activation="tlu", tau=t, centered=False)[0],
                (x4, w4, t4)),
     ]

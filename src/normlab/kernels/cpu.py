@@ -46,10 +46,9 @@ from torch import Tensor
 
 from .. import functional as F
 from . import _cpu_source
-from .analytic import composite_backward
-from .layout import ACT_NAMES, Plan, canonical_param, param_grad
+from .layout import Plan, canonical_param
 
-__all__ = ["available", "library_path", "FusedNormCPU", "ACT_CODES", "build_error"]
+__all__ = ["available", "library_path", "forward", "backward", "ACT_CODES", "build_error"]
 
 ACT_CODES = {"none": 0, "tlu": 1, "relu": 1, "affine_tlu": 2}
 _FLAG_SETS = (
@@ -256,140 +255,112 @@ def _work(pl: Plan, nt: int) -> Tensor | None:
     return torch.empty((nt + 1) * _cpu_source.WORK_PER * pl.g * pl.cg, dtype=torch.float64)
 
 
-class FusedNormCPU(torch.autograd.Function):
-    """``z = act(γ · normalize(x) + β)`` with (filtered) statistics; fused C forward/backward.
+def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, centered, eps,
+            gaussian_consistent, act):
+    """``z = act(γ · normalize(x) + β)`` with (filtered) statistics, one fused C call.
 
-    Same math as :class:`normlab.kernels.analytic.NormalizeAffineFunction` (whose docstring
-    derives the backward), plus an optional TLU / affine-TLU (FRN seed eq. 3–5) fused into
-    the same passes. Saves ``x``, the parameters and per-set statistics only.
-    Inputs: x (float16/bfloat16/float32/float64, in the plan's layout: contiguous or
-    channels_last), weight, bias, eps_extra, tau, kappa_act (x's dtype, or float32 for half
-    x), plan, threshold, centered, eps, gaussian_consistent, act. ``y`` comes back in x's
-    dtype and strides, the statistics in the kernel dtype (float32 for half x).
+    The CPU body of the ``normlab::normalize`` op (:mod:`normlab.kernels.ops`); same math as
+    :class:`normlab.kernels.analytic.NormalizeAffineFunction` (whose docstring derives the
+    backward), plus an optional TLU / affine-TLU (FRN seed eq. 3–5) fused into the same
+    passes. Inputs: x (float16/bfloat16/float32/float64, in the plan's layout: contiguous
+    or channels_last), weight, bias, eps_extra, tau, kappa_act (x's dtype, or float32 for
+    half x), plan, threshold (None: no filter), centered, eps, gaussian_consistent, act
+    (:data:`ACT_CODES`). Returns ``y`` in x's dtype and strides and the ``(6, sets)``
+    statistics (mean0, var0, mean, var, rstd, count) in the kernel dtype (float32 for half x).
     """
+    if pl.layout not in ("contiguous", "channels_last"):
+        raise ValueError(f"the fused CPU kernels need x contiguous or channels_last, got "
+                         f"layout {pl.layout!r}; use the reference Function")
+    lib = _load()
+    eps_total = eps + (float(eps_extra) if eps_extra is not None else 0.0)
+    thr = -1.0 if threshold is None else float(threshold)
+    kap = (F.truncated_normal_variance_factor(threshold)
+           if gaussian_consistent and threshold is not None else 1.0)
+    kdt = _kernel_dtype(x.dtype)  # statistics and parameter vectors (float32 for half x)
+    sdt = _storage_dtype(x.dtype)  # x's own dtype; float32 for float16
+    w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
+    if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
+        t = torch.zeros(pl.g * pl.cg, dtype=kdt)
+    xk = _as_kernel_input(x, x, pl, sdt)  # x itself; a float32 copy for float16
+    y = _empty_as(x, pl, sdt)
+    nsets = pl.g if pl.kind == "channel" else pl.n * pl.g
+    stats = torch.empty(6, nsets, dtype=kdt)
+    mean0, var0, mean, var, rstd, count = stats.unbind(0)
+    nt = _threads(x)
+    work = _work(pl, nt)
+    sfx = _sfx(sdt)
+    outs = tuple(map(_ptr, (mean0, var0, mean, var, rstd, count)))
+    run = (None, None, 0.0)  # running averages: updated by the dispatcher (a functional op)
+    if pl.kind == "channel" and pl.layout == "contiguous":
+        _call(lib, f"bn_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
+              int(centered), eps_total, thr, kap, *outs, *run, nt)
+    elif pl.kind == "channel":
+        _call(lib, f"bnc_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
+              int(centered), eps_total, thr, kap, *outs, *run, _ptr(work), nt)
+    elif pl.layout == "contiguous":
+        _call(lib, f"row_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
+              pl.n * pl.g, pl.g, pl.cg, pl.l, int(centered), eps_total, thr, kap, act,
+              *outs, nt)
+    else:
+        _call(lib, f"rowc_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
+              pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total, thr, kap, act, *outs,
+              _ptr(work), nt)
+    return y.to(x.dtype), stats  # float16: cast back (strides kept), else no-op
 
-    @staticmethod
-    def fuses_running(running, x: Tensor, pl: Plan) -> bool:
-        """Whether the kernel itself can update ``running`` (batch norm, buffers contiguous and
-        in the kernel dtype); else the dispatcher updates them after the call."""
-        kdt = _kernel_dtype(x.dtype)
-        return pl.kind == "channel" and all(
-            t.dtype == kdt and t.device.type == "cpu" and t.is_contiguous()
-            and t.numel() == pl.g for t in (running.mean, running.var))
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, centered,
-                eps, gaussian_consistent, act, running=None):
-        if pl.layout not in ("contiguous", "channels_last"):
-            raise ValueError(f"FusedNormCPU needs x contiguous or channels_last, got layout "
-                             f"{pl.layout!r}; use the reference Function")
-        lib = _load()
-        eps_total = eps + (float(eps_extra) if eps_extra is not None else 0.0)
-        thr = -1.0 if threshold is None else float(threshold)
-        kap = (F.truncated_normal_variance_factor(threshold)
-               if gaussian_consistent and threshold is not None else 1.0)
-        kdt = _kernel_dtype(x.dtype)  # statistics and parameter vectors (float32 for half x)
-        sdt = _storage_dtype(x.dtype)  # x's own dtype; float32 for float16
-        w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
-        if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
-            t = torch.zeros(pl.g * pl.cg, dtype=kdt)
-        xk = _as_kernel_input(x, x, pl, sdt)  # x itself; a float32 copy for float16
-        y = _empty_as(x, pl, sdt)
-        nsets = pl.g if pl.kind == "channel" else pl.n * pl.g
-        stats = torch.empty(6, nsets, dtype=kdt)
-        mean0, var0, mean, var, rstd, count = stats.unbind(0)
-        nt = _threads(x)
-        work = _work(pl, nt)
-        sfx = _sfx(sdt)
-        outs = tuple(map(_ptr, (mean0, var0, mean, var, rstd, count)))
-        # running averages updated by the kernel (batch norm; see fuses_running)
-        run = (_ptr(running.mean), _ptr(running.var), float(running.factor)) \
-            if running is not None else (None, None, 0.0)
-        if pl.kind == "channel" and pl.layout == "contiguous":
-            _call(lib, f"bn_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
-                  int(centered), eps_total, thr, kap, *outs, *run, nt)
-        elif pl.kind == "channel":
-            _call(lib, f"bnc_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
-                  int(centered), eps_total, thr, kap, *outs, *run, _ptr(work), nt)
-        elif pl.layout == "contiguous":
-            _call(lib, f"row_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
-                  pl.n * pl.g, pl.g, pl.cg, pl.l, int(centered), eps_total, thr, kap, act,
-                  *outs, nt)
+def backward(x, grad_y, weight, bias, eps_extra, tau, akappa, stats, pl: Plan, threshold,
+             centered, eps, gaussian_consistent, act, need_dx):
+    """The fused backward of :func:`forward` (body of ``normlab::normalize_backward``).
+
+    Returns ``(dx, sums, gxhat)``: ``∂ℓ/∂x`` in x's dtype and strides (``None`` unless
+    ``need_dx``); per parameter ``Σ∂ℓ/∂y``, ``Σ∂ℓ/∂y·x̂`` (and for rows ``∂ℓ/∂τ``,
+    ``∂ℓ/∂κ``) as a ``(2, C)`` or ``(4, G·Cg)`` tensor; ``Σ γ∂ℓ/∂y·x̂`` per set.
+    """
+    lib = _load()
+    eps_total = eps + (float(eps_extra) if eps_extra is not None else 0.0)
+    thr = -1.0 if threshold is None else float(threshold)
+    kap = (F.truncated_normal_variance_factor(threshold)
+           if gaussian_consistent and threshold is not None else 1.0)
+    mean0, var0, mean, _var, rstd, count = stats.unbind(0)
+    kdt = stats.dtype
+    w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
+    if act == ACT_CODES["tlu"] and t is None:
+        t = torch.zeros(pl.g * pl.cg, dtype=kdt)
+    sdt = _storage_dtype(x.dtype)
+    xk = _as_kernel_input(x, x, pl, sdt)
+    dz = _as_kernel_input(grad_y, x, pl, sdt)  # ∂ℓ/∂z in x's layout and storage dtype
+    dx = _empty_as(x, pl, sdt) if need_dx else None
+    nt = _threads(x)
+    work = _work(pl, nt)
+    sfx = _sfx(sdt)
+    saved = tuple(map(_ptr, (mean0, var0, mean, rstd, count)))
+    if pl.kind == "channel":
+        sums = torch.empty(2, pl.g, dtype=kdt)
+        s_dy, s_dyxhat = sums.unbind(0)
+        if pl.layout == "contiguous":
+            _call(lib, f"bn_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
+                  pl.l, int(centered), eps_total, thr, kap, *saved, _ptr(s_dy),
+                  _ptr(s_dyxhat), nt)
         else:
-            _call(lib, f"rowc_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
-                  pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total, thr, kap, act, *outs,
-                  _ptr(work), nt)
-        ctx.save_for_backward(x, weight, bias, eps_extra, tau, akappa, stats)
-        ctx.config = (pl, thr, kap, centered, eps_total, act, (threshold, eps, gaussian_consistent))
-        shape = pl.stats_shape
-        out_stats = (mean.view(shape), var.view(shape), count.view(shape))
-        ctx.mark_non_differentiable(*out_stats)
-        return (y.to(x.dtype), *out_stats)  # float16: cast back (strides kept), else no-op
-
-    @staticmethod
-    def backward(ctx, grad_y, _gm, _gv, _gc):
-        x, weight, bias, eps_extra, tau, akappa, stats = ctx.saved_tensors
-        pl, thr, kap, centered, eps_total, act, (threshold, eps, consistent) = ctx.config
-        if torch.is_grad_enabled():  # create_graph=True: differentiable composite gradient
-            grads = composite_backward(
-                ctx.needs_input_grad[:6], (x, weight, bias, eps_extra, tau, akappa), grad_y,
-                dims=pl.dims, threshold=threshold, centered=centered, eps=eps,
-                gaussian_consistent=consistent, activation=ACT_NAMES[act, tau is None])
-            return (*grads, None, None, None, None, None, None, None)
-        lib = _load()
-        mean0, var0, mean, _var, rstd, count = stats.unbind(0)
-        kdt = stats.dtype
-        w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
-        if act == ACT_CODES["tlu"] and t is None:
-            t = torch.zeros(pl.g * pl.cg, dtype=kdt)
-        sdt = _storage_dtype(x.dtype)
-        xk = _as_kernel_input(x, x, pl, sdt)
-        dz = _as_kernel_input(grad_y, x, pl, sdt)  # ∂ℓ/∂z in x's layout and storage dtype
-        dx = _empty_as(x, pl, sdt) if ctx.needs_input_grad[0] else None
-        nt = _threads(x)
-        work = _work(pl, nt)
-        sfx = _sfx(sdt)
-        saved = tuple(map(_ptr, (mean0, var0, mean, rstd, count)))
-        if pl.kind == "channel":
-            s_dy, s_dyxhat = torch.empty(2, pl.g, dtype=kdt).unbind(0)
-            if pl.layout == "contiguous":
-                _call(lib, f"bn_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
-                      pl.l, int(centered), eps_total, thr, kap, *saved, _ptr(s_dy),
-                      _ptr(s_dyxhat), nt)
-            else:
-                _call(lib, f"bnc_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
-                      pl.l, int(centered), eps_total, thr, kap, *saved, _ptr(s_dy),
-                      _ptr(s_dyxhat), _ptr(work), nt)
-            s_gxhat = s_dyxhat * w if w is not None else s_dyxhat
-            sums = {"dy": s_dy, "dyxhat": s_dyxhat}
+            _call(lib, f"bnc_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
+                  pl.l, int(centered), eps_total, thr, kap, *saved, _ptr(s_dy),
+                  _ptr(s_dyxhat), _ptr(work), nt)
+        s_gxhat = s_dyxhat * w if w is not None else s_dyxhat.clone()  # an output of its own
+    else:
+        rows = pl.n * pl.g
+        buf = torch.empty(4, rows * pl.cg, dtype=kdt)
+        s_dy, s_dyxhat, s_dtau, s_dak = buf.unbind(0)
+        s_gxhat = torch.empty(rows, dtype=kdt)
+        per_set = (_ptr(s_dy), _ptr(s_dyxhat), _ptr(s_dtau), _ptr(s_dak), _ptr(s_gxhat))
+        if pl.layout == "contiguous":
+            _call(lib, f"row_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
+                  _ptr(t), _ptr(k), rows, pl.g, pl.cg, pl.l, int(centered), eps_total, thr,
+                  kap, act, *saved, *per_set, nt)
         else:
-            rows = pl.n * pl.g
-            buf = torch.empty(4, rows * pl.cg, dtype=kdt)
-            s_dy, s_dyxhat, s_dtau, s_dak = buf.unbind(0)
-            s_gxhat = torch.empty(rows, dtype=kdt)
-            per_set = (_ptr(s_dy), _ptr(s_dyxhat), _ptr(s_dtau), _ptr(s_dak), _ptr(s_gxhat))
-            if pl.layout == "contiguous":
-                _call(lib, f"row_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
-                      _ptr(t), _ptr(k), rows, pl.g, pl.cg, pl.l, int(centered), eps_total, thr,
-                      kap, act, *saved, *per_set, nt)
-            else:
-                _call(lib, f"rowc_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
-                      _ptr(t), _ptr(k), pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total, thr,
-                      kap, act, *saved, *per_set, _ptr(work), nt)
-            per_channel = buf.view(4, pl.n, pl.g * pl.cg).sum(1)
-            sums = dict(zip(("dy", "dyxhat", "dtau", "dak"), per_channel.unbind(0)))
-        if dx is not None:
-            dx = dx.to(x.dtype)  # float16: cast back (strides kept), else no-op
-        grads = [dx, None, None, None, None, None]
-        if weight is not None and ctx.needs_input_grad[1]:
-            grads[1] = param_grad(sums["dyxhat"], weight, pl)
-        if bias is not None and ctx.needs_input_grad[2]:
-            grads[2] = param_grad(sums["dy"], bias, pl)
-        if eps_extra is not None and ctx.needs_input_grad[3]:
-            g_eps = (-0.5 * rstd.square() * s_gxhat).sum()
-            grads[3] = g_eps.to(eps_extra.dtype).reshape(eps_extra.shape)
-        if tau is not None and ctx.needs_input_grad[4]:
-            grads[4] = param_grad(sums["dtau"], tau, pl)
-        if akappa is not None and ctx.needs_input_grad[5]:
-            grads[5] = param_grad(sums["dak"], akappa, pl)
-        return (*grads, None, None, None, None, None, None, None)
+            _call(lib, f"rowc_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
+                  _ptr(t), _ptr(k), pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total, thr,
+                  kap, act, *saved, *per_set, _ptr(work), nt)
+        sums = buf.view(4, pl.n, pl.g * pl.cg).sum(1)
+    if dx is not None:
+        dx = dx.to(x.dtype)  # float16: cast back (strides kept), else no-op
+    return dx, sums, s_gxhat

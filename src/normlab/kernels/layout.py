@@ -29,13 +29,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Plan", "plan", "canonical_param", "param_grad", "ACT_NAMES"]
-
-
-# activation codes of the fused kernels → names of analytic.composite_normalize_affine_act;
-# code 1 is a TLU, or a ReLU when no τ is given (TLU with τ = 0)
-ACT_NAMES = {(0, True): "none", (0, False): "none", (1, False): "tlu", (1, True): "relu",
-             (2, False): "affine_tlu"}
+__all__ = ["Plan", "plan", "canonical_plan", "canonical_param", "param_grad"]
 
 
 class Plan(NamedTuple):
@@ -127,6 +121,27 @@ def plan(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...], *,
     param_shape = (1,) * j + tuple(shape[j:m]) + (1,) * (nd - m)
     stats_shape = tuple(shape[:split]) + (1,) * (nd - split)
     return Plan("rows", n, g, cg, l, param_shape, stats_shape, dims, layout)
+
+
+def _dense_layout(x: Tensor, n: int, g: int, cg: int, l: int) -> str:
+    """:func:`_layout` from strides alone (no view): what the canonical views need."""
+    if x.is_contiguous():
+        return "contiguous"
+    c = g * cg
+    want = (l * c, cg, 1, c) if x.dim() == 4 else (l * c, 1, c)
+    ok = all(size == 1 or st == w for size, st, w in zip(x.shape, x.stride(), want))
+    return "channels_last" if ok else "strided"
+
+
+def canonical_plan(x: Tensor, channel: bool) -> Plan:
+    """The :class:`Plan` of a canonical view (:mod:`normlab.kernels.spec`): ``x`` is
+    ``(N, C, L)`` for batch norm (``channel=True``) or ``(N, G, Cg, L)`` for the rows family,
+    parameters are ``(P,)`` vectors. Only reads the shape and strides."""
+    if channel:
+        n, c, l = x.shape
+        return Plan("channel", n, c, 1, l, (c,), (c,), (0, 2), _dense_layout(x, n, c, 1, l))
+    n, g, cg, l = x.shape
+    return Plan("rows", n, g, cg, l, (g * cg,), (n, g), (2, 3), _dense_layout(x, n, g, cg, l))
 
 
 def canonical_param(p: Tensor | None, pl: Plan) -> Tensor | None:

@@ -1,0 +1,365 @@
+"""normlab's fused kernels as ``torch.library`` custom ops.
+
+This is what ``torch.compile``, ``torch.export`` and ``torch.func`` see of a normalization
+call. Two pairs of operators, with one schema (config arguments from
+:func:`spec_args`, see :class:`~normlab.kernels.spec.NormSpec`)::
+
+    normlab::normalize(Tensor x, Tensor? weight, Tensor? bias, Tensor? eps_extra,
+                       Tensor? tau, Tensor? kappa, int reduction, float threshold,
+                       bool centered, float eps, bool gaussian_consistent, int activation)
+        -> (Tensor z, Tensor stats)
+    normlab::normalize_backward(Tensor x, Tensor grad_z, Tensor? weight, Tensor? bias,
+                       Tensor? eps_extra, Tensor? tau, Tensor? kappa, Tensor stats,
+                       <config>, bool need_dx) -> (Tensor dx, Tensor sums, Tensor gxhat)
+
+* ``normlab::normalize`` / ``normalize_backward`` (:func:`torch.library.custom_op`): the
+  fused C kernels (:mod:`normlab.kernels.cpu`) on CPU tensors, the same math in torch ops
+  (:func:`~normlab.kernels.analytic.canonical_forward`) anywhere else; with a fake
+  (meta) implementation for tracing.
+* ``normlab::normalize_triton`` / ``normalize_triton_backward``
+  (:func:`torch.library.triton_op`): the Triton kernels (:mod:`normlab.kernels.triton_kernels`),
+  defined when CUDA is present (or on request, :func:`triton_ops`, for the interpreter);
+  inductor decomposes them into their ``wrap_triton`` launches and sees the kernels.
+
+``x`` is the canonical view (:mod:`normlab.kernels.spec`), parameters are ``(P,)`` vectors;
+``z`` keeps ``x``'s strides; ``stats`` is ``(6, sets)``: plain mean, plain variance,
+mean, variance, ``r = (σ′² + ε)^(-1/2)`` and kept count. The forward ops are functional
+(running averages are updated by the dispatcher from ``stats``, so ``torch.compile`` and
+``torch.export`` see an ordinary buffer mutation).
+
+Every forward op has registered autograd — the backward op for first derivatives; with
+``create_graph=True`` the differentiable composite
+(:func:`~normlab.kernels.analytic.composite_backward`), so higher derivatives are exact —
+and a vmap rule that folds the vmapped dimension into the channels (batch norm) or groups
+(rows) and calls the same op once (``jacobian(vectorize=True)``,
+``gradcheck(check_batched_grad=True)``, ``torch.func.vmap``).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .. import functional as F
+from . import analytic, cpu
+from .layout import canonical_plan
+from .spec import Activation, NormSpec, Reduction
+
+__all__ = ["normalize", "normalize_backward", "spec_args", "spec_of", "triton_ops",
+           "CPU_DTYPES", "TRITON_DTYPES"]
+
+CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_REDUCTIONS = (Reduction.CHANNEL, Reduction.ROWS)  # op argument `reduction` indexes this
+
+
+def spec_args(spec: NormSpec) -> tuple[int, float, bool, float, bool, int]:
+    """The config arguments of the ops for ``spec`` (ints, floats and bools only)."""
+    return (_REDUCTIONS.index(spec.reduction), spec.threshold, spec.centered, spec.eps,
+            spec.gaussian_consistent, int(spec.activation))
+
+
+@functools.lru_cache(maxsize=256)
+def spec_of(reduction: int, threshold: float, centered: bool, eps: float,
+            gaussian_consistent: bool, activation: int) -> NormSpec:
+    """Inverse of :func:`spec_args`."""
+    return NormSpec(_REDUCTIONS[reduction], threshold, centered, eps, gaussian_consistent,
+                    Activation(activation))
+
+
+def _empty_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """What every implementation returns for ``z``/``dx``: contiguous when ``x`` is, else
+    ``x``'s (dense, channels_last) strides."""
+    dtype = x.dtype if dtype is None else dtype
+    if x.is_contiguous():
+        return torch.empty(x.shape, dtype=dtype, device=x.device)
+    return torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=x.device)
+
+
+def _sets(x: Tensor, spec: NormSpec) -> int:
+    return x.shape[1] if spec.reduction is Reduction.CHANNEL else x.shape[0] * x.shape[1]
+
+
+def _params(x: Tensor, spec: NormSpec) -> int:
+    return x.shape[1] if spec.reduction is Reduction.CHANNEL else x.shape[1] * x.shape[2]
+
+
+def _sum_rows(spec: NormSpec) -> int:
+    return 2 if spec.reduction is Reduction.CHANNEL else 4
+
+
+def _fused_kernel_applies(x: Tensor, spec: NormSpec, pl, any_strides: bool = False) -> bool:
+    """The fused kernels take non-empty views (the CPU ones contiguous or channels_last);
+    batch norm fuses no activation (the dispatcher applies it after the op)."""
+    return (x.numel() > 0 and (any_strides or pl.layout != "strided")
+            and not (spec.reduction is Reduction.CHANNEL and spec.activation is not Activation.NONE))
+
+
+def _act_code(spec: NormSpec) -> int:
+    return cpu.ACT_CODES[spec.activation.label]
+
+
+# --------------------------------------------------------------------------------------
+# normlab::normalize — fused C kernels on CPU, torch ops elsewhere
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("normlab::normalize", mutates_args=())
+def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps_extra: Tensor | None,
+              tau: Tensor | None, kappa: Tensor | None, reduction: int, threshold: float,
+              centered: bool, eps: float, gaussian_consistent: bool, activation: int
+              ) -> tuple[Tensor, Tensor]:
+    spec = spec_of(reduction, threshold, centered, eps, gaussian_consistent, activation)
+    pl = canonical_plan(x, spec.reduction is Reduction.CHANNEL)
+    if (x.device.type == "cpu" and x.dtype in CPU_DTYPES and _fused_kernel_applies(x, spec, pl)
+            and cpu.available()):
+        return cpu.forward(x, weight, bias, eps_extra, tau, kappa, pl, spec.optional_threshold,
+                           spec.centered, spec.eps, spec.gaussian_consistent, _act_code(spec))
+    return _torch_forward(x, weight, bias, eps_extra, tau, kappa, spec)
+
+
+def _torch_forward(x, weight, bias, eps_extra, tau, kappa, spec):
+    """The ops' contract in torch ops, with the fused kernels' output layout."""
+    z, stats = analytic.canonical_forward(x, weight, bias, eps_extra, tau, kappa, spec)
+    return _empty_like(x).copy_(z), stats
+
+
+def _torch_backward(x, grad_z, weight, bias, eps_extra, tau, kappa, stats, spec, need_dx):
+    dx, sums, gxhat = analytic.canonical_backward(x, grad_z, weight, bias, eps_extra, tau,
+                                                  kappa, stats, spec, need_dx)
+    return (_empty_like(x).copy_(dx) if need_dx else x.new_empty(0)), sums, gxhat
+
+
+@normalize.register_fake
+def _normalize_fake(x, weight, bias, eps_extra, tau, kappa, reduction, threshold, centered,
+                    eps, gaussian_consistent, activation):
+    spec = spec_of(reduction, threshold, centered, eps, gaussian_consistent, activation)
+    return _empty_like(x), x.new_empty((6, _sets(x, spec)), dtype=F.stats_dtype(x.dtype))
+
+
+@torch.library.custom_op("normlab::normalize_backward", mutates_args=())
+def normalize_backward(x: Tensor, grad_z: Tensor, weight: Tensor | None, bias: Tensor | None,
+                       eps_extra: Tensor | None, tau: Tensor | None, kappa: Tensor | None,
+                       stats: Tensor, reduction: int, threshold: float, centered: bool,
+                       eps: float, gaussian_consistent: bool, activation: int, need_dx: bool
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    spec = spec_of(reduction, threshold, centered, eps, gaussian_consistent, activation)
+    pl = canonical_plan(x, spec.reduction is Reduction.CHANNEL)
+    if (x.device.type == "cpu" and x.dtype in CPU_DTYPES and _fused_kernel_applies(x, spec, pl)
+            and cpu.available()):
+        dx, sums, gxhat = cpu.backward(
+            x, grad_z, weight, bias, eps_extra, tau, kappa, stats, pl, spec.optional_threshold,
+            spec.centered, spec.eps, spec.gaussian_consistent, _act_code(spec), need_dx)
+        return (dx if dx is not None else x.new_empty(0)), sums, gxhat
+    return _torch_backward(x, grad_z, weight, bias, eps_extra, tau, kappa, stats, spec, need_dx)
+
+
+@normalize_backward.register_fake
+def _normalize_backward_fake(x, grad_z, weight, bias, eps_extra, tau, kappa, stats, reduction,
+                             threshold, centered, eps, gaussian_consistent, activation, need_dx):
+    spec = spec_of(reduction, threshold, centered, eps, gaussian_consistent, activation)
+    kdt = stats.dtype
+    dx = _empty_like(x) if need_dx else x.new_empty(0)
+    return (dx, x.new_empty((_sum_rows(spec), _params(x, spec)), dtype=kdt),
+            x.new_empty((_sets(x, spec),), dtype=kdt))
+
+
+# --------------------------------------------------------------------------------------
+# autograd: the backward op; with create_graph=True the differentiable composite
+# --------------------------------------------------------------------------------------
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, eps_extra, tau, kappa, *config = inputs
+    ctx.save_for_backward(x, weight, bias, eps_extra, tau, kappa, output[1])
+    ctx.config = tuple(config)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _composite_grads(needs, x, params, grad_z, spec: NormSpec) -> list:
+    """Differentiable gradients (create_graph=True) w.r.t. x and the ``(P,)`` parameters."""
+    views = [p if i == 2 else analytic.broadcast_param(p, spec, x)  # eps_extra stays as is
+             for i, p in enumerate(params)]
+    grads = analytic.composite_backward(
+        needs, (x, *views), grad_z, dims=spec.dims, threshold=spec.optional_threshold,
+        centered=spec.centered, eps=spec.eps, gaussian_consistent=spec.gaussian_consistent,
+        activation=spec.activation.label)
+    return [g if g is None or t is None else g.reshape(t.shape)
+            for g, t in zip(grads, (x, *params))]
+
+
+def _make_backward(backward_op: Callable) -> Callable:
+    def backward(ctx, grad_z, _grad_stats):
+        x, weight, bias, eps_extra, tau, kappa, stats = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:6]
+        if grad_z is None:
+            grad_z = torch.zeros_like(x)
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+            spec = spec_of(*ctx.config)
+            grads = _composite_grads(needs, x, (weight, bias, eps_extra, tau, kappa), grad_z,
+                                     spec)
+            return (*grads, None, None, None, None, None, None)
+        dx, sums, gxhat = backward_op(x, grad_z, weight, bias, eps_extra, tau, kappa, stats,
+                                      *ctx.config, needs[0])
+        grads = [dx if needs[0] else None, None, None, None, None, None]
+        if weight is not None and needs[1]:
+            grads[1] = sums[1].to(weight.dtype)
+        if bias is not None and needs[2]:
+            grads[2] = sums[0].to(bias.dtype)
+        if eps_extra is not None and needs[3]:  # ∂ℓ/∂ε = −½ Σ_sets r² Σ_S g x̂
+            g_eps = (-0.5 * stats[4].square() * gxhat).sum()
+            grads[3] = g_eps.to(eps_extra.dtype).reshape(eps_extra.shape)
+        if tau is not None and needs[4]:
+            grads[4] = sums[2].to(tau.dtype)
+        if kappa is not None and needs[5]:
+            grads[5] = sums[3].to(kappa.dtype)
+        return (*grads, None, None, None, None, None, None)
+    return backward
+
+
+# --------------------------------------------------------------------------------------
+# vmap: fold the vmapped dimension into channels (batch norm) or groups (rows)
+# --------------------------------------------------------------------------------------
+def _batched(t: Tensor, dim: int | None, size: int) -> Tensor:
+    return t.movedim(dim, 0) if dim is not None else t.unsqueeze(0).expand(size, *t.shape)
+
+
+def _fold_x(t: Tensor, dim: int | None, size: int) -> Tensor:
+    """``(B, N, C, L)`` → ``(N, B·C, L)``; ``(B, N, G, Cg, L)`` → ``(N, B·G, Cg, L)``."""
+    tb = _batched(t, dim, size).transpose(0, 1)
+    return tb.reshape(tb.shape[0], -1, *tb.shape[3:])
+
+
+def _unfold_x(t: Tensor, size: int) -> Tensor:
+    """Inverse of :func:`_fold_x`, batched at dim 1."""
+    return t.reshape(t.shape[0], size, -1, *t.shape[2:])
+
+
+def _leading_size(t: Tensor, dim: int | None) -> int:
+    """Size of the first axis of one batch element of ``t`` (vmapped at ``dim``)."""
+    return t.shape[0] if dim != 0 else t.shape[1]
+
+
+def _fold_param(p: Tensor | None, dim: int | None, size: int) -> Tensor | None:
+    return None if p is None else _batched(p, dim, size).reshape(-1)
+
+
+def _fold_sets(t: Tensor, dim: int | None, size: int, channel: bool, n: int) -> Tensor:
+    """Per-set values ``(..., sets)`` of each batch element into the folded problem's sets:
+    channel ``(B, k, C)`` → ``(k, B·C)``; rows ``(B, k, N·G)`` → ``(k, N·B·G)``."""
+    tb = _batched(t, dim, size)
+    lead = tb.shape[1:-1]
+    if channel:
+        return tb.movedim(0, -2).reshape(*lead, -1)
+    tb = tb.reshape(size, *lead, n, -1).movedim(0, -2)  # (..., N, B, G)
+    return tb.reshape(*lead, -1)
+
+
+def _unfold_sets(t: Tensor, size: int, channel: bool, n: int) -> Tensor:
+    """Inverse of :func:`_fold_sets`, batched at dim 0."""
+    lead = t.shape[:-1]
+    if channel:
+        return t.reshape(*lead, size, -1).movedim(-2, 0)
+    return t.reshape(*lead, n, size, -1).movedim(-2, 0).reshape(size, *lead, -1)
+
+
+def _vmap_loop(op, info, in_dims, args):
+    """One call per batch element (a batched ε, which the kernels take as one number)."""
+    outs = [op(*[a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)])
+            for i in range(info.batch_size)]
+    return tuple(torch.stack(o) for o in zip(*outs)), (0,) * len(outs[0])
+
+
+def _make_forward_vmap(forward_op: Callable) -> Callable:
+    def rule(info, in_dims, x, weight, bias, eps_extra, tau, kappa, *config):
+        if in_dims[3] is not None:
+            return _vmap_loop(forward_op, info, in_dims,
+                              (x, weight, bias, eps_extra, tau, kappa, *config))
+        size, channel = info.batch_size, _REDUCTIONS[config[0]] is Reduction.CHANNEL
+        n = _leading_size(x, in_dims[0])
+        params = [_fold_param(p, d, size) for p, d in zip((weight, bias), in_dims[1:3])]
+        acts = [_fold_param(p, d, size) for p, d in zip((tau, kappa), in_dims[4:6])]
+        z, stats = forward_op(_fold_x(x, in_dims[0], size), *params, eps_extra, *acts, *config)
+        return (_unfold_x(z, size), _unfold_sets(stats, size, channel, n)), (1, 0)
+    return rule
+
+
+def _make_backward_vmap(backward_op: Callable) -> Callable:
+    def rule(info, in_dims, x, grad_z, weight, bias, eps_extra, tau, kappa, stats, *config):
+        args = (x, grad_z, weight, bias, eps_extra, tau, kappa, stats, *config)
+        if in_dims[4] is not None:
+            return _vmap_loop(backward_op, info, in_dims, args)
+        size, channel = info.batch_size, _REDUCTIONS[config[0]] is Reduction.CHANNEL
+        n = _leading_size(x, in_dims[0])
+        folded = [_fold_x(t, d, size) for t, d in zip((x, grad_z), in_dims[:2])]
+        params = [_fold_param(p, d, size) for p, d in zip((weight, bias), in_dims[2:4])]
+        acts = [_fold_param(p, d, size) for p, d in zip((tau, kappa), in_dims[5:7])]
+        st = _fold_sets(stats, in_dims[7], size, channel, n)
+        dx, sums, gxhat = backward_op(*folded, *params, eps_extra, *acts, st, *config)
+        need_dx = config[-1]
+        dx = _unfold_x(dx, size) if need_dx else dx
+        sums = sums.reshape(sums.shape[0], size, -1)
+        return (dx, sums, _unfold_sets(gxhat, size, channel, n)), (1 if need_dx else None, 1, 0)
+    return rule
+
+
+def _register(forward_op, backward_op) -> None:
+    forward_op.register_autograd(_make_backward(backward_op), setup_context=_setup_context)
+    torch.library.register_vmap(forward_op, _make_forward_vmap(forward_op))
+    torch.library.register_vmap(backward_op, _make_backward_vmap(backward_op))
+
+
+_register(normalize, normalize_backward)
+
+
+# --------------------------------------------------------------------------------------
+# normlab::normalize_triton — CUDA (Triton kernels visible to inductor)
+# --------------------------------------------------------------------------------------
+_TRITON: tuple | None = None
+
+
+def triton_ops() -> tuple | None:
+    """``(normalize_triton, normalize_triton_backward)``, defined on first call (and at import
+    when CUDA is available); ``None`` without Triton."""
+    global _TRITON
+    if _TRITON is not None:
+        return _TRITON
+    from . import triton_kernels as TK
+    if not TK.available():
+        return None
+
+    @torch.library.triton_op("normlab::normalize_triton", mutates_args=())
+    def normalize_triton(x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                         eps_extra: Tensor | None, tau: Tensor | None, kappa: Tensor | None,
+                         reduction: int, threshold: float, centered: bool, eps: float,
+                         gaussian_consistent: bool, activation: int) -> tuple[Tensor, Tensor]:
+        spec = spec_of(reduction, threshold, centered, eps, gaussian_consistent, activation)
+        pl = canonical_plan(x, spec.reduction is Reduction.CHANNEL)
+        if not _fused_kernel_applies(x, spec, pl, any_strides=True):
+            return _torch_forward(x, weight, bias, eps_extra, tau, kappa, spec)
+        return TK.forward(x, weight, bias, eps_extra, tau, kappa, pl, spec.optional_threshold,
+                          spec.centered, spec.eps, spec.gaussian_consistent, _act_code(spec))
+
+    @torch.library.triton_op("normlab::normalize_triton_backward", mutates_args=())
+    def normalize_triton_backward(x: Tensor, grad_z: Tensor, weight: Tensor | None,
+                                  bias: Tensor | None, eps_extra: Tensor | None,
+                                  tau: Tensor | None, kappa: Tensor | None, stats: Tensor,
+                                  reduction: int, threshold: float, centered: bool, eps: float,
+                                  gaussian_consistent: bool, activation: int, need_dx: bool
+                                  ) -> tuple[Tensor, Tensor, Tensor]:
+        spec = spec_of(reduction, threshold, centered, eps, gaussian_consistent, activation)
+        pl = canonical_plan(x, spec.reduction is Reduction.CHANNEL)
+        if not _fused_kernel_applies(x, spec, pl, any_strides=True):
+            return _torch_backward(x, grad_z, weight, bias, eps_extra, tau, kappa, stats, spec,
+                                   need_dx)
+        dx, sums, gxhat = TK.backward(
+            x, grad_z, weight, bias, eps_extra, tau, kappa, stats, pl, spec.optional_threshold,
+            spec.centered, spec.eps, spec.gaussian_consistent, _act_code(spec), need_dx)
+        return (dx if dx is not None else x.new_empty(0)), sums, gxhat
+
+    _register(normalize_triton, normalize_triton_backward)
+    _TRITON = (normalize_triton, normalize_triton_backward)
+    return _TRITON
+
+
+if torch.cuda.is_available():
+    triton_ops()
