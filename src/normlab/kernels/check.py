@@ -11,7 +11,8 @@ Inf must appear in the same places as in the exact result.
 
 :func:`fast_path_verified`: the dispatcher asks it before the first use of each
 (path, family, dtype, layout) on the devices in :data:`VERIFIED_DEVICES` (CUDA: a GPU the
-kernels may never have run on). A failing or crashing check warns once and the reference
+kernels may never have run on), on the plain case with :data:`FIRST_USE_SLACK` times the
+tolerance (it is there to catch a kernel that is broken on this machine). A failing or crashing check warns once and the reference
 serves that key for the rest of the process. It is a ``torch.compiler.assume_constant_result``
 function, so the check also runs (on real tensors) while ``torch.compile`` traces a model.
 
@@ -22,6 +23,7 @@ batch) — behind ``normlab selftest``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ __all__ = ["VERIFIED_DEVICES", "fast_path_verified", "run_check", "run_selftest"
            "CONFIGS", "CheckResult", "paths_on"]
 
 VERIFIED_DEVICES = {"cuda"}  # device types whose fast path is checked before its first use
+FIRST_USE_SLACK = 10.0  # the first-use check catches broken kernels; selftest is the strict one
 CASES = ("normal", "outlier_1e6", "keeps_one", "mean_std_1e8", "nan", "inf", "empty")
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 1e-2,
              torch.float16: 1e-2}
@@ -97,18 +100,19 @@ def _layout(t: Tensor, layout: str) -> Tensor:
     return t
 
 
-def _inputs(family: str, case: str, dtype: torch.dtype, device, seed: int = 0):
+def _inputs(family: str, case: str, dtype: torch.dtype, seed: int = 0):
     """float64 values (exactly representable in ``dtype``) of x, ∂ℓ/∂z and the parameters."""
     gen = torch.Generator().manual_seed(seed)
     shape = _shape(family, case)
     x = torch.randn(shape, generator=gen, dtype=torch.float64) * 1.5 + 0.7
     flat = x.view(-1)
+    big = 1e6 if dtype != torch.float16 else 3e4  # float16 ends at 65504
     if case == "normal" and flat.numel():
-        flat[:: max(1, flat.numel() // 7)] += 25.0  # outliers the filter drops
+        flat[::97] += 8.0  # a few outliers the filter drops
     elif case == "outlier_1e6":
-        flat[3] = 1e6
+        flat[3] = big
     elif case == "mean_std_1e8":
-        x = 1e6 + 0.01 * x
+        x = big + big * 1e-8 * x
     elif case == "nan":
         flat[5] = math.nan
     elif case == "inf":
@@ -141,10 +145,16 @@ def _run(fwd, bwd, x, gz, params, spec: NormSpec, dtype, layout, device):
     return [t.to(torch.float64).cpu() for t in (z, stats[2:4], stats[5], dx, sums, gxhat)]
 
 
+# outputs of _run: z, (mean, var), count, dx compared value by value; the parameter sums and
+# per-set Σγ∂ℓ/∂y·x̂ (sums over a set, with cancellation) relative to the largest of them
+_PER_VALUE = (True, True, True, True, False, False)
+
+
 def _error(got: list[Tensor], exact: list[Tensor]) -> float:
-    """Worst ``|got − exact| / (1 + |exact|)``; infinite where NaN/Inf patterns differ."""
+    """Worst ``|got − exact| / (1 + |exact|)`` (or ``/ (1 + max |exact|)`` for sums);
+    infinite where the NaN/Inf patterns differ."""
     worst = 0.0
-    for a, e in zip(got, exact):
+    for a, e, per_value in zip(got, exact, _PER_VALUE):
         if a.shape != e.shape:
             return math.inf
         finite = torch.isfinite(e)
@@ -153,7 +163,9 @@ def _error(got: list[Tensor], exact: list[Tensor]) -> float:
         if not same_special:
             return math.inf
         if finite.any():
-            diff = (a[finite] - e[finite]).abs() / (1 + e[finite].abs())
+            a, e = a[finite], e[finite]
+            scale = 1 + (e.abs() if per_value else e.abs().max())
+            diff = (a - e).abs() / scale
             if not torch.isfinite(diff).all():
                 return math.inf
             worst = max(worst, float(diff.max()))
@@ -161,23 +173,23 @@ def _error(got: list[Tensor], exact: list[Tensor]) -> float:
 
 
 def run_check(path: str, layer: str, spec: NormSpec, dtype: torch.dtype, layout: str,
-              case: str, device="cpu") -> CheckResult:
-    """One fused path vs the exact result on one input (see the module docstring)."""
-    family = spec.reduction.value
-    x, gz, *params = _inputs(family, case, dtype, device)
-    exact = _exact(x, gz, params, spec)
-    reference = _run(*_reference_ops(), x, gz, params, spec, dtype, "contiguous", "cpu")
-    allowed = max(TOLERANCE[dtype], 4 * _error(reference, exact))
-    try:
-        got = _run(*_ops(path), x, gz, params, spec, dtype, layout, device)
-    except Exception as error:  # noqa: BLE001 — a crashing kernel is a failed check
-        return CheckResult(path, layer, dtype, layout, case, math.inf, allowed,
-                           f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
+              case: str, device="cpu", slack: float = 1.0) -> CheckResult:
+    """One fused path vs the exact result on one input (see the module docstring);
+    ``slack`` multiplies the allowed error."""
+    if case == "keeps_one" and spec.filtered:  # sets of 3 values: T = 0.5 keeps one or two
+        spec = dataclasses.replace(spec, threshold=0.5)
+    x, gz, *params = _inputs(spec.reduction.value, case, dtype)
+    with warnings.catch_warnings():  # e.g. var_mean of the empty batch
+        warnings.simplefilter("ignore")
+        exact = _run(*_reference_ops(), x, gz, params, spec, torch.float64, "contiguous", "cpu")
+        reference = _run(*_reference_ops(), x, gz, params, spec, dtype, "contiguous", "cpu")
+        allowed = slack * max(TOLERANCE[dtype], 4 * _error(reference, exact))
+        try:
+            got = _run(*_ops(path), x, gz, params, spec, dtype, layout, device)
+        except Exception as error:  # noqa: BLE001 — a crashing kernel is a failed check
+            return CheckResult(path, layer, dtype, layout, case, math.inf, allowed,
+                               f"{type(error).__name__}: {str(error).splitlines()[0][:200]}")
     return CheckResult(path, layer, dtype, layout, case, _error(got, exact), allowed)
-
-
-def _exact(x, gz, params, spec: NormSpec) -> list[Tensor]:
-    return _run(*_reference_ops(), x, gz, params, spec, torch.float64, "contiguous", "cpu")
 
 
 def _reference_ops() -> tuple[Callable, Callable]:
@@ -209,8 +221,8 @@ def fast_path_verified(path: str, family: str, dtype: torch.dtype, layout: str,
     verdict = _verdicts.get(key)
     if verdict is None:
         with torch.inference_mode(False):
-            results = [run_check(path, layer, spec, dtype, layout, "normal", device)
-                       for layer, spec in CONFIGS[family]]
+            results = [run_check(path, layer, spec, dtype, layout, "normal", device,
+                                 slack=FIRST_USE_SLACK) for layer, spec in CONFIGS[family]]
         bad = [r for r in results if not r.passed]
         verdict = _verdicts[key] = not bad
         if bad:
