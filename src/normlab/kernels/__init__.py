@@ -39,6 +39,7 @@ from .. import functional as F
 from . import check, cpu, ops
 from .analytic import (
     NormalizeAffineFunction,
+    composite_forward,
     RunningStats,
     apply_activation,
     broadcast_param,
@@ -150,6 +151,17 @@ def _reference(x, weight, bias, spec, eps_extra, tau, kappa) -> tuple[Tensor, F.
     return y, F.Moments(mean.reshape(shape), var.reshape(shape), count.reshape(shape))
 
 
+def _composite(x, weight, bias, spec, eps_extra, tau, kappa) -> tuple[Tensor, F.Moments]:
+    """:func:`analytic.composite_forward` on the canonical view."""
+    view = [broadcast_param(p, spec, x) for p in (weight, bias, tau, kappa)]
+    z, stats = composite_forward(
+        x, view[0], view[1], eps_extra, view[2], view[3], dims=spec.dims,
+        threshold=spec.optional_threshold, centered=spec.centered, eps=spec.eps,
+        gaussian_consistent=spec.gaussian_consistent, activation=spec.activation.label)
+    shape = (-1,) if spec.reduction is Reduction.CHANNEL else (x.shape[0], x.shape[1])
+    return z, F.Moments(*(t.detach().expand_as(stats.var).reshape(shape) for t in stats))
+
+
 def normalize(
     x: Tensor,
     weight: Tensor | None,
@@ -177,8 +189,11 @@ def normalize(
         (:class:`~normlab.functional.Moments`: mean, variance, kept count) per set —
         ``(C,)`` or ``(N, G)`` — in float32 for half inputs.
     """
-    path = _path(x, (weight, bias, tau, kappa), spec)
-    if path == "reference":
+    if torch._C._are_functorch_transforms_active():
+        # torch.func (vmap, grad, jacrev, ...) over the forward: the composite of plain ops,
+        # which every transform handles (the ops' autograd.Function does not support them)
+        y, moments = _composite(x, weight, bias, spec, eps_extra, tau, kappa)
+    elif (path := _path(x, (weight, bias, tau, kappa), spec)) == "reference":
         y, moments = _reference(x, weight, bias, spec, eps_extra, tau, kappa)
     else:
         act_after = (spec.reduction is Reduction.CHANNEL

@@ -49,6 +49,7 @@ from .. import functional as F
 from .spec import Activation, NormSpec, Reduction
 
 __all__ = ["normalize_affine", "NormalizeAffineFunction", "composite_normalize_affine_act",
+           "composite_forward",
            "composite_backward", "RunningStats", "update_running_stats", "canonical_forward",
            "canonical_backward", "apply_activation", "broadcast_param"]
 
@@ -83,30 +84,28 @@ def update_running_stats(running: RunningStats, stats: F.Moments) -> None:
                           unbiased.to(running.var.dtype)], running.factor)
 
 
-def composite_normalize_affine_act(x, weight, bias, eps_extra, tau, kappa, *, dims, threshold,
-                                   centered, eps, gaussian_consistent, activation):
+def composite_forward(x, weight, bias, eps_extra, tau, kappa, *, dims, threshold, centered,
+                      eps, gaussian_consistent, activation) -> tuple[Tensor, F.Moments]:
     """The forward of every normlab kernel as plain autograd ops of :mod:`normlab.functional`.
 
     ``z = act(γ · (x − μ′)/sqrt(σ′² + ε) + β)`` with the (filtered) moments of
     :func:`normlab.functional.filtered_moments`; ``activation`` is ``"none"``, ``"relu"``,
-    ``"tlu"`` (``max(y, τ)``) or ``"affine_tlu"`` (``max(y, κy + τ)``). Differentiable any
-    number of times; slower than the Functions, so used only for higher derivatives.
+    ``"tlu"`` (``max(y, τ)``) or ``"affine_tlu"`` (``max(y, κy + τ)``). Returns ``z`` and the
+    statistics (keepdim). Differentiable any number of times and by every ``torch.func``
+    transform; slower than the Functions, so used for higher derivatives and under
+    ``torch.func`` only.
     """
     eps_total = _eps_total(eps, eps_extra, F.stats_dtype(x.dtype))
     stats = F.filtered_moments(x, dims, threshold, centered=centered, eps=eps_total,
                                gaussian_consistent=gaussian_consistent)
-    y = F.normalize(x, stats, eps_total)
-    if weight is not None:
-        y = y * weight.to(y.dtype)
-    if bias is not None:
-        y = y + bias.to(y.dtype)
-    if activation == "relu":
-        y = torch.relu(y)
-    elif activation == "tlu":
-        y = F.tlu(y, tau.to(y.dtype))
-    elif activation == "affine_tlu":
-        y = F.affine_tlu(y, kappa.to(y.dtype), tau.to(y.dtype))
-    return y.to(x.dtype)
+    y = _affine(F.normalize(x, stats, eps_total), weight, bias)
+    y = apply_activation(y, Activation.parse(activation), tau, kappa)
+    return y.to(x.dtype), stats
+
+
+def composite_normalize_affine_act(x, weight, bias, eps_extra, tau, kappa, **config) -> Tensor:
+    """``z`` of :func:`composite_forward`."""
+    return composite_forward(x, weight, bias, eps_extra, tau, kappa, **config)[0]
 
 
 def composite_backward(needs_input_grad, inputs, grad_y, **config):
@@ -345,7 +344,8 @@ def canonical_backward(x: Tensor, grad_z: Tensor, weight, bias, eps_extra, tau, 
 
     ``dx`` is ``∂ℓ/∂x`` in ``x``'s dtype (an empty tensor unless ``need_dx``);
     ``sums`` holds per parameter ``Σ ∂ℓ/∂y`` (β), ``Σ ∂ℓ/∂y x̂`` (γ) and for rows also
-    ``∂ℓ/∂τ``, ``∂ℓ/∂κ``: ``(2, C)`` or ``(4, G·Cg)``; ``gxhat`` is ``Σ_S γ ∂ℓ/∂y x̂`` per
+    ``∂ℓ/∂τ``, ``∂ℓ/∂κ``: ``(2, C)`` or ``(4, G·Cg)`` (the last two rows are defined only
+    for the activations that take τ / κ); ``gxhat`` is ``Σ_S γ ∂ℓ/∂y x̂`` per
     set (``∂ℓ/∂ε = −½ Σ r² · gxhat``).
     """
     kdt = stats.dtype
