@@ -77,11 +77,11 @@ class RunningStats(NamedTuple):
 @torch.no_grad()
 def update_running_stats(running: RunningStats, stats: F.Moments) -> None:
     """Apply :class:`RunningStats`' update with per-channel ``stats`` (any keepdim shape)."""
-    count = stats.count.reshape(-1).to(stats.var.dtype)
-    unbiased = stats.var.reshape(-1) * (count / (count - 1).clamp_min_(1))
-    torch._foreach_lerp_([running.mean, running.var],
-                         [stats.mean.reshape(-1).to(running.mean.dtype),
-                          unbiased.to(running.var.dtype)], running.factor)
+    mean, var, count = (t if t.dim() == 1 else t.reshape(-1) for t in stats)
+    unbiased = var * count / (count - 1).clamp_min(1)
+    if mean.dtype != running.mean.dtype:
+        mean, unbiased = mean.to(running.mean.dtype), unbiased.to(running.var.dtype)
+    torch._foreach_lerp_([running.mean, running.var], [mean, unbiased], running.factor)
 
 
 def composite_forward(x, weight, bias, eps_extra, tau, kappa, *, dims, threshold, centered,

@@ -225,7 +225,7 @@ def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
 def _vector(p: Tensor | None, pl: Plan, dtype: torch.dtype) -> Tensor | None:
     """A parameter as the kernels' contiguous ``(G·Cg,)`` vector in the kernel dtype."""
     v = canonical_param(p, pl)
-    return None if v is None else v.to(dtype)
+    return None if v is None or v.dtype == dtype else v.to(dtype)
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
@@ -255,6 +255,13 @@ def _work(pl: Plan, nt: int) -> Tensor | None:
     return torch.empty((nt + 1) * _cpu_source.WORK_PER * pl.g * pl.cg, dtype=torch.float64)
 
 
+def _row_pointers(t: Tensor) -> list[int]:
+    """Addresses of the rows of a contiguous 2-D tensor (no view tensors: cheaper per call)."""
+    step = t.stride(0) * t.element_size()
+    base = t.data_ptr()
+    return [base + i * step for i in range(t.shape[0])]
+
+
 def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, centered, eps,
             gaussian_consistent, act):
     """``z = act(γ · normalize(x) + β)`` with (filtered) statistics, one fused C call.
@@ -281,15 +288,14 @@ def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, center
     w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
     if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
         t = torch.zeros(pl.g * pl.cg, dtype=kdt)
-    xk = _as_kernel_input(x, x, pl, sdt)  # x itself; a float32 copy for float16
+    xk = x if x.dtype == sdt else _as_kernel_input(x, x, pl, sdt)  # a float32 copy for float16
     y = _empty_as(x, pl, sdt)
     nsets = pl.g if pl.kind == "channel" else pl.n * pl.g
     stats = torch.empty(6, nsets, dtype=kdt)
-    mean0, var0, mean, var, rstd, count = stats.unbind(0)
     nt = _threads(x)
     work = _work(pl, nt)
     sfx = _sfx(sdt)
-    outs = tuple(map(_ptr, (mean0, var0, mean, var, rstd, count)))
+    outs = _row_pointers(stats)  # mean0, var0, mean, var, rstd, count
     run = (None, None, 0.0)  # running averages: updated by the dispatcher (a functional op)
     if pl.kind == "channel" and pl.layout == "contiguous":
         _call(lib, f"bn_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
@@ -321,37 +327,35 @@ def backward(x, grad_y, weight, bias, eps_extra, tau, akappa, stats, pl: Plan, t
     thr = -1.0 if threshold is None else float(threshold)
     kap = (F.truncated_normal_variance_factor(threshold)
            if gaussian_consistent and threshold is not None else 1.0)
-    mean0, var0, mean, _var, rstd, count = stats.unbind(0)
+    mean0, var0, mean, _var, rstd, count = _row_pointers(stats)
     kdt = stats.dtype
     w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
     if act == ACT_CODES["tlu"] and t is None:
         t = torch.zeros(pl.g * pl.cg, dtype=kdt)
     sdt = _storage_dtype(x.dtype)
-    xk = _as_kernel_input(x, x, pl, sdt)
+    xk = x if x.dtype == sdt else _as_kernel_input(x, x, pl, sdt)
     dz = _as_kernel_input(grad_y, x, pl, sdt)  # ∂ℓ/∂z in x's layout and storage dtype
     dx = _empty_as(x, pl, sdt) if need_dx else None
     nt = _threads(x)
     work = _work(pl, nt)
     sfx = _sfx(sdt)
-    saved = tuple(map(_ptr, (mean0, var0, mean, rstd, count)))
+    saved = (mean0, var0, mean, rstd, count)
     if pl.kind == "channel":
         sums = torch.empty(2, pl.g, dtype=kdt)
-        s_dy, s_dyxhat = sums.unbind(0)
+        s_dy, s_dyxhat = _row_pointers(sums)
         if pl.layout == "contiguous":
             _call(lib, f"bn_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
-                  pl.l, int(centered), eps_total, thr, kap, *saved, _ptr(s_dy),
-                  _ptr(s_dyxhat), nt)
+                  pl.l, int(centered), eps_total, thr, kap, *saved, s_dy, s_dyxhat, nt)
         else:
             _call(lib, f"bnc_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
-                  pl.l, int(centered), eps_total, thr, kap, *saved, _ptr(s_dy),
-                  _ptr(s_dyxhat), _ptr(work), nt)
-        s_gxhat = s_dyxhat * w if w is not None else s_dyxhat.clone()  # an output of its own
+                  pl.l, int(centered), eps_total, thr, kap, *saved, s_dy, s_dyxhat,
+                  _ptr(work), nt)
+        s_gxhat = sums[1] * w if w is not None else sums[1].clone()  # an output of its own
     else:
         rows = pl.n * pl.g
         buf = torch.empty(4, rows * pl.cg, dtype=kdt)
-        s_dy, s_dyxhat, s_dtau, s_dak = buf.unbind(0)
         s_gxhat = torch.empty(rows, dtype=kdt)
-        per_set = (_ptr(s_dy), _ptr(s_dyxhat), _ptr(s_dtau), _ptr(s_dak), _ptr(s_gxhat))
+        per_set = (*_row_pointers(buf), _ptr(s_gxhat))  # Σdy, Σdy·x̂, Σdτ, Σdκ, Σg·x̂
         if pl.layout == "contiguous":
             _call(lib, f"row_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
                   _ptr(t), _ptr(k), rows, pl.g, pl.cg, pl.l, int(centered), eps_total, thr,

@@ -70,13 +70,16 @@ def spec_of(reduction: int, threshold: float, centered: bool, eps: float,
                     Activation(activation))
 
 
-def _empty_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
-    """What every implementation returns for ``z``/``dx``: contiguous when ``x`` is, else
-    ``x``'s (dense, channels_last) strides."""
-    dtype = x.dtype if dtype is None else dtype
-    if x.is_contiguous():
-        return torch.empty(x.shape, dtype=dtype, device=x.device)
-    return torch.empty_strided(x.shape, x.stride(), dtype=dtype, device=x.device)
+def _empty_like(x: Tensor, layout: str) -> Tensor:
+    """What the CPU op returns for ``z``/``dx`` (the C kernels' rule): ``x``'s strides for a
+    channels_last plan, else contiguous."""
+    if layout != "channels_last":
+        return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+
+
+def _layout_of(x: Tensor, spec: NormSpec) -> str:
+    return canonical_plan(x, spec.reduction is Reduction.CHANNEL).layout
 
 
 def _sets(x: Tensor, spec: NormSpec) -> int:
@@ -105,11 +108,25 @@ def _act_code(spec: NormSpec) -> int:
 # --------------------------------------------------------------------------------------
 # normlab::normalize — fused C kernels on CPU, torch ops elsewhere
 # --------------------------------------------------------------------------------------
-@torch.library.custom_op("normlab::normalize", mutates_args=())
-def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps_extra: Tensor | None,
-              tau: Tensor | None, kappa: Tensor | None, reduction: int, threshold: float,
-              centered: bool, eps: float, gaussian_consistent: bool, activation: int
-              ) -> tuple[Tensor, Tensor]:
+# Defined with the low-level torch.library API and an autograd kernel of our own rather than
+# torch.library.custom_op + register_autograd: the latter costs ~100 µs of Python per call
+# (torch._library.utils.fill_defaults walks the schema on every forward), which small layers
+# (LeNet's) cannot afford. Registered: implementation (CompositeExplicitAutograd), fake,
+# Autograd and vmap (FuncTorchBatched) kernels — what custom_op would register.
+_CONFIG_SCHEMA = ("int reduction, float threshold, bool centered, float eps, "
+                  "bool gaussian_consistent, int activation")
+_LIB = torch.library.Library("normlab", "DEF")  # noqa: TOR901 — the ops' namespace
+_LIB.define("normalize(Tensor x, Tensor? weight, Tensor? bias, Tensor? eps_extra, "
+            f"Tensor? tau, Tensor? kappa, {_CONFIG_SCHEMA}) -> (Tensor, Tensor)")
+_LIB.define("normalize_backward(Tensor x, Tensor grad_z, Tensor? weight, Tensor? bias, "
+            "Tensor? eps_extra, Tensor? tau, Tensor? kappa, Tensor stats, "
+            f"{_CONFIG_SCHEMA}, bool need_dx) -> (Tensor, Tensor, Tensor)")
+normalize = torch.ops.normlab.normalize.default
+normalize_backward = torch.ops.normlab.normalize_backward.default
+
+
+def _normalize_impl(x, weight, bias, eps_extra, tau, kappa, reduction, threshold, centered,
+                    eps, gaussian_consistent, activation):
     spec = spec_of(reduction, threshold, centered, eps, gaussian_consistent, activation)
     pl = canonical_plan(x, spec.reduction is Reduction.CHANNEL)
     if (x.device.type == "cpu" and x.dtype in CPU_DTYPES and _fused_kernel_applies(x, spec, pl)
@@ -122,28 +139,25 @@ def normalize(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps_extra: 
 def _torch_forward(x, weight, bias, eps_extra, tau, kappa, spec):
     """The ops' contract in torch ops, with the fused kernels' output layout."""
     z, stats = analytic.canonical_forward(x, weight, bias, eps_extra, tau, kappa, spec)
-    return _empty_like(x).copy_(z), stats
+    return _empty_like(x, _layout_of(x, spec)).copy_(z), stats
 
 
 def _torch_backward(x, grad_z, weight, bias, eps_extra, tau, kappa, stats, spec, need_dx):
     dx, sums, gxhat = analytic.canonical_backward(x, grad_z, weight, bias, eps_extra, tau,
                                                   kappa, stats, spec, need_dx)
-    return (_empty_like(x).copy_(dx) if need_dx else x.new_empty(0)), sums, gxhat
+    out = _empty_like(x, _layout_of(x, spec)).copy_(dx) if need_dx else x.new_empty(0)
+    return out, sums, gxhat
 
 
-@normalize.register_fake
 def _normalize_fake(x, weight, bias, eps_extra, tau, kappa, reduction, threshold, centered,
                     eps, gaussian_consistent, activation):
     spec = spec_of(reduction, threshold, centered, eps, gaussian_consistent, activation)
-    return _empty_like(x), x.new_empty((6, _sets(x, spec)), dtype=F.stats_dtype(x.dtype))
+    return (_empty_like(x, _layout_of(x, spec)),
+            x.new_empty((6, _sets(x, spec)), dtype=F.stats_dtype(x.dtype)))
 
 
-@torch.library.custom_op("normlab::normalize_backward", mutates_args=())
-def normalize_backward(x: Tensor, grad_z: Tensor, weight: Tensor | None, bias: Tensor | None,
-                       eps_extra: Tensor | None, tau: Tensor | None, kappa: Tensor | None,
-                       stats: Tensor, reduction: int, threshold: float, centered: bool,
-                       eps: float, gaussian_consistent: bool, activation: int, need_dx: bool
-                       ) -> tuple[Tensor, Tensor, Tensor]:
+def _normalize_backward_impl(x, grad_z, weight, bias, eps_extra, tau, kappa, stats, reduction,
+                             threshold, centered, eps, gaussian_consistent, activation, need_dx):
     spec = spec_of(reduction, threshold, centered, eps, gaussian_consistent, activation)
     pl = canonical_plan(x, spec.reduction is Reduction.CHANNEL)
     if (x.device.type == "cpu" and x.dtype in CPU_DTYPES and _fused_kernel_applies(x, spec, pl)
@@ -155,14 +169,19 @@ def normalize_backward(x: Tensor, grad_z: Tensor, weight: Tensor | None, bias: T
     return _torch_backward(x, grad_z, weight, bias, eps_extra, tau, kappa, stats, spec, need_dx)
 
 
-@normalize_backward.register_fake
 def _normalize_backward_fake(x, grad_z, weight, bias, eps_extra, tau, kappa, stats, reduction,
                              threshold, centered, eps, gaussian_consistent, activation, need_dx):
     spec = spec_of(reduction, threshold, centered, eps, gaussian_consistent, activation)
     kdt = stats.dtype
-    dx = _empty_like(x) if need_dx else x.new_empty(0)
+    dx = _empty_like(x, _layout_of(x, spec)) if need_dx else x.new_empty(0)
     return (dx, x.new_empty((_sum_rows(spec), _params(x, spec)), dtype=kdt),
             x.new_empty((_sets(x, spec),), dtype=kdt))
+
+
+_LIB.impl("normalize", _normalize_impl, "CompositeExplicitAutograd")
+_LIB.impl("normalize_backward", _normalize_backward_impl, "CompositeExplicitAutograd")
+torch.library.register_fake("normlab::normalize", _normalize_fake, lib=_LIB)
+torch.library.register_fake("normlab::normalize_backward", _normalize_backward_fake, lib=_LIB)
 
 
 # --------------------------------------------------------------------------------------
@@ -187,33 +206,73 @@ def _composite_grads(needs, x, params, grad_z, spec: NormSpec) -> list:
             for g, t in zip(grads, (x, *params))]
 
 
+def _backward(backward_op, ctx, grad_z, saved, config) -> list:
+    """Gradients for ``(x, weight, bias, eps_extra, tau, kappa)``."""
+    x, weight, bias, eps_extra, tau, kappa, stats = saved
+    needs = ctx.needs_input_grad[:6]
+    if grad_z is None:
+        grad_z = torch.zeros_like(x)
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
+        return _composite_grads(needs, x, (weight, bias, eps_extra, tau, kappa), grad_z,
+                                spec_of(*config))
+    dx, sums, gxhat = backward_op(x, grad_z, weight, bias, eps_extra, tau, kappa, stats,
+                                  *config, needs[0])
+    grads = [dx if needs[0] else None, None, None, None, None, None]
+    if weight is not None and needs[1]:
+        grads[1] = sums[1].to(weight.dtype)
+    if bias is not None and needs[2]:
+        grads[2] = sums[0].to(bias.dtype)
+    if eps_extra is not None and needs[3]:  # ∂ℓ/∂ε = −½ Σ_sets r² Σ_S g x̂
+        g_eps = (-0.5 * stats[4].square() * gxhat).sum()
+        grads[3] = g_eps.to(eps_extra.dtype).reshape(eps_extra.shape)
+    if tau is not None and needs[4]:
+        grads[4] = sums[2].to(tau.dtype)
+    if kappa is not None and needs[5]:
+        grads[5] = sums[3].to(kappa.dtype)
+    return grads
+
+
 def _make_backward(backward_op: Callable) -> Callable:
+    """``backward`` for ``register_autograd`` (the Triton ops)."""
     def backward(ctx, grad_z, _grad_stats):
-        x, weight, bias, eps_extra, tau, kappa, stats = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:6]
-        if grad_z is None:
-            grad_z = torch.zeros_like(x)
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient
-            spec = spec_of(*ctx.config)
-            grads = _composite_grads(needs, x, (weight, bias, eps_extra, tau, kappa), grad_z,
-                                     spec)
-            return (*grads, None, None, None, None, None, None)
-        dx, sums, gxhat = backward_op(x, grad_z, weight, bias, eps_extra, tau, kappa, stats,
-                                      *ctx.config, needs[0])
-        grads = [dx if needs[0] else None, None, None, None, None, None]
-        if weight is not None and needs[1]:
-            grads[1] = sums[1].to(weight.dtype)
-        if bias is not None and needs[2]:
-            grads[2] = sums[0].to(bias.dtype)
-        if eps_extra is not None and needs[3]:  # ∂ℓ/∂ε = −½ Σ_sets r² Σ_S g x̂
-            g_eps = (-0.5 * stats[4].square() * gxhat).sum()
-            grads[3] = g_eps.to(eps_extra.dtype).reshape(eps_extra.shape)
-        if tau is not None and needs[4]:
-            grads[4] = sums[2].to(tau.dtype)
-        if kappa is not None and needs[5]:
-            grads[5] = sums[3].to(kappa.dtype)
+        grads = _backward(backward_op, ctx, grad_z, ctx.saved_tensors, ctx.config)
         return (*grads, None, None, None, None, None, None)
     return backward
+
+
+class _NormalizeFunction(torch.autograd.Function):
+    """The Autograd kernel of ``normlab::normalize``: runs the op below autograd, saves
+    ``x``, the parameters and the ``(6, sets)`` statistics, differentiates with
+    ``normlab::normalize_backward`` (or the composite under create_graph=True)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps_extra, tau, kappa, reduction, threshold, centered,
+                eps, gaussian_consistent, activation, keyset):
+        config = (reduction, threshold, centered, eps, gaussian_consistent, activation)
+        with torch._C._AutoDispatchBelowAutograd():
+            z, stats = normalize.redispatch(keyset & torch._C._after_autograd_keyset, x, weight,
+                                            bias, eps_extra, tau, kappa, *config)
+        ctx.save_for_backward(x, weight, bias, eps_extra, tau, kappa, stats)
+        ctx.config = config
+        ctx.mark_non_differentiable(stats)
+        return z, stats
+
+    @staticmethod
+    def backward(ctx, grad_z, _grad_stats):
+        grads = _backward(normalize_backward, ctx, grad_z, ctx.saved_tensors, ctx.config)
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def _normalize_autograd(keyset, x, weight, bias, eps_extra, tau, kappa, *config):
+    if torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bias, eps_extra,
+                                                                tau, kappa):
+        return _NormalizeFunction.apply(x, weight, bias, eps_extra, tau, kappa, *config, keyset)
+    with torch._C._AutoDispatchBelowAutograd():
+        return normalize.redispatch(keyset & torch._C._after_autograd_keyset, x, weight, bias,
+                                    eps_extra, tau, kappa, *config)
+
+
+_LIB.impl("normalize", _normalize_autograd, "Autograd", with_keyset=True)
 
 
 # --------------------------------------------------------------------------------------
@@ -302,13 +361,12 @@ def _make_backward_vmap(backward_op: Callable) -> Callable:
     return rule
 
 
-def _register(forward_op, backward_op) -> None:
-    forward_op.register_autograd(_make_backward(backward_op), setup_context=_setup_context)
-    torch.library.register_vmap(forward_op, _make_forward_vmap(forward_op))
-    torch.library.register_vmap(backward_op, _make_backward_vmap(backward_op))
+def _register_vmap(forward_op, backward_op, lib=None) -> None:
+    torch.library.register_vmap(forward_op, _make_forward_vmap(forward_op), lib=lib)
+    torch.library.register_vmap(backward_op, _make_backward_vmap(backward_op), lib=lib)
 
 
-_register(normalize, normalize_backward)
+_register_vmap(normalize, normalize_backward, _LIB)
 
 
 # --------------------------------------------------------------------------------------
@@ -356,7 +414,9 @@ def triton_ops() -> tuple | None:
             spec.centered, spec.eps, spec.gaussian_consistent, _act_code(spec), need_dx)
         return (dx if dx is not None else x.new_empty(0)), sums, gxhat
 
-    _register(normalize_triton, normalize_triton_backward)
+    normalize_triton.register_autograd(_make_backward(normalize_triton_backward),
+                                       setup_context=_setup_context)
+    _register_vmap(normalize_triton, normalize_triton_backward)
     _TRITON = (normalize_triton, normalize_triton_backward)
     return _TRITON
 

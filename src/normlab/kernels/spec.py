@@ -88,18 +88,24 @@ class NormSpec:
     activation: Activation = Activation.NONE
 
     def __post_init__(self) -> None:
-        if not isinstance(self.reduction, Reduction):
+        # every call builds one: the common case (float threshold and eps, Activation
+        # member) only compares
+        if type(self.reduction) is not Reduction:
             raise TypeError(f"reduction must be a Reduction, got {self.reduction!r}")
-        threshold = NO_FILTER if self.threshold is None else float(self.threshold)
+        threshold, eps = self.threshold, self.eps
+        if type(threshold) is not float:
+            threshold = NO_FILTER if threshold is None else float(threshold)
+            object.__setattr__(self, "threshold", threshold)
         if not threshold > 0:  # also rejects NaN
             raise ValueError(f"threshold must be > 0 (or None/math.inf for no filter), got "
                              f"{self.threshold!r}")
-        eps = float(self.eps)
+        if type(eps) is not float:
+            eps = float(eps)
+            object.__setattr__(self, "eps", eps)
         if not eps >= 0:
             raise ValueError(f"eps must be >= 0, got {self.eps!r}")
-        object.__setattr__(self, "threshold", threshold)
-        object.__setattr__(self, "eps", eps)
-        object.__setattr__(self, "activation", Activation.parse(self.activation))
+        if type(self.activation) is not Activation:
+            object.__setattr__(self, "activation", Activation.parse(self.activation))
 
     @property
     def filtered(self) -> bool:
