@@ -44,6 +44,7 @@ from .analytic import (
     apply_activation,
     broadcast_param,
     update_running_stats,
+    update_running_stats_unchecked,
 )
 from .analytic import normalize_affine as reference_normalize_affine
 from .layout import canonical_param, canonical_plan, plan
@@ -214,8 +215,8 @@ def normalize(
         if act_after:
             y = apply_activation(y, spec.activation, broadcast_param(tau, spec, x),
                                  broadcast_param(kappa, spec, x))
-    if running is not None:
-        update_running_stats(running, moments)
+    if running is not None:  # the statistics are detached outputs of the kernels
+        update_running_stats_unchecked(running, moments)
     return y, moments
 
 

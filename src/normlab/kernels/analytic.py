@@ -77,6 +77,13 @@ class RunningStats(NamedTuple):
 @torch.no_grad()
 def update_running_stats(running: RunningStats, stats: F.Moments) -> None:
     """Apply :class:`RunningStats`' update with per-channel ``stats`` (any keepdim shape)."""
+    update_running_stats_unchecked(running, stats)
+
+
+def update_running_stats_unchecked(running: RunningStats, stats: F.Moments) -> None:
+    """:func:`update_running_stats` for statistics that carry no gradient (the kernels'
+    outputs): without the ``no_grad`` context, which costs more than the update on small
+    layers."""
     mean, var, count = (t if t.dim() == 1 else t.reshape(-1) for t in stats)
     unbiased = var * count / (count - 1).clamp_min(1)
     if mean.dtype != running.mean.dtype:

@@ -225,7 +225,7 @@ def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
 def _vector(p: Tensor | None, pl: Plan, dtype: torch.dtype) -> Tensor | None:
     """A parameter as the kernels' contiguous ``(G·Cg,)`` vector in the kernel dtype."""
     v = canonical_param(p, pl)
-    return None if v is None or v.dtype == dtype else v.to(dtype)
+    return v if v is None or v.dtype == dtype else v.to(dtype)
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
@@ -311,7 +311,7 @@ def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, center
         _call(lib, f"rowc_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
               pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total, thr, kap, act, *outs,
               _ptr(work), nt)
-    return y.to(x.dtype), stats  # float16: cast back (strides kept), else no-op
+    return (y if y.dtype == x.dtype else y.to(x.dtype)), stats  # float16: cast back
 
 
 def backward(x, grad_y, weight, bias, eps_extra, tau, akappa, stats, pl: Plan, threshold,
@@ -365,6 +365,6 @@ def backward(x, grad_y, weight, bias, eps_extra, tau, akappa, stats, pl: Plan, t
                   _ptr(t), _ptr(k), pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total, thr,
                   kap, act, *saved, *per_set, _ptr(work), nt)
         sums = buf.view(4, pl.n, pl.g * pl.cg).sum(1)
-    if dx is not None:
-        dx = dx.to(x.dtype)  # float16: cast back (strides kept), else no-op
+    if dx is not None and dx.dtype != x.dtype:
+        dx = dx.to(x.dtype)  # float16: cast back (strides kept)
     return dx, sums, s_gxhat

@@ -153,8 +153,10 @@ def canonical_param(p: Tensor | None, pl: Plan) -> Tensor | None:
     """A parameter as a contiguous ``(G * Cg,)`` vector (BN: ``(C,)``)."""
     if p is None:
         return None
+    if p.dim() == 1 and p.is_contiguous() and p.shape[0] == pl.g * pl.cg:
+        return p  # the canonical (P,) vector itself
     if p.shape == pl.param_shape and p.is_contiguous():
-        return p.view(-1)  # the common case (a module's (C,) parameter viewed): no copy
+        return p.view(-1)  # a module's (C,) parameter viewed: no copy
     return p.expand(pl.param_shape).reshape(-1).contiguous()
 
 

@@ -218,17 +218,12 @@ def _backward(backward_op, ctx, grad_z, saved, config) -> list:
     dx, sums, gxhat = backward_op(x, grad_z, weight, bias, eps_extra, tau, kappa, stats,
                                   *config, needs[0])
     grads = [dx if needs[0] else None, None, None, None, None, None]
-    if weight is not None and needs[1]:
-        grads[1] = sums[1].to(weight.dtype)
-    if bias is not None and needs[2]:
-        grads[2] = sums[0].to(bias.dtype)
+    for i, row, p in ((1, 1, weight), (2, 0, bias), (4, 2, tau), (5, 3, kappa)):
+        if p is not None and needs[i]:  # Σ ∂ℓ/∂y·x̂ → γ, Σ ∂ℓ/∂y → β, ∂ℓ/∂τ, ∂ℓ/∂κ
+            grads[i] = sums[row] if sums.dtype == p.dtype else sums[row].to(p.dtype)
     if eps_extra is not None and needs[3]:  # ∂ℓ/∂ε = −½ Σ_sets r² Σ_S g x̂
         g_eps = (-0.5 * stats[4].square() * gxhat).sum()
         grads[3] = g_eps.to(eps_extra.dtype).reshape(eps_extra.shape)
-    if tau is not None and needs[4]:
-        grads[4] = sums[2].to(tau.dtype)
-    if kappa is not None and needs[5]:
-        grads[5] = sums[3].to(kappa.dtype)
     return grads
 
 
