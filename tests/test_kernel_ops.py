@@ -14,6 +14,7 @@ import normlab
 from normlab import kernels as K
 from normlab.cli import main
 from normlab.kernels import analytic, check, cpu, ops
+from normlab.kernels.layout import canonical_view
 from normlab.kernels.spec import Activation, NormSpec, Reduction
 
 from test_gradients import MODULES, functional_module
@@ -49,15 +50,14 @@ def test_spec_has_one_no_filter_and_checks_its_values():
 
 # -------------------------------------------------------------------------- the ops
 def _op_inputs(reduction, dtype=torch.float64, channels_last=False, seed=0):
+    """``x`` as ``(N, C, H, W)`` (rows: 2 groups of 3 channels) and (C,) parameters."""
     g = torch.Generator().manual_seed(seed)
-    shape = (5, 3, 11) if reduction is Reduction.CHANNEL else (3, 2, 3, 7)
+    shape = (5, 3, 3, 4) if reduction is Reduction.CHANNEL else (3, 6, 2, 4)
     x = torch.randn(shape, generator=g, dtype=dtype) * 1.3 + 0.4
     x.view(-1)[::13] += 6.0
     if channels_last:
-        order = (0, 2, 1) if x.dim() == 3 else (0, 3, 1, 2)
-        back = (0, 2, 1) if x.dim() == 3 else (0, 2, 3, 1)
-        x = x.permute(order).contiguous().permute(back)
-    p = x.shape[1] if reduction is Reduction.CHANNEL else x.shape[1] * x.shape[2]
+        x = x.contiguous(memory_format=torch.channels_last)
+    p = x.shape[1]
     w, b, tau, kappa = (torch.randn(p, generator=g, dtype=dtype) * 0.3 + c
                         for c in (1.0, 0.0, 0.0, 0.1))
     return x, w, b, tau, kappa
@@ -66,10 +66,11 @@ def _op_inputs(reduction, dtype=torch.float64, channels_last=False, seed=0):
 OP_CASES = [
     (NormSpec(Reduction.CHANNEL, threshold=1.5), False),
     (NormSpec(Reduction.CHANNEL, gaussian_consistent=True, threshold=1.0), True),
-    (NormSpec(Reduction.ROWS, threshold=1.5), False),
-    (NormSpec(Reduction.ROWS, centered=False, eps=1e-6, activation=Activation.TLU), True),
-    (NormSpec(Reduction.ROWS, 2.0, False, 1e-6, False, Activation.AFFINE_TLU), False),
-    (NormSpec(Reduction.ROWS, activation=Activation.RELU), False),
+    (NormSpec(Reduction.ROWS, threshold=1.5, groups=2), False),
+    (NormSpec(Reduction.ROWS, centered=False, eps=1e-6, activation=Activation.TLU, groups=6),
+     True),
+    (NormSpec(Reduction.ROWS, 2.0, False, 1e-6, False, Activation.AFFINE_TLU, 2), True),
+    (NormSpec(Reduction.ROWS, activation=Activation.RELU, groups=3), False),
 ]
 
 
@@ -101,12 +102,14 @@ def test_fused_ops_equal_their_torch_implementation(spec, channels_last):
     args = _op_args(spec, x, w, b, tau, kappa, torch.tensor(2e-3, dtype=torch.float64))
     z, stats = torch.ops.normlab.normalize.default(*args)
     assert z.stride() == x.stride()
-    ez, estats = analytic.canonical_forward(*args[:6], spec)
-    torch.testing.assert_close(z, ez, rtol=1e-12, atol=1e-12)
+    xv = canonical_view(x, ops.plan_of(x, spec))  # (N, C, L) or (N, G, C/G, L)
+    ez, estats = analytic.canonical_forward(xv, *args[1:6], spec)
+    torch.testing.assert_close(z, ez.reshape(x.shape), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(stats, estats, rtol=1e-12, atol=1e-12)
     gz = torch.randn_like(x)
     got = torch.ops.normlab.normalize_backward.default(x, gz, *args[1:6], stats, *args[6:], True)
-    want = analytic.canonical_backward(x, gz, *args[1:6], estats, spec, True)
+    want = analytic.canonical_backward(xv, gz.reshape(xv.shape), *args[1:6], estats, spec, True)
+    want = (want[0].reshape(x.shape), *want[1:])
     rows = {Activation.TLU: 3, Activation.AFFINE_TLU: 4}.get(spec.activation, 2)
     for a, e in zip(got, [want[0], want[1][:rows], want[2]]):  # sums of τ, κ: when given
         torch.testing.assert_close(a[:rows] if a.dim() == 2 else a, e, rtol=1e-10, atol=1e-11)

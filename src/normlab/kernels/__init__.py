@@ -47,7 +47,7 @@ from .analytic import (
     update_running_stats_unchecked,
 )
 from .analytic import normalize_affine as reference_normalize_affine
-from .layout import canonical_param, canonical_plan, plan
+from .layout import canonical_param, canonical_view, plan
 from .spec import NO_FILTER, Activation, NormSpec, Reduction
 
 __all__ = [
@@ -126,41 +126,50 @@ def _path(x: Tensor, params: Sequence[Tensor | None], spec: NormSpec) -> str:
     else:
         return "reference"
     if device.type in check.VERIFIED_DEVICES:  # first use on this device: checked once
-        layout = canonical_plan(x, spec.reduction is Reduction.CHANNEL).layout
+        layout = ops.plan_of(x, spec).layout
         if not check.fast_path_verified(path, spec.reduction.value, x.dtype, layout,
                                         str(device)):
             return "reference"
     return path
 
 
+def _set_shape(x: Tensor, spec: NormSpec) -> tuple[int, ...]:
+    """Shape of per-set statistics: ``(C,)`` or ``(N, G)``."""
+    return (x.shape[1],) if spec.reduction is Reduction.CHANNEL else (x.shape[0], spec.groups)
+
+
 def _moments(stats: Tensor, x: Tensor, spec: NormSpec) -> F.Moments:
-    """``(μ′, σ′², M)`` per set from the ops' ``(6, sets)`` table: ``(C,)`` or ``(N, G)``."""
+    """``(μ′, σ′², M)`` per set from the ops' ``(6, sets)`` table."""
     if spec.reduction is Reduction.CHANNEL:
         return F.Moments(stats[2], stats[3], stats[5])
-    n, g = x.shape[0], x.shape[1]
-    return F.Moments(stats[2].view(n, g), stats[3].view(n, g), stats[5].view(n, g))
+    shape = _set_shape(x, spec)
+    return F.Moments(stats[2].view(shape), stats[3].view(shape), stats[5].view(shape))
 
 
 def _reference(x, weight, bias, spec, eps_extra, tau, kappa) -> tuple[Tensor, F.Moments]:
     """The analytic reference Function on the canonical view (plus the activation)."""
+    xv = canonical_view(x, ops.plan_of(x, spec))
     y, mean, var, count = NormalizeAffineFunction.apply(
-        x, broadcast_param(weight, spec, x), broadcast_param(bias, spec, x), eps_extra,
+        xv, broadcast_param(weight, spec, xv), broadcast_param(bias, spec, xv), eps_extra,
         spec.dims, spec.optional_threshold, spec.centered, spec.eps, spec.gaussian_consistent)
-    y = apply_activation(y, spec.activation, broadcast_param(tau, spec, x),
-                         broadcast_param(kappa, spec, x))
-    shape = (-1,) if spec.reduction is Reduction.CHANNEL else (x.shape[0], x.shape[1])
-    return y, F.Moments(mean.reshape(shape), var.reshape(shape), count.reshape(shape))
+    y = apply_activation(y, spec.activation, broadcast_param(tau, spec, xv),
+                         broadcast_param(kappa, spec, xv))
+    shape = _set_shape(x, spec)
+    return y.reshape(x.shape), F.Moments(mean.reshape(shape), var.reshape(shape),
+                                         count.reshape(shape))
 
 
 def _composite(x, weight, bias, spec, eps_extra, tau, kappa) -> tuple[Tensor, F.Moments]:
     """:func:`analytic.composite_forward` on the canonical view."""
-    view = [broadcast_param(p, spec, x) for p in (weight, bias, tau, kappa)]
+    xv = canonical_view(x, ops.plan_of(x, spec))
+    view = [broadcast_param(p, spec, xv) for p in (weight, bias, tau, kappa)]
     z, stats = composite_forward(
-        x, view[0], view[1], eps_extra, view[2], view[3], dims=spec.dims,
+        xv, view[0], view[1], eps_extra, view[2], view[3], dims=spec.dims,
         threshold=spec.optional_threshold, centered=spec.centered, eps=spec.eps,
         gaussian_consistent=spec.gaussian_consistent, activation=spec.activation.label)
-    shape = (-1,) if spec.reduction is Reduction.CHANNEL else (x.shape[0], x.shape[1])
-    return z, F.Moments(*(t.detach().expand_as(stats.var).reshape(shape) for t in stats))
+    shape = _set_shape(x, spec)
+    return z.reshape(x.shape), F.Moments(
+        *(t.detach().expand_as(stats.var).reshape(shape) for t in stats))
 
 
 def normalize(
@@ -177,12 +186,12 @@ def normalize(
     """``z = act(γ · (x − μ′)/sqrt(σ′² + ε) + β)`` as ``spec`` describes; exact backward.
 
     Args:
-        x: the canonical view of ``spec.reduction``: ``(N, C, L)`` (batch norm) or
-            ``(N, G, Cg, L)`` (rows family); see :mod:`normlab.kernels.spec`.
-        weight, bias: γ and β as ``(C,)`` / ``(G·Cg,)`` vectors, or ``None``.
+        x: ``(N, C, *)``; the sets are per channel over the batch (batch norm) or per sample
+            and group of channels (``spec.groups``); see :mod:`normlab.kernels.spec`.
+        weight, bias: γ and β as ``(C,)`` vectors, or ``None``.
         spec: the call (:class:`NormSpec`: reduction, threshold, centered, ε, κ(T), activation).
         eps_extra: a tensor added to ε that receives a gradient (FRN's ``|ε_l|``).
-        tau, kappa: TLU τ and affine-TLU κ as ``(P,)`` vectors (for ``spec.activation``).
+        tau, kappa: TLU τ and affine-TLU κ as ``(C,)`` vectors (for ``spec.activation``).
         running: batch-norm running averages to update from the batch statistics.
 
     Returns:
@@ -203,8 +212,7 @@ def normalize(
         if act_after:  # the batch-norm kernels fuse no activation: apply it after the op
             args = (*args[:-1], int(Activation.NONE))
         if path == "cpu":
-            if not x.is_contiguous() and canonical_plan(
-                    x, spec.reduction is Reduction.CHANNEL).layout == "strided":
+            if not x.is_contiguous() and ops.plan_of(x, spec).layout == "strided":
                 x = x.contiguous()
             op = torch.ops.normlab.normalize.default
         else:
@@ -213,8 +221,9 @@ def normalize(
                       None if act_after else kappa, *args)
         moments = _moments(stats, x, spec)
         if act_after:
-            y = apply_activation(y, spec.activation, broadcast_param(tau, spec, x),
-                                 broadcast_param(kappa, spec, x))
+            shape = (1, -1) + (1,) * (x.dim() - 2)  # batch norm: per-channel τ, κ
+            y = apply_activation(y, spec.activation, None if tau is None else tau.view(shape),
+                                 None if kappa is None else kappa.view(shape))
     if running is not None:  # the statistics are detached outputs of the kernels
         update_running_stats_unchecked(running, moments)
     return y, moments
@@ -230,7 +239,7 @@ def _canonical_call(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int,
         return None
     if pl.kind == "channel":
         return pl, x
-    return pl, x.reshape(pl.n, pl.g, pl.cg, pl.l)
+    return pl, x.reshape(pl.n, pl.g * pl.cg, pl.l)
 
 
 def selected_path(x: Tensor, weight: Tensor | None, bias: Tensor | None,
@@ -241,7 +250,7 @@ def selected_path(x: Tensor, weight: Tensor | None, bias: Tensor | None,
     if found is None:
         return "reference"
     pl, xc = found
-    spec = NormSpec(Reduction.CHANNEL if pl.kind == "channel" else Reduction.ROWS)
+    spec = NormSpec(Reduction.CHANNEL if pl.kind == "channel" else Reduction.ROWS, groups=pl.g)
     return _path(xc, [canonical_param(p, pl) for p in (weight, bias)], spec)
 
 
@@ -313,7 +322,7 @@ def normalize_affine_act(
         return y, stats
     pl, xc = found
     spec = NormSpec(Reduction.CHANNEL if pl.kind == "channel" else Reduction.ROWS, threshold,
-                    centered, eps, gaussian_consistent, act)
+                    centered, eps, gaussian_consistent, act, groups=pl.g)
     w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, kappa))
     y, m = normalize(xc, w, b, spec, eps_extra=eps_extra, tau=t, kappa=k, running=running)
     shape = pl.stats_shape

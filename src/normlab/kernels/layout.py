@@ -29,7 +29,8 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Plan", "plan", "canonical_plan", "canonical_param", "param_grad"]
+__all__ = ["Plan", "plan", "canonical_plan", "canonical_view", "canonical_param",
+           "param_grad"]
 
 
 class Plan(NamedTuple):
@@ -123,30 +124,45 @@ def plan(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...], *,
     return Plan("rows", n, g, cg, l, param_shape, stats_shape, dims, layout)
 
 
-def _dense_layout(x: Tensor, n: int, g: int, cg: int, l: int) -> str:
-    """:func:`_layout` from strides alone (no view): what the canonical views need.
+def _nc_layout(x: Tensor, c: int, l: int) -> str:
+    """Memory order of ``x`` (``(N, C, *)``) as the kernels read it.
 
-    With one position per channel (``l == 1``: ``(N, C)`` batch norm, LN rows) both orders
-    describe the same memory; it is read as channels_last, whose kernels run along the
-    contiguous channels (several times faster there than per-channel strided loops).
+    ``"contiguous"``, ``"channels_last"`` (stored as ``(N, *, C)``: rows of ``C`` contiguous
+    channel values, the order of a channels_last activation) or ``"strided"``. With one
+    position per channel (``L = 1``: ``(N, C)`` batch norm, LN rows) both orders describe the
+    same memory; it is read as channels_last, whose kernels run along the contiguous
+    channels (several times faster there than per-channel strided loops).
     """
-    c = g * cg
-    want = (l * c, cg, 1, c) if x.dim() == 4 else (l * c, 1, c)
-    if (l == 1 or not x.is_contiguous()) and all(
-            size == 1 or st == w for size, st, w in zip(x.shape, x.stride(), want)):
+    shape, strides = x.shape, x.stride()
+    channels_last = shape[1] == 1 or strides[1] == 1
+    expect = c
+    for i in range(x.dim() - 1, 1, -1):  # positions in row-major order, C values apart
+        if shape[i] != 1:
+            channels_last = channels_last and strides[i] == expect
+            expect *= shape[i]
+    channels_last = channels_last and (shape[0] == 1 or strides[0] == c * l)
+    if channels_last and (l == 1 or not x.is_contiguous()):
         return "channels_last"
     return "contiguous" if x.is_contiguous() else "strided"
 
 
-def canonical_plan(x: Tensor, channel: bool) -> Plan:
-    """The :class:`Plan` of a canonical view (:mod:`normlab.kernels.spec`): ``x`` is
-    ``(N, C, L)`` for batch norm (``channel=True``) or ``(N, G, Cg, L)`` for the rows family,
-    parameters are ``(P,)`` vectors. Only reads the shape and strides."""
+def canonical_plan(x: Tensor, channel: bool, groups: int = 1) -> Plan:
+    """The :class:`Plan` of a call on ``x`` (``(N, C, *)``): batch norm (``channel=True``),
+    or rows of ``groups`` groups. Parameters are ``(C,)`` vectors. Reads shape and strides."""
+    n, c = x.shape[0], x.shape[1]
+    l = math.prod(x.shape[2:])
+    layout = _nc_layout(x, c, l)
     if channel:
-        n, c, l = x.shape
-        return Plan("channel", n, c, 1, l, (c,), (c,), (0, 2), _dense_layout(x, n, c, 1, l))
-    n, g, cg, l = x.shape
-    return Plan("rows", n, g, cg, l, (g * cg,), (n, g), (2, 3), _dense_layout(x, n, g, cg, l))
+        return Plan("channel", n, c, 1, l, (c,), (c,), (0, 2), layout)
+    return Plan("rows", n, groups, c // groups, l, (c,), (n, groups), (2, 3), layout)
+
+
+def canonical_view(x: Tensor, pl: Plan) -> Tensor:
+    """``x`` as the kernels read it: ``(N, C, L)`` or ``(N, G, C/G, L)`` (a view for
+    contiguous and channels_last ``x``, else a copy)."""
+    if pl.kind == "channel":
+        return x.reshape(pl.n, pl.g, pl.l)
+    return x.reshape(pl.n, pl.g, pl.cg, pl.l)
 
 
 def canonical_param(p: Tensor | None, pl: Plan) -> Tensor | None:

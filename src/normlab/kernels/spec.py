@@ -3,17 +3,19 @@
 Every normlab layer computes ``z = act(γ · (x − μ′) / sqrt(σ′² + ε) + β)`` with (filtered)
 statistics over a set of values (filtered-BN seed eq. 4–8, FRN seed eq. 1–3). A module
 describes its call once — which sets, the robust filter, centering, ε, the activation —
-and hands that description with a canonical view of ``x`` to
+and hands that description with ``x`` as ``(N, C, *)`` to
 :func:`normlab.kernels.normalize`. Nothing below the modules re-classifies shapes.
 
-Canonical views (what :func:`normlab.kernels.normalize` expects):
+* ``Reduction.CHANNEL`` (batch norm): one set per channel over ``N`` and the positions;
+  parameters are ``(C,)`` vectors.
+* ``Reduction.ROWS`` (group/layer/instance norm, the FRN family): one set per sample and
+  group of ``C/G`` channels (``groups = G``) over those channels and the positions;
+  parameters are ``(C,)`` vectors (GN: ``G`` groups; IN and FRN: ``G = C``; LN over the last
+  ``D`` values: ``x`` as ``(P, D)`` with ``G = 1``).
 
-* ``Reduction.CHANNEL`` (batch norm): ``x`` is ``(N, C, L)``; one set per channel over
-  ``(N, L)``; parameters are ``(C,)`` vectors.
-* ``Reduction.ROWS`` (group/layer/instance norm, the FRN family): ``x`` is
-  ``(N, G, Cg, L)``; one set per sample and group over ``(Cg, L)``; parameters are
-  ``(G·Cg,)`` vectors indexed by ``(g, cg)`` (GN ``(N, G, C/G, HW)``, IN/FRN
-  ``(N, C, 1, L)``, LN ``(P, 1, D, 1)``).
+Inside the kernel core ``x`` is read as ``(N, C, L)`` or ``(N, G, C/G, L)`` (the *canonical
+view*, :attr:`NormSpec.dims` are its reduced axes); for contiguous and channels_last
+tensors that is a view, so ``torch.compile`` can hand the ops its own memory format.
 
 Not to be confused with the registry's spec *strings* (``"fbn:threshold=2"``), which name
 layers; a :class:`NormSpec` describes one call of a layer's kernel.
@@ -78,6 +80,7 @@ class NormSpec:
         gaussian_consistent: divide the filtered variance by κ(T)
             (:func:`normlab.functional.truncated_normal_variance_factor`).
         activation: :class:`Activation` applied after the affine step.
+        groups: ``G`` for :attr:`Reduction.ROWS` (it must divide ``C``); ignored for batch norm.
     """
 
     reduction: Reduction
@@ -86,6 +89,7 @@ class NormSpec:
     eps: float = 1e-5
     gaussian_consistent: bool = False
     activation: Activation = Activation.NONE
+    groups: int = 1
 
     def __post_init__(self) -> None:
         # every call builds one: the common case (float threshold and eps, Activation
@@ -106,6 +110,8 @@ class NormSpec:
             raise ValueError(f"eps must be >= 0, got {self.eps!r}")
         if type(self.activation) is not Activation:
             object.__setattr__(self, "activation", Activation.parse(self.activation))
+        if type(self.groups) is not int or self.groups < 1:
+            raise ValueError(f"groups must be a positive int, got {self.groups!r}")
 
     @property
     def filtered(self) -> bool:
@@ -126,5 +132,5 @@ class NormSpec:
 
     @property
     def dims(self) -> tuple[int, ...]:
-        """The reduced axes of the canonical view of ``x``."""
+        """The reduced axes of the canonical view: ``(N, C, L)`` or ``(N, G, C/G, L)``."""
         return (0, 2) if self.reduction is Reduction.CHANNEL else (2, 3)

@@ -85,11 +85,11 @@ class _TailBatchNorm(_BatchStatsNorm):
             mean, var = self._tracked()
             return TF.batch_norm(x, mean, var, w, b, True, factor, self.eps)
         y, _ = normalize(
-            flat_view(x), w, b,
+            x, w, b,
             NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
                      gaussian_consistent=self.gaussian_consistent),
             running=self._running(factor, x))
-        return y.view(x.shape)
+        return y
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)

@@ -149,11 +149,11 @@ class _FilteredBatchNorm(_BatchStatsNorm, _BatchNorm):
             mean, var = self._tracked()
             return TF.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
         y, _ = normalize(
-            flat_view(x), self.weight, self.bias,
+            x, self.weight, self.bias,
             NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
                      gaussian_consistent=self.gaussian_consistent),
             running=self._running(factor, x))
-        return y.view(x.shape)
+        return y
 
 
 class FilteredBatchNorm1d(_FilteredBatchNorm, nn.BatchNorm1d):
@@ -321,11 +321,11 @@ class _BatchRenorm(_BatchStatsNorm, _BatchNorm):
         weight_eff = weight * r.to(weight.dtype)
         bias_eff = bias + weight * d.to(weight.dtype)
         y, _ = normalize(
-            xv, weight_eff, bias_eff,
+            x, weight_eff, bias_eff,
             NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
                      gaussian_consistent=self.gaussian_consistent),
             running=self._running(factor, x))
-        return y.view(x.shape)
+        return y
 
 
 class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):

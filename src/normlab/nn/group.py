@@ -31,7 +31,6 @@ from ._common import (
     check_threshold,
     check_values,
 )
-from .batch import flat_view
 
 __all__ = [
     "FilteredGroupNorm",
@@ -145,13 +144,12 @@ class FilteredGroupNorm(AffineMixin, nn.GroupNorm):
         if self.threshold is None:
             return TF.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         check_values(name, x, "group", self.num_groups)
-        g = self.num_groups
-        cg = self.num_channels // g
-        # rows (N, G, C/G, L): statistics per sample and group, per-channel affine
-        y, _ = normalize(flat_view(x).unflatten(1, (g, cg)), self.weight, self.bias,
+        # statistics per sample and group of C/G channels, per-channel affine
+        y, _ = normalize(x, self.weight, self.bias,
                          NormSpec(Reduction.ROWS, self.threshold, eps=self.eps,
-                                  gaussian_consistent=self.gaussian_consistent))
-        return y.view(x.shape)
+                                  gaussian_consistent=self.gaussian_consistent,
+                                  groups=self.num_groups))
+        return y
 
 
 class FilteredLayerNorm(AffineMixin, nn.LayerNorm):
@@ -200,8 +198,8 @@ class FilteredLayerNorm(AffineMixin, nn.LayerNorm):
         if self.threshold is None:
             return TF.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         d = math.prod(self.normalized_shape)
-        # rows (P, 1, D, 1): one set per position, elementwise affine over D
-        y, _ = normalize(x.reshape(-1, 1, d, 1),
+        # (P, D) with one group: one set per position, elementwise affine over D
+        y, _ = normalize(x.reshape(-1, d),
                          self.weight.reshape(d) if self.weight is not None else None,
                          self.bias.reshape(d) if self.bias is not None else None,
                          NormSpec(Reduction.ROWS, self.threshold, eps=self.eps,
@@ -260,15 +258,14 @@ class _FilteredInstanceNorm(ChannelStatsNorm, nn.modules.instancenorm._InstanceN
             y = TF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                               False, 0.0, self.eps)
         else:
-            xv = flat_view(x)
-            # rows (N, C, 1, L): one set per sample and channel; stats come back (N, C)
-            y, stats = normalize(xv.unsqueeze(2), self.weight, self.bias,
+            # one set per sample and channel (C groups); stats come back (N, C)
+            y, stats = normalize(x, self.weight, self.bias,
                                  NormSpec(Reduction.ROWS, self.threshold, eps=self.eps,
-                                          gaussian_consistent=self.gaussian_consistent))
-            y = y.view(x.shape)
+                                          gaussian_consistent=self.gaussian_consistent,
+                                          groups=self.num_features))
             if self.running_mean is not None:
                 update_instance_running_stats(self.running_mean, self.running_var, stats, factor,
-                                              xv)
+                                              x)
         return y.squeeze(0) if unbatched else y
 
 

@@ -22,7 +22,6 @@ from ._common import (
     check_threshold,
 )
 from .activation import ACTIVATIONS
-from .batch import flat_view
 
 __all__ = [
     "GroupFilterResponseNorm",
@@ -130,17 +129,15 @@ class GroupFilterResponseNorm(AffineMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(type(self).__name__, x, self._allowed_dims, self.num_channels)
-        g = self.num_groups
-        cg = self.num_channels // g
-        xv = flat_view(x).unflatten(1, (g, cg))  # (N, G, C/G, L), zero-size batches too
-        # rows, uncentered; normalize + affine + activation in one fused call
+        # per sample and group, uncentered; normalize + affine + activation in one fused call
         y, _ = normalize(
-            xv, self.weight, self.bias,
+            x, self.weight, self.bias,
             NormSpec(Reduction.ROWS, self.threshold, centered=False, eps=self.eps,
-                     gaussian_consistent=self.gaussian_consistent, activation=self.activation),
+                     gaussian_consistent=self.gaussian_consistent, activation=self.activation,
+                     groups=self.num_groups),
             eps_extra=self.learned_eps.abs() if self.learned_eps is not None else None,
             tau=self.tau, kappa=self.kappa)
-        return y.view(x.shape)
+        return y
 
 
 class LayerFilterResponseNorm(GroupFilterResponseNorm):
