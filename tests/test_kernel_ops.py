@@ -265,18 +265,3 @@ def test_selftest_reports_a_wrong_kernel(capsys, monkeypatch):
     assert main(["selftest", "--device", "cpu", "--quick"]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and "0 of 40 checks passed" in out
-
-
-@pytest.mark.parametrize("argv, message", [
-    (["selftest", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
-    (["selftest", "--bogus"], "unrecognized arguments: --bogus"),
-] + ([] if torch.cuda.is_available() else [
-    (["selftest", "--device", "cuda"], "torch.cuda.is_available() is False")]))
-def test_selftest_bad_options_give_one_line_errors(argv, message, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    err = capsys.readouterr().err.strip()
-    assert code == 2 and len(err.splitlines()) == 1, err
-    assert err.startswith("normlab selftest: error: ") and message in err
