@@ -1,7 +1,7 @@
 """Bad input at the command line: one line on stderr and exit code 2, never a traceback.
 
-One table over every sub-command (compare, train, report, list, inspect, bench and the top
-level) and every option class — numbers (0, negative, NaN, inf, huge, not a number), unknown
+One table over every sub-command (compare, train, report, list, inspect, bench, selftest and
+the top level) and every option class — numbers (0, negative, NaN, inf, huge, not a number), unknown
 names, paths (missing, a file where a folder belongs and back, unreadable, unwritable) — and
 truncated, garbage and malformed files of every format normlab reads: MNIST IDX (plain and
 gzipped), CIFAR-10/100 python batches, image folders, ``.pt``/``.npz`` data for
@@ -393,7 +393,11 @@ case("inspect without model", ["inspect", "--data", "{files}/data_ok.pt", "--out
      "--model")
 case("bench --device tpu", ["bench", "--quick", "--device", "tpu"], "tpu")
 case("bench --dtype", ["bench", "--dtype", "nope"], "invalid choice")
+case("selftest --device tpu", ["selftest", "--device", "tpu"], "argument --device: invalid choice")
+case("selftest unknown option", ["selftest", "--bogus"], "unrecognized arguments: --bogus")
 if not torch.cuda.is_available():
+    case("selftest --device cuda without CUDA", ["selftest", "--device", "cuda"],
+         "torch.cuda.is_available() is False")
     for cmd in (["compare", "--out", "{tmp}/o"], ["train", *QUICK[:4]], ["bench", "--quick"],
                 ["inspect", "--model", "lenet5", "--data", "{files}/data_ok.pt",
                  "--out", "{tmp}/i"]):
@@ -557,7 +561,8 @@ def test_bad_input_is_one_line_and_exit_2(name, argv, message, files, tmp_path, 
     assert len(lines) == 1, f"{name}: stderr has {len(lines)} lines:\n{err}"
     assert code == 2, f"{name}: exit {code}: {err}"
     prefix = f"normlab {argv[0]}: error: " if argv[0] in (
-        "compare", "train", "report", "list", "inspect", "bench") else "normlab: error: "
+        "compare", "train", "report", "list", "inspect", "bench", "selftest"
+    ) else "normlab: error: "
     assert lines[0].startswith(prefix), lines[0]
     if message is not None:
         assert message.lower() in lines[0].lower(), f"{name}: {message!r} not in {lines[0]!r}"

@@ -181,12 +181,15 @@ def test_dispatch_rules():
     x = torch.randn(4, 3, 5)
     w = torch.randn(1, 3, 1)
     assert K.selected_path(x, w, None, (0, 2)) == "cpu"
-    assert K.selected_path(x.double(), w, None, (0, 2)) == "reference"  # dtype mismatch
+    # parameters of another floating dtype are converted to the kernel dtype
+    assert K.selected_path(x.double(), w, None, (0, 2)) == "cpu"
     assert K.selected_path(x.half(), None, None, (0, 2)) == "cpu"  # half storage, float32 math
     assert K.selected_path(x.bfloat16(), w, None, (0, 2)) == "cpu"  # float32 γ with half x
-    assert K.selected_path(x.half(), w.double(), None, (0, 2)) == "reference"
-    assert K.selected_path(x.transpose(0, 2), None, None, (0, 2)) == "reference"
+    assert K.selected_path(x, w.long(), None, (0, 2)) == "reference"  # integer γ
+    # strided views are copied to contiguous for the CPU kernels
+    assert K.selected_path(x.transpose(0, 2), None, None, (0, 2)) == "cpu"
     assert K.selected_path(x, None, None, (0, 1)) == "reference"  # not a fused layout
+    assert K.selected_path(x.to(torch.int32), None, None, (0, 2)) == "reference"
     with K.use_backend("reference"):
         assert K.selected_path(x, w, None, (0, 2)) == "reference"
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -282,15 +285,19 @@ def test_channels_last_instance_and_group_without_affine(threshold):
                  1e-10)
 
 
-def test_channels_last_strided_views_stay_on_reference():
+def test_strided_views_are_copied_for_the_fused_path():
+    """Views with gaps or channel slices are neither contiguous nor channels_last: the
+    dispatcher copies them to contiguous for the C kernels, which refuse them directly."""
     x = _nhwc((3, 4, 10))
     assert K.selected_path(x, None, None, (0, 2)) == "cpu"
-    assert K.selected_path(x[:, :, ::2], None, None, (0, 2)) == "reference"  # gaps
-    assert K.selected_path(x[:, :3], None, None, (0, 2)) == "reference"  # channel slice
+    for view in (x[:, :, ::2], x[:, :3]):
+        assert layout.plan(view, (), (0, 2)).layout == "strided"
+        assert K.selected_path(view, None, None, (0, 2)) == "cpu"
+        _assert_same(_run_both(view, (None, None, None, None, None), (0, 2), threshold=2.0),
+                     1e-10)
     with pytest.raises(ValueError, match="contiguous or channels_last"):
         pl = layout.plan(x[:, :, ::2], (), (0, 2))
-        cpu.FusedNormCPU.apply(x[:, :, ::2], None, None, None, None, None, pl, 2.0, True,
-                               1e-5, False, 0)
+        cpu.forward(x[:, :, ::2], None, None, None, None, None, pl, 2.0, True, 1e-5, False, 0)
 
 
 def test_float32_channels_last_close_to_reference():
@@ -543,13 +550,11 @@ def test_threaded_kernels_match_reference(monkeypatch, threads, dtype):
 @pytest.mark.parametrize("dtype,channels_last,momentum", [
     (torch.float32, False, 0.1), (torch.float32, True, 0.1), (torch.float64, False, None),
     (torch.bfloat16, False, 0.1), (torch.float32, True, None)])
-def test_running_stats_updated_inside_the_kernel_equal_the_reference(dtype, channels_last,
-                                                                       momentum):
-    """Batch-norm running averages updated by the C kernel (no extra torch ops) equal the
+def test_running_stats_from_the_fused_path_equal_the_reference(dtype, channels_last,
+                                                                 momentum):
+    """Batch-norm running averages updated from the fused op's statistics equal the
     reference path's update — mean, variance unbiased over the kept count, cumulative and
     momentum averages — over several steps, for filtered BN and batch renorm."""
-    from normlab.kernels.analytic import RunningStats
-
     for make in (lambda: normlab.FilteredBatchNorm2d(5, momentum=momentum, threshold=1.5),
                  lambda: normlab.BatchRenorm2d(5, momentum=momentum or 0.1, threshold=2.0)):
         modules = [make().to(torch.float64 if dtype == torch.float64 else torch.float32)
@@ -558,10 +563,7 @@ def test_running_stats_updated_inside_the_kernel_equal_the_reference(dtype, chan
             x = _data((6, 5, 4, 3), dtype=torch.float64, seed=step).to(dtype)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            xv = x.reshape(6, 5, -1)
-            pl = K._choose(xv, (None, None), (0, 2))[1]
-            running = RunningStats(modules[1].running_mean, modules[1].running_var, 0.1)
-            assert cpu.FusedNormCPU.fuses_running(running, xv, pl)
+            assert K.selected_path(x.reshape(6, 5, -1), None, None, (0, 2)) == "cpu"
             with K.use_backend("reference"):
                 modules[0](x)
             modules[1](x)

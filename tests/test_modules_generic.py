@@ -441,26 +441,24 @@ def _grad_module(case):
 def _uses_fused_kernels(case) -> bool:
     """Whether the fused CPU kernels serve this module in float64 (the vmap gap of issue 16)."""
     calls = []
-    real = kernels._choose
+    real = kernels._path
 
     def spy(*args, **kwargs):
         result = real(*args, **kwargs)
-        calls.append(result[0])
+        calls.append(result)
         return result
-    kernels._choose = spy
+    kernels._path = spy
     try:
         _grad_module(case)(_input(case, torch.float64, shape=_grad_shape(case)))
     finally:
-        kernels._choose = real
+        kernels._path = real
     return "cpu" in calls
 
 
-_NO_VMAP = pytest.mark.xfail(
-    strict=True, reason="issue 16: the fused CPU kernels have no vmap rule yet (the kernel-core "
-    "change makes them torch.library custom ops); flip when that lands")
-# every case on the reference path; the fused path where it serves the module
+# every case on the reference path; the fused path (the custom ops' vmap rules) where it
+# serves the module
 GRAD_PARAMS = [pytest.param(c, "reference", id=f"{c.name}-reference") for c in GRAD_CASES] + [
-    pytest.param(c, "auto", id=f"{c.name}-fused", marks=_NO_VMAP)
+    pytest.param(c, "auto", id=f"{c.name}-fused")
     for c in GRAD_CASES if _uses_fused_kernels(c)]
 
 

@@ -19,6 +19,7 @@ import os
 import pytest
 import torch
 
+from normlab import kernels as K
 from normlab.kernels import RunningStats, update_running_stats
 from normlab.kernels import reference_normalize_affine as ref
 
@@ -29,6 +30,13 @@ TK = pytest.importorskip("normlab.kernels.triton_kernels")
 if not TK.available():
     pytest.skip("triton is not installed", allow_module_level=True)
 DEVICE = "cpu" if INTERPRET else "cuda"
+
+
+def on_triton(x, weight, bias, dims, **kw):
+    """The ``normlab::normalize_triton`` op through the dispatcher (what the modules call);
+    on CPU tensors the backend "triton" runs it in Triton's interpreter."""
+    with K.use_backend("triton"):
+        return K.normalize_affine_act(x, weight, bias, dims, **kw)
 
 
 def gen(seed=0):
@@ -60,7 +68,7 @@ def leaf(t, dtype=None):
 
 def run_both(x, params, dims, act="none", reference_dtype=torch.float32, seed=1, **kw):
     """Forward + backward through the reference (in ``reference_dtype``, on CPU) and through
-    the Triton Function; returns ([y, mean, var, count, grads...] for each, in float64)."""
+    the Triton op; returns ([y, mean, var, count, grads...] for each, in float64)."""
     outs = []
     for path in ("reference", "triton"):
         xx = leaf(x, reference_dtype if path == "reference" else None)
@@ -70,8 +78,8 @@ def run_both(x, params, dims, act="none", reference_dtype=torch.float32, seed=1,
             y, st = ref(xx, w, b, dims, eps_extra=epsx, **kw)
             y = activation(y, act, tau, kappa)
         else:
-            y, st = TK.fused_normalize_affine_act(xx, w, b, dims, activation=act, tau=tau,
-                                                  kappa=kappa, eps_extra=epsx, **kw)
+            y, st = on_triton(xx, w, b, dims, activation=act, tau=tau, kappa=kappa,
+                              eps_extra=epsx, **kw)
             assert y.dtype == x.dtype and y.stride() == x.stride()
         g = torch.randn(y.shape, generator=gen(seed)).to(y.device)
         (y.to(g.dtype) * g).sum().backward()
@@ -190,24 +198,23 @@ def test_bn_running_stats_in_kernel(name, dtype, kw, monkeypatch):
     expect = RunningStats(fused.mean.clone().cpu(), fused.var.clone().cpu(), 0.3)
     _, st = ref(x.float().cpu(), None, None, (0, 2), **kw)
     update_running_stats(expect, st)
-    TK.fused_normalize_affine_act(x, None, None, (0, 2), running=fused, **kw)
+    on_triton(x, None, None, (0, 2), running=fused, **kw)
     assert max_rel(zip([t.cpu().double() for t in fused[:2]],
                        [t.double() for t in expect[:2]])) < 1e-6
 
 
 @pytest.mark.parametrize("name", ["bn filtered", "frn tlu"])
 def test_double_backward(name):
-    """create_graph=True: first and second derivatives through the Triton Function."""
+    """create_graph=True: first and second derivatives through the Triton op."""
     if name == "bn filtered":
         inputs = (rnd(6, 5, 12) * 1.5 + 0.5, rnd(1, 5, 1, seed=1), rnd(1, 5, 1, seed=2))
         fns = (lambda x, w, b: ref(x, w, b, (0, 2), threshold=2.0)[0],
-               lambda x, w, b: TK.fused_normalize_affine_act(x, w, b, (0, 2),
-                                                              threshold=2.0)[0])
+               lambda x, w, b: on_triton(x, w, b, (0, 2), threshold=2.0)[0])
     else:
         inputs = (rnd(3, 4, 2, 10), rnd(1, 4, 2, 1, seed=1), rnd(1, 4, 2, 1, seed=2) * 0.3)
         fns = (lambda x, w, t: activation(ref(x, w, None, (2, 3), centered=False)[0], "tlu",
                                           t, None),
-               lambda x, w, t: TK.fused_normalize_affine_act(
+               lambda x, w, t: on_triton(
                    x, w, None, (2, 3), activation="tlu", tau=t, centered=False)[0])
     outs = []
     for fn in fns:
@@ -337,7 +344,7 @@ def exact_errors(view, x, threshold, dtype=torch.float32):
             if run is not None:
                 update_running_stats(run, st)
         else:
-            y, st = TK.fused_normalize_affine_act(xx, ww, bb, dims, running=run, **kw)
+            y, st = on_triton(xx, ww, bb, dims, running=run, **kw)
         g = torch.randn(y.shape, generator=gen(7)).to(device=DEVICE, dtype=y.dtype)
         (y * g).sum().backward()
         results.append((y.detach().double().cpu(), [s.double().cpu() for s in st],
@@ -439,7 +446,7 @@ def test_nan_and_inf_poison_their_set(family, threshold, bad):
     if dims == (0, 2):  # running averages, in the kernel
         c = xv.shape[1]
         run = RunningStats(torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE), 0.1)
-        TK.fused_normalize_affine_act(xv.to(DEVICE), None, None, dims, running=run, **kw)
+        on_triton(xv.to(DEVICE), None, None, dims, running=run, **kw)
         bn = torch.nn.BatchNorm1d(c, momentum=0.1, device=DEVICE)
         bn(xv.to(DEVICE))
         assert torch.equal(run.mean.isfinite(), bn.running_mean.isfinite())
@@ -476,8 +483,7 @@ def test_launches_go_through_wrap_triton_while_tracing(monkeypatch):
         for mode in (None, PassThrough()):
             xx = leaf(x)
             with mode or contextlib.nullcontext():
-                y = TK.fused_normalize_affine_act(xx, None, None, dims, activation=act,
-                                                  threshold=2.0)[0]
+                y = on_triton(xx, None, None, dims, activation=act, threshold=2.0)[0]
                 y.sum().backward()
             assert launched and wrapped == (launched if mode else [])
             launched.clear()

@@ -8,7 +8,9 @@ for the minimum traffic (forward: read x, write y; backward: read x and ∂ℓ/�
 ∂ℓ/∂x) and ``%copy`` compares it with a plain ``tensor.clone()`` timed the same way.
 ``saved MB`` counts the bytes autograd keeps for backward (``saved_tensors_hooks``);
 ``peak MB`` is the CUDA allocator's peak during fwd+bwd (CUDA only). The training-step
-table times forward + backward + SGD step of LeNet-5 and ResNet-18 on CIFAR-size input.
+table times forward + backward + SGD step of LeNet-5 and ResNet-18 on CIFAR-size input; the
+compile table times forward + backward of a two-block CNN and LeNet-5 eager and under
+``torch.compile`` (inductor), as ratios to the compiled BN model and to eager.
 
 Layer rows run in ``--dtype`` and, with ``--channels-last``, in NHWC memory format, against
 torch's BN/GN in the same dtype and format (on CPU, normlab's fused kernels compute in
@@ -31,7 +33,8 @@ from torch import nn
 
 from ._checks import int_range, resolve_device
 
-__all__ = ["register", "run_layer_bench", "run_model_bench", "main"]
+__all__ = ["register", "run_layer_bench", "run_model_bench", "run_compile_bench", "small_cnn",
+           "main"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -199,6 +202,70 @@ def run_model_bench(*, device="cpu", batch=32, rounds=5, models=("lenet5", "resn
     return rows
 
 
+def small_cnn(norm: str, channels: int = 32) -> nn.Module:
+    """Two conv → norm → activation blocks, pooled and classified (issue 11's compile
+    benchmark: batch 32, 32×32 inputs)."""
+    from normlab.registry import create_norm_act
+
+    return nn.Sequential(
+        nn.Conv2d(3, channels, 3, padding=1, bias=False), create_norm_act(norm, channels),
+        nn.Conv2d(channels, channels, 3, padding=1, bias=False), create_norm_act(norm, channels),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels, 10))
+
+
+def run_compile_bench(*, device="cpu", batch=32, rounds=10, norms=("bn", "fbn", "frn"),
+                      models=("cnn2", "lenet5"), backend="inductor") -> list[dict]:
+    """Forward + backward of each (model, norm), eager and ``torch.compile``d, interleaved.
+
+    Ratios: ``vs compiled bn`` (the model's compiled BN step) and ``compiled/eager`` (the same
+    norm). ``cnn2`` is :func:`small_cnn`; compile time is excluded (one warm-up call).
+    """
+    from normlab.lab.models import build_model
+
+    device = torch.device(device)
+    rows = []
+    for name in models:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+        y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+        steps = {}
+        for norm in norms:
+            torch.manual_seed(0)
+            if name == "cnn2":
+                model = small_cnn(norm)
+            else:
+                model = build_model(name, norm=norm, num_classes=10, in_channels=3,
+                                    image_size=32)
+            model = model.to(device).train()
+            for mode, run in (("eager", model), ("compiled", torch.compile(model,
+                                                                          backend=backend))):
+                def step(run=run, model=model):
+                    model.zero_grad(set_to_none=True)
+                    nn.functional.cross_entropy(run(x), y).backward()
+                steps[norm, mode] = step
+        t = _interleaved(steps, rounds, device)
+        base = t[norms[0], "compiled"][0]
+        for norm in norms:
+            for mode in ("eager", "compiled"):
+                rows.append({"model": name, "norm": norm, "mode": mode, "batch": batch,
+                             "step_ms": t[norm, mode][0] * 1e3,
+                             "median_ms": t[norm, mode][1] * 1e3,
+                             "vs_compiled_bn": t[norm, mode][0] / base,
+                             "compiled_over_eager": t[norm, "compiled"][0] / t[norm, "eager"][0]})
+    return rows
+
+
+def format_compile_table(rows: list[dict]) -> str:
+    lines = ["| model | norm | mode | batch | fwd+bwd ms (min) | median ms | vs compiled "
+             f"{rows[0]['norm'] if rows else 'bn'} | compiled / eager |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['norm']} | {r['mode']} | {r['batch']} | "
+                     f"{r['step_ms']:.2f} | {r['median_ms']:.2f} | {r['vs_compiled_bn']:.3f}× | "
+                     f"{r['compiled_over_eager']:.3f}× |")
+    return "\n".join(lines)
+
+
 def machine_description(device: str) -> str:
     text = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     try:
@@ -292,6 +359,11 @@ def main(args: argparse.Namespace) -> int:
                                 models=models, channels_last=args.channels_last)
         print()
         print(format_model_table(mrows))
+    if not args.no_compile:
+        crows = run_compile_bench(device=device, batch=32, rounds=3 if args.quick else 10,
+                                  models=("cnn2",) if args.quick else ("cnn2", "lenet5"))
+        print()
+        print(format_compile_table(crows))
     return 0
 
 
@@ -312,4 +384,6 @@ def register(subparsers) -> None:
     parser.add_argument("--batch", type=int_range(2, 65536), default=None,
                         help="batch for the training steps (>= 2: batch statistics)")
     parser.add_argument("--no-models", action="store_true", help="skip the training-step table")
+    parser.add_argument("--no-compile", action="store_true",
+                        help="skip the eager vs torch.compile table (compiling takes a while)")
     parser.set_defaults(func=main)

@@ -19,6 +19,7 @@ COMMAND_MODULES = (
     "normlab.lab.cli",          # compare, train, report, list
     "normlab.diagnostics.cli",  # inspect
     "normlab.bench",            # bench
+    "normlab.selftest",         # selftest
 )
 
 

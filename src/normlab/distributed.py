@@ -225,6 +225,11 @@ class SyncNormalizeAffineFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, bias, mean0, var0, mean, rstd, count, keep_all = ctx.saved_tensors
         threshold, eps, gaussian_consistent, group = ctx.config
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the synced composite
+            grads = _composite_backward(ctx.needs_input_grad[:3], (x, weight, bias), grad_y,
+                                        mean0, var0, count, keep_all, threshold, eps,
+                                        gaussian_consistent, group)
+            return (*grads, *(None,) * 10)
         xs = x.to(rstd.dtype)
         gy = grad_y.to(rstd.dtype)
         xhat = (xs - mean) * rstd
@@ -250,6 +255,61 @@ class SyncNormalizeAffineFunction(torch.autograd.Function):
             g = gy * weight.to(rstd.dtype) if weight is not None else gy
             grad_x = ((g - proj) * rstd).to(x.dtype)
         return (grad_x, grad_w, grad_b) + (None,) * 10
+
+
+def _composite_forward(x, weight, bias, mean0, var0, count, keep_all, threshold, eps,
+                       gaussian_consistent, group):
+    """The synchronized forward as differentiable ops (higher derivatives).
+
+    ``μ′ = AR(Σ f x)/M``, ``σ′² = AR(Σ f (x − μ′)²)/(κM)`` with ``AR`` torch's functional
+    all-reduce (``torch.distributed._functional_collectives``, whose registered backward
+    all-reduces the gradient — itself differentiable), the mask ``f`` from the saved plain moments (piecewise constant) and the
+    global kept count ``M``; then ``y = γ (x − μ′)/sqrt(σ′² + ε) + β``. Its gradient is the
+    first-order backward above; differentiated again it gives exact second derivatives of
+    the global batch's loss, on every rank.
+    """
+    from torch.distributed import _functional_collectives as collectives
+
+    def all_reduce_with_grad(t: Tensor) -> Tensor:  # backward: the all-reduce of the gradient
+        return collectives.wait_tensor(collectives.all_reduce(t, "sum", group))
+
+    xs = x.to(mean0.dtype)
+    m = count.view(1, -1, 1)
+    keep = None
+    if threshold is not None:
+        with torch.no_grad():
+            z = (xs - mean0.view(1, -1, 1)) * torch.rsqrt(var0.view(1, -1, 1) + eps)
+            keep = ((z.abs() <= threshold) | keep_all.view(1, -1, 1)).to(xs.dtype)
+    kept = xs if keep is None else xs * keep
+    mean = all_reduce_with_grad(kept.sum(dim=(0, 2))).view(1, -1, 1) / m
+    dev = xs - mean
+    square = dev.square() if keep is None else dev.square() * keep
+    var = all_reduce_with_grad(square.sum(dim=(0, 2))).view(1, -1, 1) / m
+    if gaussian_consistent and threshold is not None:
+        var = var / F.truncated_normal_variance_factor(threshold)
+    y = dev * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.to(y.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y.to(x.dtype)
+
+
+def _composite_backward(needs, inputs, grad_y, *config):
+    """Differentiable gradients of :func:`_composite_forward` w.r.t. ``(x, weight, bias)``.
+
+    Every rank must run it (the all-reduces of its backward are collectives), as every rank
+    runs the first-order backward.
+    """
+    wanted = [i for i, t in enumerate(inputs) if t is not None and needs[i]]
+    grads: list = [None] * len(inputs)
+    with torch.enable_grad():
+        y = _composite_forward(*inputs, *config)
+        found = torch.autograd.grad(y, [inputs[i] for i in wanted], grad_y, create_graph=True,
+                                    allow_unused=True)
+    for i, g in zip(wanted, found):
+        grads[i] = g if g is not None else torch.zeros_like(inputs[i])
+    return grads
 
 
 def _flat_view(x: Tensor) -> Tensor:

@@ -70,7 +70,7 @@ def _check_dims(x: Tensor, dims: Sequence[int]) -> tuple[int, ...]:
 
 
 def _count(x: Tensor, dims: tuple[int, ...]) -> int:
-    return math.prod(x.shape[d] for d in dims)
+    return math.prod([x.shape[d] for d in dims])
 
 
 def moments(x: Tensor, dims: Sequence[int], *, centered: bool = True) -> Moments:

@@ -63,10 +63,10 @@ from torch import Tensor
 
 from .. import functional as F
 from . import _cpu_source
-from .analytic import composite_backward
-from .layout import ACT_NAMES, Plan, canonical_param, param_grad
+from .layout import Plan, canonical_param
 
-__all__ = ["available", "library_path", "FusedNormCPU", "ACT_CODES", "build_error"]
+__all__ = ["available", "library_path", "forward", "backward", "ACT_CODES", "build_error",
+           "STATS_ROWS"]
 
 ACT_CODES = {"none": 0, "tlu": 1, "relu": 1, "affine_tlu": 2}
 _FLAG_SETS = (
@@ -107,7 +107,9 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 _error: str | None = None
 _WORK_PER = 0  # read from the library (normlab_work_per) when it is loaded
-_NSTATS = 0
+# rows of the statistics block (see _SIGNATURES); fixed here so that the op's fake
+# implementation knows its shape without the library, checked against it at load
+STATS_ROWS = 8
 
 
 def _cache_dir() -> Path:
@@ -255,7 +257,7 @@ def _cache_location() -> tuple[Path | None, str | None]:
 
 
 def _load() -> ctypes.CDLL | None:
-    global _lib, _tried, _error, _WORK_PER, _NSTATS
+    global _lib, _tried, _error, _WORK_PER
     if _tried:
         return _lib
     with _lock:
@@ -284,8 +286,12 @@ def _load() -> ctypes.CDLL | None:
             finally:
                 if private is not None:
                     shutil.rmtree(private, ignore_errors=True)  # the mapping stays valid
+        if _lib is not None and _lib.normlab_nstats() != STATS_ROWS:
+            _error = (f"the kernels' statistics block has {_lib.normlab_nstats()} rows, "
+                      f"cpu.py expects {STATS_ROWS}")
+            _lib = None
         if _lib is not None:
-            _WORK_PER, _NSTATS = _lib.normlab_work_per(), _lib.normlab_nstats()
+            _WORK_PER = _lib.normlab_work_per()
             return _lib
         warnings.warn(f"normlab: fused CPU kernels unavailable, using the reference path "
                       f"({_error})", RuntimeWarning, stacklevel=3)
@@ -421,140 +427,121 @@ def _work(pl: Plan, nt: int) -> Tensor | None:
     return torch.empty((nt + 1) * _WORK_PER * pl.g * pl.cg, dtype=torch.float64)
 
 
-class FusedNormCPU(torch.autograd.Function):
-    """``z = act(γ · normalize(x) + β)`` with (filtered) statistics; fused C forward/backward.
+def _row_pointers(t: Tensor) -> list[int]:
+    """Addresses of the rows of a contiguous 2-D tensor (no view tensors: cheaper per call)."""
+    step = t.stride(0) * t.element_size()
+    base = t.data_ptr()
+    return [base + i * step for i in range(t.shape[0])]
 
-    Same math as :class:`normlab.kernels.analytic.NormalizeAffineFunction` (whose docstring
-    derives the backward), plus an optional TLU / affine-TLU (FRN seed eq. 3–5) fused into
-    the same passes. Saves ``x``, the parameters and per-set statistics only.
-    Inputs: x (float16/bfloat16/float32/float64, in the plan's layout: contiguous or
-    channels_last), weight, bias, eps_extra, tau, kappa_act (x's dtype, or float32 for half
-    x), plan, threshold, centered, eps, gaussian_consistent, act. ``y`` comes back in x's
-    dtype and strides, the statistics in the kernel dtype (float32 for half x).
+
+def _filter_args(threshold, gaussian_consistent) -> tuple[float, float]:
+    """The kernels' threshold (≤ 0: no filter) and variance factor κ."""
+    thr = -1.0 if threshold is None else float(threshold)
+    kap = (F.truncated_normal_variance_factor(threshold)
+           if gaussian_consistent and threshold is not None else 1.0)
+    return thr, kap
+
+
+def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, centered, eps,
+            gaussian_consistent, act):
+    """``z = act(γ · normalize(x) + β)`` with (filtered) statistics, one fused C call.
+
+    The CPU body of the ``normlab::normalize`` op (:mod:`normlab.kernels.ops`); same math as
+    :class:`normlab.kernels.analytic.NormalizeAffineFunction` (whose docstring derives the
+    backward), plus an optional TLU / affine TLU (Singh & Krishnan 2020, arXiv 1911.09737,
+    eq. 3–5) fused into the same passes. Inputs: x (float16/bfloat16/float32/float64, in the
+    plan's layout: contiguous or channels_last), weight, bias, eps_extra, tau, kappa_act (x's
+    dtype, or float32 for half x), plan, threshold (None: no filter), centered, eps,
+    gaussian_consistent, act (:data:`ACT_CODES`). Returns ``y`` in x's dtype and strides and
+    the ``(STATS_ROWS, sets)`` statistics block in the kernel dtype (float32 for half x):
+    rows 0–5 mean0, var0, mean, var, rstd, count (the op's contract), 6–7 the low parts of
+    the two means (what keeps the backward exact when |μ|/σ is large).
     """
+    if pl.layout not in ("contiguous", "channels_last"):
+        raise ValueError(f"the fused CPU kernels need x contiguous or channels_last, got "
+                         f"layout {pl.layout!r}; use the reference Function")
+    lib = _load()
+    eps_total = eps + (float(eps_extra) if eps_extra is not None else 0.0)
+    thr, kap = _filter_args(threshold, gaussian_consistent)
+    kdt = _kernel_dtype(x.dtype)  # statistics and parameter vectors (float32 for half x)
+    sdt = _storage_dtype(x.dtype)  # x's own dtype; float32 for float16
+    w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
+    if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
+        t = torch.zeros(pl.g * pl.cg, dtype=kdt)
+    xk = x if x.dtype == sdt else _as_kernel_input(x, x, pl, sdt)  # a float32 copy for float16
+    y = _empty_as(x, pl, sdt)
+    nsets = pl.g if pl.kind == "channel" else pl.n * pl.g
+    stats = torch.empty(STATS_ROWS, nsets, dtype=kdt)
+    nt = _threads(x)
+    work = _work(pl, nt)
+    sfx = _sfx(sdt)
+    run = (None, None, 0.0)  # running averages: updated by the dispatcher (a functional op)
+    if pl.kind == "channel" and pl.layout == "contiguous":
+        _call(lib, f"bn_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
+              int(centered), eps_total, thr, kap, _ptr(stats), *run, nt)
+    elif pl.kind == "channel":
+        _call(lib, f"bnc_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
+              int(centered), eps_total, thr, kap, _ptr(stats), *run, _ptr(work), nt)
+    elif pl.layout == "contiguous":
+        _call(lib, f"row_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
+              pl.n * pl.g, pl.g, pl.cg, pl.l, int(centered), eps_total, thr, kap, act,
+              _ptr(stats), nt)
+    else:
+        _call(lib, f"rowc_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
+              pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total, thr, kap, act, _ptr(stats),
+              _ptr(work), nt)
+    return (y if y.dtype == x.dtype else y.to(x.dtype)), stats  # float16: cast back
 
-    @staticmethod
-    def fuses_running(running, x: Tensor, pl: Plan) -> bool:
-        """Whether the kernel itself can update ``running`` (batch norm, buffers contiguous and
-        in the kernel dtype); else the dispatcher updates them after the call."""
-        kdt = _kernel_dtype(x.dtype)
-        return pl.kind == "channel" and all(
-            t.dtype == kdt and t.device.type == "cpu" and t.is_contiguous()
-            and t.numel() == pl.g for t in (running.mean, running.var))
 
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, centered,
-                eps, gaussian_consistent, act, running=None):
-        if pl.layout not in ("contiguous", "channels_last"):
-            raise ValueError(f"FusedNormCPU needs x contiguous or channels_last, got layout "
-                             f"{pl.layout!r}; use the reference Function")
-        lib = _load()
-        eps_total = eps + (float(eps_extra) if eps_extra is not None else 0.0)
-        thr = -1.0 if threshold is None else float(threshold)
-        kap = (F.truncated_normal_variance_factor(threshold)
-               if gaussian_consistent and threshold is not None else 1.0)
-        kdt = _kernel_dtype(x.dtype)  # statistics and parameter vectors (float32 for half x)
-        sdt = _storage_dtype(x.dtype)  # x's own dtype; float32 for float16
-        w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
-        if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
-            t = torch.zeros(pl.g * pl.cg, dtype=kdt)
-        xk = _as_kernel_input(x, x, pl, sdt)  # x itself; a float32 copy for float16
-        y = _empty_as(x, pl, sdt)
-        nsets = pl.g if pl.kind == "channel" else pl.n * pl.g
-        stats = torch.empty(_NSTATS, nsets, dtype=kdt)  # rows: see _SIGNATURES
-        mean0, var0, mean, var, rstd, count = stats[:6].unbind(0)
-        nt = _threads(x)
-        work = _work(pl, nt)
-        sfx = _sfx(sdt)
-        outs = (_ptr(stats),)
-        # running averages updated by the kernel (batch norm; see fuses_running)
-        run = (_ptr(running.mean), _ptr(running.var), float(running.factor)) \
-            if running is not None else (None, None, 0.0)
-        if pl.kind == "channel" and pl.layout == "contiguous":
-            _call(lib, f"bn_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
-                  int(centered), eps_total, thr, kap, *outs, *run, nt)
-        elif pl.kind == "channel":
-            _call(lib, f"bnc_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
-                  int(centered), eps_total, thr, kap, *outs, *run, _ptr(work), nt)
-        elif pl.layout == "contiguous":
-            _call(lib, f"row_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
-                  pl.n * pl.g, pl.g, pl.cg, pl.l, int(centered), eps_total, thr, kap, act,
-                  *outs, nt)
+def backward(x, grad_y, weight, bias, eps_extra, tau, akappa, stats, pl: Plan, threshold,
+             centered, eps, gaussian_consistent, act, need_dx):
+    """The fused backward of :func:`forward` (body of ``normlab::normalize_backward``).
+
+    ``stats`` is the block :func:`forward` returned. Returns ``(dx, sums, gxhat)``:
+    ``∂ℓ/∂x`` in x's dtype and strides (``None`` unless ``need_dx``); per parameter
+    ``Σ∂ℓ/∂y``, ``Σ∂ℓ/∂y·x̂`` (and for rows ``∂ℓ/∂τ``, ``∂ℓ/∂κ``) as a ``(2, C)`` or
+    ``(4, G·Cg)`` tensor; ``Σ γ∂ℓ/∂y·x̂`` per set.
+    """
+    lib = _load()
+    eps_total = eps + (float(eps_extra) if eps_extra is not None else 0.0)
+    thr, kap = _filter_args(threshold, gaussian_consistent)
+    kdt = stats.dtype
+    w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
+    if act == ACT_CODES["tlu"] and t is None:
+        t = torch.zeros(pl.g * pl.cg, dtype=kdt)
+    sdt = _storage_dtype(x.dtype)
+    xk = x if x.dtype == sdt else _as_kernel_input(x, x, pl, sdt)
+    dz = _as_kernel_input(grad_y, x, pl, sdt)  # ∂ℓ/∂z in x's layout and storage dtype
+    dx = _empty_as(x, pl, sdt) if need_dx else None
+    nt = _threads(x)
+    work = _work(pl, nt)
+    sfx = _sfx(sdt)
+    st = _ptr(stats)
+    if pl.kind == "channel":
+        sums = torch.empty(2, pl.g, dtype=kdt)
+        s_dy, s_dyxhat = _row_pointers(sums)
+        if pl.layout == "contiguous":
+            _call(lib, f"bn_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
+                  pl.l, int(centered), eps_total, thr, kap, st, s_dy, s_dyxhat, nt)
         else:
-            _call(lib, f"rowc_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
-                  pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total, thr, kap, act, *outs,
+            _call(lib, f"bnc_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
+                  pl.l, int(centered), eps_total, thr, kap, st, s_dy, s_dyxhat,
                   _ptr(work), nt)
-        ctx.save_for_backward(x, weight, bias, eps_extra, tau, akappa, stats)
-        ctx.config = (pl, thr, kap, centered, eps_total, act, (threshold, eps, gaussian_consistent))
-        shape = pl.stats_shape
-        out_stats = (mean.view(shape), var.view(shape), count.view(shape))
-        ctx.mark_non_differentiable(*out_stats)
-        return (y.to(x.dtype), *out_stats)  # float16: cast back (strides kept), else no-op
-
-    @staticmethod
-    def backward(ctx, grad_y, _gm, _gv, _gc):
-        x, weight, bias, eps_extra, tau, akappa, stats = ctx.saved_tensors
-        pl, thr, kap, centered, eps_total, act, (threshold, eps, consistent) = ctx.config
-        if torch.is_grad_enabled():  # create_graph=True: differentiable composite gradient
-            grads = composite_backward(
-                ctx.needs_input_grad[:6], (x, weight, bias, eps_extra, tau, akappa), grad_y,
-                dims=pl.dims, threshold=threshold, centered=centered, eps=eps,
-                gaussian_consistent=consistent, activation=ACT_NAMES[act, tau is None])
-            return (*grads, None, None, None, None, None, None, None)
-        lib = _load()
-        mean0, var0, mean, _var, rstd, count = stats[:6].unbind(0)
-        kdt = stats.dtype
-        w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
-        if act == ACT_CODES["tlu"] and t is None:
-            t = torch.zeros(pl.g * pl.cg, dtype=kdt)
-        sdt = _storage_dtype(x.dtype)
-        xk = _as_kernel_input(x, x, pl, sdt)
-        dz = _as_kernel_input(grad_y, x, pl, sdt)  # ∂ℓ/∂z in x's layout and storage dtype
-        dx = _empty_as(x, pl, sdt) if ctx.needs_input_grad[0] else None
-        nt = _threads(x)
-        work = _work(pl, nt)
-        sfx = _sfx(sdt)
-        saved = (_ptr(stats),)
-        if pl.kind == "channel":
-            s_dy, s_dyxhat = torch.empty(2, pl.g, dtype=kdt).unbind(0)
-            if pl.layout == "contiguous":
-                _call(lib, f"bn_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
-                      pl.l, int(centered), eps_total, thr, kap, *saved, _ptr(s_dy),
-                      _ptr(s_dyxhat), nt)
-            else:
-                _call(lib, f"bnc_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
-                      pl.l, int(centered), eps_total, thr, kap, *saved, _ptr(s_dy),
-                      _ptr(s_dyxhat), _ptr(work), nt)
-            s_gxhat = s_dyxhat * w if w is not None else s_dyxhat
-            sums = {"dy": s_dy, "dyxhat": s_dyxhat}
+        s_gxhat = sums[1] * w if w is not None else sums[1].clone()  # an output of its own
+    else:
+        rows = pl.n * pl.g
+        buf = torch.empty(4, rows * pl.cg, dtype=kdt)
+        s_gxhat = torch.empty(rows, dtype=kdt)
+        per_set = (*_row_pointers(buf), _ptr(s_gxhat))  # Σdy, Σdy·x̂, Σdτ, Σdκ, Σg·x̂
+        if pl.layout == "contiguous":
+            _call(lib, f"row_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
+                  _ptr(t), _ptr(k), rows, pl.g, pl.cg, pl.l, int(centered), eps_total, thr,
+                  kap, act, st, *per_set, nt)
         else:
-            rows = pl.n * pl.g
-            buf = torch.empty(4, rows * pl.cg, dtype=kdt)
-            s_dy, s_dyxhat, s_dtau, s_dak = buf.unbind(0)
-            s_gxhat = torch.empty(rows, dtype=kdt)
-            per_set = (_ptr(s_dy), _ptr(s_dyxhat), _ptr(s_dtau), _ptr(s_dak), _ptr(s_gxhat))
-            if pl.layout == "contiguous":
-                _call(lib, f"row_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
-                      _ptr(t), _ptr(k), rows, pl.g, pl.cg, pl.l, int(centered), eps_total, thr,
-                      kap, act, *saved, *per_set, nt)
-            else:
-                _call(lib, f"rowc_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
-                      _ptr(t), _ptr(k), pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total, thr,
-                      kap, act, *saved, *per_set, _ptr(work), nt)
-            per_channel = buf.view(4, pl.n, pl.g * pl.cg).sum(1)
-            sums = dict(zip(("dy", "dyxhat", "dtau", "dak"), per_channel.unbind(0)))
-        if dx is not None:
-            dx = dx.to(x.dtype)  # float16: cast back (strides kept), else no-op
-        grads = [dx, None, None, None, None, None]
-        if weight is not None and ctx.needs_input_grad[1]:
-            grads[1] = param_grad(sums["dyxhat"], weight, pl)
-        if bias is not None and ctx.needs_input_grad[2]:
-            grads[2] = param_grad(sums["dy"], bias, pl)
-        if eps_extra is not None and ctx.needs_input_grad[3]:
-            g_eps = (-0.5 * rstd.square() * s_gxhat).sum()
-            grads[3] = g_eps.to(eps_extra.dtype).reshape(eps_extra.shape)
-        if tau is not None and ctx.needs_input_grad[4]:
-            grads[4] = param_grad(sums["dtau"], tau, pl)
-        if akappa is not None and ctx.needs_input_grad[5]:
-            grads[5] = param_grad(sums["dak"], akappa, pl)
-        return (*grads, None, None, None, None, None, None, None)
+            _call(lib, f"rowc_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
+                  _ptr(t), _ptr(k), pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total, thr,
+                  kap, act, st, *per_set, _ptr(work), nt)
+        sums = buf.view(4, pl.n, pl.g * pl.cg).sum(1)
+    if dx is not None and dx.dtype != x.dtype:
+        dx = dx.to(x.dtype)  # float16: cast back (strides kept)
+    return dx, sums, s_gxhat

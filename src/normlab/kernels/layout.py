@@ -29,13 +29,8 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Plan", "plan", "canonical_param", "param_grad", "ACT_NAMES"]
-
-
-# activation codes of the fused kernels → names of analytic.composite_normalize_affine_act;
-# code 1 is a TLU, or a ReLU when no τ is given (TLU with τ = 0)
-ACT_NAMES = {(0, True): "none", (0, False): "none", (1, False): "tlu", (1, True): "relu",
-             (2, False): "affine_tlu"}
+__all__ = ["Plan", "plan", "canonical_plan", "canonical_view", "canonical_param",
+           "param_grad"]
 
 
 class Plan(NamedTuple):
@@ -129,12 +124,55 @@ def plan(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...], *,
     return Plan("rows", n, g, cg, l, param_shape, stats_shape, dims, layout)
 
 
+def _nc_layout(x: Tensor, c: int, l: int) -> str:
+    """Memory order of ``x`` (``(N, C, *)``) as the kernels read it.
+
+    ``"contiguous"``, ``"channels_last"`` (stored as ``(N, *, C)``: rows of ``C`` contiguous
+    channel values, the order of a channels_last activation) or ``"strided"``. With one
+    position per channel (``L = 1``: ``(N, C)`` batch norm, LN rows) both orders describe the
+    same memory; it is read as channels_last, whose kernels run along the contiguous
+    channels (several times faster there than per-channel strided loops).
+    """
+    shape, strides = x.shape, x.stride()
+    channels_last = shape[1] == 1 or strides[1] == 1
+    expect = c
+    for i in range(x.dim() - 1, 1, -1):  # positions in row-major order, C values apart
+        if shape[i] != 1:
+            channels_last = channels_last and strides[i] == expect
+            expect *= shape[i]
+    channels_last = channels_last and (shape[0] == 1 or strides[0] == c * l)
+    if channels_last and (l == 1 or not x.is_contiguous()):
+        return "channels_last"
+    return "contiguous" if x.is_contiguous() else "strided"
+
+
+def canonical_plan(x: Tensor, channel: bool, groups: int = 1) -> Plan:
+    """The :class:`Plan` of a call on ``x`` (``(N, C, *)``): batch norm (``channel=True``),
+    or rows of ``groups`` groups. Parameters are ``(C,)`` vectors. Reads shape and strides."""
+    n, c = x.shape[0], x.shape[1]
+    l = math.prod(x.shape[2:])
+    layout = _nc_layout(x, c, l)
+    if channel:
+        return Plan("channel", n, c, 1, l, (c,), (c,), (0, 2), layout)
+    return Plan("rows", n, groups, c // groups, l, (c,), (n, groups), (2, 3), layout)
+
+
+def canonical_view(x: Tensor, pl: Plan) -> Tensor:
+    """``x`` as the kernels read it: ``(N, C, L)`` or ``(N, G, C/G, L)`` (a view for
+    contiguous and channels_last ``x``, else a copy)."""
+    if pl.kind == "channel":
+        return x.reshape(pl.n, pl.g, pl.l)
+    return x.reshape(pl.n, pl.g, pl.cg, pl.l)
+
+
 def canonical_param(p: Tensor | None, pl: Plan) -> Tensor | None:
     """A parameter as a contiguous ``(G * Cg,)`` vector (BN: ``(C,)``)."""
     if p is None:
         return None
+    if p.dim() == 1 and p.is_contiguous() and p.shape[0] == pl.g * pl.cg:
+        return p  # the canonical (P,) vector itself
     if p.shape == pl.param_shape and p.is_contiguous():
-        return p.view(-1)  # the common case (a module's (C,) parameter viewed): no copy
+        return p.view(-1)  # a module's (C,) parameter viewed: no copy
     return p.expand(pl.param_shape).reshape(-1).contiguous()
 
 

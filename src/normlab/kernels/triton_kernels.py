@@ -45,10 +45,9 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from .analytic import composite_backward
-from .layout import ACT_NAMES, Plan, canonical_param, param_grad
+from .layout import Plan, canonical_param
 
-__all__ = ["available", "FusedNormTriton", "ACT_CODES", "fused_normalize_affine_act",
+__all__ = ["available", "forward", "backward", "ACT_CODES",
            "BNView", "BNLaunch", "bn_launch", "RowsView", "RowsLaunch", "Rows1Launch",
            "rows_launch", "STATS_ROWS"]
 
@@ -361,103 +360,45 @@ def _as_viewable(t: Tensor, pl: Plan) -> Tensor:
     return t
 
 
-class FusedNormTriton(torch.autograd.Function):
-    """Triton twin of :class:`normlab.kernels.cpu.FusedNormCPU` (same inputs and outputs).
+def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, centered, eps,
+            gaussian_consistent, act):
+    """Triton twin of :func:`normlab.kernels.cpu.forward` (same inputs and outputs): the
+    body of the ``normlab::normalize_triton`` op (:mod:`normlab.kernels.ops`).
 
     Batch norm (channel plans) runs the split kernels (:func:`bn_launch`); the rows family
-    runs one program per row, with the TLU / affine TLU fused.
+    runs one program per row, with the TLU / affine TLU fused. Returns ``(y, stats)``, stats
+    ``(STATS_ROWS, sets)`` float32 (rows 0–5 as the op's contract, the rest private).
     """
-
-    @staticmethod
-    def fuses_running(running, x: Tensor, pl: Plan) -> bool:
-        """Whether the kernels update ``running`` themselves (batch norm, contiguous float
-        buffers on x's device); else the dispatcher updates them after the call."""
-        return pl.kind == "channel" and all(
-            t.device == x.device and t.is_contiguous() and t.numel() == pl.g
-            and t.dtype in (torch.float32, torch.float16, torch.bfloat16)
-            for t in (running.mean, running.var))
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, centered,
-                eps, gaussian_consistent, act, running=None):
-        kap = (F.truncated_normal_variance_factor(threshold)
-               if gaussian_consistent and threshold is not None else 1.0)
-        w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
-        x_in = x  # saved as given: a double backward differentiates through it
-        if pl.kind == "channel":
-            if act != ACT_CODES["none"]:
-                raise ValueError("the Triton batch-norm kernels fuse no activation; "
-                                 f"got act={act} (apply it after normalize_affine)")
-            y, stats = _bn_forward(x, w, b, eps_extra, threshold, kap, centered, eps, running)
-        else:
-            x = _as_viewable(x, pl)
-            if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
-                t = torch.zeros(pl.g * pl.cg, dtype=x.dtype, device=x.device)
-            y, stats = _rows_forward(x, pl, w, b, t, k, eps_extra, threshold, kap, centered,
-                                     eps, act)
-        ctx.save_for_backward(x_in, weight, bias, eps_extra, tau, akappa, stats)
-        ctx.config = (pl, threshold, kap, centered, eps, act, gaussian_consistent)
-        shape = pl.stats_shape
-        out = (stats[2].view(shape), stats[3].view(shape), stats[5].view(shape))
-        ctx.mark_non_differentiable(*out)
-        return (y, *out)
-
-    @staticmethod
-    def backward(ctx, grad_y, _gm, _gv, _gc):
-        x, weight, bias, eps_extra, tau, akappa, stats = ctx.saved_tensors
-        pl, threshold, kap, centered, eps, act, gaussian_consistent = ctx.config
-        if torch.is_grad_enabled():  # create_graph=True: differentiable composite gradient
-            grads = composite_backward(
-                ctx.needs_input_grad[:6], (x, weight, bias, eps_extra, tau, akappa), grad_y,
-                dims=pl.dims, threshold=threshold, centered=centered, eps=eps,
-                gaussian_consistent=gaussian_consistent, activation=ACT_NAMES[act, tau is None])
-            return (*grads, None, None, None, None, None, None, None)
-        if pl.kind == "rows":
-            x = _as_viewable(x, pl)
-        w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
-        need_dx = ctx.needs_input_grad[0]
-        if pl.kind == "channel":
-            dx, s_dy, s_dyxhat = _bn_backward(x, grad_y.to(x.dtype), w, eps_extra, stats,
-                                              threshold, kap, centered, eps, need_dx)
-            sums = {"dy": s_dy, "dyxhat": s_dyxhat}
-            g_xhat = s_dyxhat * (w.float() if w is not None else 1.0)
-        else:
-            if act == ACT_CODES["tlu"] and t is None:
-                t = torch.zeros(pl.g * pl.cg, dtype=x.dtype, device=x.device)
-            dz = _as_viewable(grad_y.to(x.dtype), pl)
-            dx, per_param, g_xhat = _rows_backward(x, dz, pl, w, b, t, k, eps_extra, stats,
-                                                   threshold, kap, centered, eps, act, need_dx)
-            sums = dict(zip(("dy", "dyxhat", "dtau", "dak"), per_param.unbind(1)))
-        grads = [dx, None, None, None, None, None]
-        if weight is not None and ctx.needs_input_grad[1]:
-            grads[1] = param_grad(sums["dyxhat"], weight, pl)
-        if bias is not None and ctx.needs_input_grad[2]:
-            grads[2] = param_grad(sums["dy"], bias, pl)
-        if eps_extra is not None and ctx.needs_input_grad[3]:
-            g_eps = (-0.5 * stats[4].square() * g_xhat).sum()
-            grads[3] = g_eps.to(eps_extra.dtype).reshape(eps_extra.shape)
-        if tau is not None and ctx.needs_input_grad[4]:
-            grads[4] = param_grad(sums["dtau"], tau, pl)
-        if akappa is not None and ctx.needs_input_grad[5]:
-            grads[5] = param_grad(sums["dak"], akappa, pl)
-        return (*grads, None, None, None, None, None, None, None)
+    kap = (F.truncated_normal_variance_factor(threshold)
+           if gaussian_consistent and threshold is not None else 1.0)
+    w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
+    if pl.kind == "channel":
+        if act != ACT_CODES["none"]:
+            raise ValueError("the Triton batch-norm kernels fuse no activation; "
+                             f"got act={act} (apply it after the normalization)")
+        return _bn_forward(x, w, b, eps_extra, threshold, kap, centered, eps)
+    x = _as_viewable(x, pl)
+    if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
+        t = torch.zeros(pl.g * pl.cg, dtype=x.dtype, device=x.device)
+    return _rows_forward(x, pl, w, b, t, k, eps_extra, threshold, kap, centered, eps, act)
 
 
-def fused_normalize_affine_act(x, weight, bias, dims, *, activation="none", tau=None,
-                               kappa=None, threshold=None, centered=True, eps=1e-5,
-                               eps_extra=None, gaussian_consistent=False, running=None):
-    """Call the Triton Function directly, whatever the device (tests use it on CPU tensors
-    with ``TRITON_INTERPRET=1``). Returns ``(z, Moments)``; raises ValueError for a layout
-    the kernels don't cover. ``running`` must be one the kernels update themselves."""
-    from .layout import plan
-    dims = tuple(d % x.dim() for d in dims)
-    pl = plan(x, (weight, bias, tau, kappa), dims)
-    if pl is None:
-        raise ValueError(f"no fused layout for x of shape {tuple(x.shape)} with dims {dims}")
-    if running is not None and not FusedNormTriton.fuses_running(running, x, pl):
-        raise ValueError("running averages must be contiguous float buffers of one value per "
-                         f"channel on {x.device} for a batch-norm layout; got {running}")
-    y, mean, var, count = FusedNormTriton.apply(
-        x, weight, bias, eps_extra, tau, kappa, pl, threshold, centered, float(eps),
-        gaussian_consistent, ACT_CODES[activation], running)
-    return y, F.Moments(mean, var, count)
+def backward(x, grad_y, weight, bias, eps_extra, tau, akappa, stats, pl: Plan, threshold,
+             centered, eps, gaussian_consistent, act, need_dx):
+    """Triton twin of :func:`normlab.kernels.cpu.backward`: ``(dx or None, sums, gxhat)``."""
+    kap = (F.truncated_normal_variance_factor(threshold)
+           if gaussian_consistent and threshold is not None else 1.0)
+    if pl.kind == "rows":
+        x = _as_viewable(x, pl)
+    w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
+    if pl.kind == "channel":
+        dx, s_dy, s_dyxhat = _bn_backward(x, grad_y.to(x.dtype), w, eps_extra, stats,
+                                          threshold, kap, centered, eps, need_dx)
+        g_xhat = s_dyxhat * (w.float() if w is not None else 1.0)
+        return dx, torch.stack([s_dy, s_dyxhat]), g_xhat
+    if act == ACT_CODES["tlu"] and t is None:
+        t = torch.zeros(pl.g * pl.cg, dtype=x.dtype, device=x.device)
+    dz = _as_viewable(grad_y.to(x.dtype), pl)
+    dx, per_param, g_xhat = _rows_backward(x, dz, pl, w, b, t, k, eps_extra, stats,
+                                           threshold, kap, centered, eps, act, need_dx)
+    return dx, per_param.t().contiguous(), g_xhat

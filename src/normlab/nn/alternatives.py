@@ -35,12 +35,12 @@ from torch import Tensor, nn
 
 from torch import fx
 
-from ..kernels import normalize_affine
+from ..kernels import NormSpec, Reduction, normalize
 from ._common import channel_view
 from .batch import _BatchStatsNorm, flat_view
 
 # calls kept as nodes by torch.fx.symbolic_trace (see normlab.nn._common)
-fx.wrap("normalize_affine")
+fx.wrap("normalize")
 
 __all__ = [
     "AltScaleBatchNorm1d",
@@ -84,13 +84,12 @@ class _TailBatchNorm(_BatchStatsNorm):
         if self.threshold is None:
             mean, var = self._tracked()
             return TF.batch_norm(x, mean, var, w, b, True, factor, self.eps)
-        xv = flat_view(x)
-        y, _ = normalize_affine(
-            xv, channel_view(w, 3), channel_view(b, 3), (0, 2), threshold=self.threshold,
-            eps=self.eps, gaussian_consistent=self.gaussian_consistent,
-            running=self._running(factor, x),
-        )
-        return y.view(x.shape)
+        y, _ = normalize(
+            x, w, b,
+            NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
+                     gaussian_consistent=self.gaussian_consistent),
+            running=self._running(factor, x))
+        return y
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
@@ -256,10 +255,11 @@ class _ScaleCalibratedBatchNorm(_TailBatchNorm):
         xv = flat_view(x)
         if self._uses_batch_stats():
             factor = self._averaging_factor(x)
-            xhat, _ = normalize_affine(
-                xv, None, None, (0, 2), threshold=self.threshold, eps=self.eps,
-                gaussian_consistent=self.gaussian_consistent, running=self._running(factor, x),
-            )
+            xhat, _ = normalize(
+                xv, None, None,
+                NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
+                         gaussian_consistent=self.gaussian_consistent),
+                running=self._running(factor, x))
         else:
             xhat = flat_view(TF.batch_norm(x, self.running_mean, self.running_var, None, None,
                                            False, 0.0, self.eps))  # keeps x's memory format

@@ -14,11 +14,10 @@ from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
-from ..kernels import RunningStats, normalize_affine, update_running_stats
+from ..kernels import NormSpec, Reduction, RunningStats, normalize, update_running_stats
 from ._common import (
     ChannelStatsNorm,
     batch_running,
-    channel_view,
     check_bool,
     check_input,
     check_values,
@@ -34,7 +33,7 @@ __all__ = [
 ]
 
 # calls kept as nodes by torch.fx.symbolic_trace (see normlab.nn._common)
-for _name in ("check_input", "check_values", "batch_running", "normalize_affine",
+for _name in ("check_input", "check_values", "batch_running", "normalize",
               "renorm_correction"):
     fx.wrap(_name)
 
@@ -149,13 +148,12 @@ class _FilteredBatchNorm(_BatchStatsNorm, _BatchNorm):
         if self.threshold is None:
             mean, var = self._tracked()
             return TF.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
-        xv = flat_view(x)
-        y, _ = normalize_affine(
-            xv, channel_view(self.weight, 3), channel_view(self.bias, 3), (0, 2),
-            threshold=self.threshold, eps=self.eps, gaussian_consistent=self.gaussian_consistent,
-            running=self._running(factor, x),
-        )
-        return y.view(x.shape)
+        y, _ = normalize(
+            x, self.weight, self.bias,
+            NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
+                     gaussian_consistent=self.gaussian_consistent),
+            running=self._running(factor, x))
+        return y
 
 
 class FilteredBatchNorm1d(_FilteredBatchNorm, nn.BatchNorm1d):
@@ -175,14 +173,21 @@ class FilteredBatchNorm3d(_FilteredBatchNorm, nn.BatchNorm3d):
     _allowed_dims = (5,)
 
 
-def renorm_limits(step: int, r_max: float, d_max: float, renorm_start: int,
-                  r_max_full_at: int, d_max_full_at: int) -> tuple[float, float]:
+def renorm_limits(step: int | Tensor, r_max: float, d_max: float, renorm_start: int,
+                  r_max_full_at: int, d_max_full_at: int
+                  ) -> tuple[float | Tensor, float | Tensor]:
     """(r_max, d_max) at training step ``step`` of batch renorm's warm-up (Ioffe 2017 §3).
 
     1 and 0 (plain BN) up to ``renorm_start``, then linear to the final values at
-    ``r_max_full_at`` / ``d_max_full_at``.
+    ``r_max_full_at`` / ``d_max_full_at``. ``step`` may be the ``num_batches_tracked``
+    tensor: the limits are then float64 tensors (no host sync, so ``torch.compile`` keeps
+    one graph).
     """
-    def ramp(full_at: int) -> float:
+    def ramp(full_at: int) -> float | Tensor:
+        if isinstance(step, Tensor):
+            if full_at <= renorm_start:
+                return (step > renorm_start).to(torch.float64)
+            return ((step.to(torch.float64) - renorm_start) / (full_at - renorm_start)).clamp(0, 1)
         if step <= renorm_start:
             return 0.0
         if full_at <= renorm_start:
@@ -219,9 +224,9 @@ def renorm_correction(xv: Tensor, running_mean: Tensor, running_var: Tensor,
     if xv.numel() == 0:
         ones = torch.ones(xv.shape[1], dtype=F.stats_dtype(xv.dtype), device=xv.device)
         return ones, torch.zeros_like(ones)
-    r_max, d_max = renorm_limits(int(num_batches_tracked), *schedule)
     batch = F.filtered_moments(xv, (0, 2), threshold, eps=eps,
                                gaussian_consistent=gaussian_consistent)
+    r_max, d_max = (t.to(batch.var.dtype) for t in renorm_limits(num_batches_tracked, *schedule))
     return renorm_factors(batch.mean.reshape(-1), batch.var.reshape(-1), running_mean,
                           running_var, eps, r_max, d_max)
 
@@ -315,12 +320,12 @@ class _BatchRenorm(_BatchStatsNorm, _BatchNorm):
         bias = self.bias if self.bias is not None else torch.zeros_like(r)
         weight_eff = weight * r.to(weight.dtype)
         bias_eff = bias + weight * d.to(weight.dtype)
-        y, _ = normalize_affine(
-            xv, channel_view(weight_eff, 3), channel_view(bias_eff, 3), (0, 2),
-            threshold=self.threshold, eps=self.eps, gaussian_consistent=self.gaussian_consistent,
-            running=self._running(factor, x),
-        )
-        return y.view(x.shape)
+        y, _ = normalize(
+            x, weight_eff, bias_eff,
+            NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
+                     gaussian_consistent=self.gaussian_consistent),
+            running=self._running(factor, x))
+        return y
 
 
 class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):

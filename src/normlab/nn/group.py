@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, fx, nn
 
-from ..kernels import normalize_affine
+from ..kernels import NormSpec, Reduction, normalize
 from ._common import (
     AffineMixin,
     ChannelStatsNorm,
@@ -31,7 +31,6 @@ from ._common import (
     check_threshold,
     check_values,
 )
-from .batch import flat_view
 
 __all__ = [
     "FilteredGroupNorm",
@@ -42,7 +41,7 @@ __all__ = [
 ]
 
 # calls kept as nodes by torch.fx.symbolic_trace (see normlab.nn._common)
-for _name in ("check_input", "check_values", "normalize_affine", "check_trailing_shape",
+for _name in ("check_input", "check_values", "normalize", "check_trailing_shape",
               "check_instance_channels", "update_instance_running_stats"):
     fx.wrap(_name)
 
@@ -145,15 +144,12 @@ class FilteredGroupNorm(AffineMixin, nn.GroupNorm):
         if self.threshold is None:
             return TF.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
         check_values(name, x, "group", self.num_groups)
-        g = self.num_groups
-        cg = self.num_channels // g
-        # (N, G, C/G, L): statistics over dims (2, 3); per-channel affine broadcasts on dim 2.
-        xv = flat_view(x).unflatten(1, (g, cg))
-        w = self.weight.view(1, g, cg, 1) if self.weight is not None else None
-        b = self.bias.view(1, g, cg, 1) if self.bias is not None else None
-        y, _ = normalize_affine(xv, w, b, (2, 3), threshold=self.threshold, eps=self.eps,
-                                gaussian_consistent=self.gaussian_consistent)
-        return y.view(x.shape)
+        # statistics per sample and group of C/G channels, per-channel affine
+        y, _ = normalize(x, self.weight, self.bias,
+                         NormSpec(Reduction.ROWS, self.threshold, eps=self.eps,
+                                  gaussian_consistent=self.gaussian_consistent,
+                                  groups=self.num_groups))
+        return y
 
 
 class FilteredLayerNorm(AffineMixin, nn.LayerNorm):
@@ -202,11 +198,12 @@ class FilteredLayerNorm(AffineMixin, nn.LayerNorm):
         if self.threshold is None:
             return TF.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         d = math.prod(self.normalized_shape)
-        xv = x.reshape(-1, d)
-        w = self.weight.reshape(1, d) if self.weight is not None else None
-        b = self.bias.reshape(1, d) if self.bias is not None else None
-        y, _ = normalize_affine(xv, w, b, (1,), threshold=self.threshold, eps=self.eps,
-                                gaussian_consistent=self.gaussian_consistent)
+        # (P, D) with one group: one set per position, elementwise affine over D
+        y, _ = normalize(x.reshape(-1, d),
+                         self.weight.reshape(d) if self.weight is not None else None,
+                         self.bias.reshape(d) if self.bias is not None else None,
+                         NormSpec(Reduction.ROWS, self.threshold, eps=self.eps,
+                                  gaussian_consistent=self.gaussian_consistent))
         return y.view(x.shape)
 
 
@@ -261,15 +258,14 @@ class _FilteredInstanceNorm(ChannelStatsNorm, nn.modules.instancenorm._InstanceN
             y = TF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                               False, 0.0, self.eps)
         else:
-            xv = flat_view(x)
-            y, stats = normalize_affine(
-                xv, channel_view(self.weight, 3), channel_view(self.bias, 3), (2,),
-                threshold=self.threshold, eps=self.eps,
-                gaussian_consistent=self.gaussian_consistent)
-            y = y.view(x.shape)
+            # one set per sample and channel (C groups); stats come back (N, C)
+            y, stats = normalize(x, self.weight, self.bias,
+                                 NormSpec(Reduction.ROWS, self.threshold, eps=self.eps,
+                                          gaussian_consistent=self.gaussian_consistent,
+                                          groups=self.num_features))
             if self.running_mean is not None:
                 update_instance_running_stats(self.running_mean, self.running_var, stats, factor,
-                                              xv)
+                                              x)
         return y.squeeze(0) if unbatched else y
 
 

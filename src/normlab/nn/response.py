@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, fx, nn
 
-from ..kernels import normalize_affine_act
+from ..kernels import NormSpec, Reduction, normalize
 from ._common import (
     AffineMixin,
     check_bool,
@@ -22,7 +22,6 @@ from ._common import (
     check_threshold,
 )
 from .activation import ACTIVATIONS
-from .batch import flat_view
 
 __all__ = [
     "GroupFilterResponseNorm",
@@ -35,7 +34,7 @@ __all__ = [
 LEARNED_EPS_INIT = 1e-4  # FRN seed §3.3: ε_l initialized at 1e-4
 
 # calls kept as nodes by torch.fx.symbolic_trace (see normlab.nn._common)
-for _name in ("check_input", "normalize_affine_act"):
+for _name in ("check_input", "normalize"):
     fx.wrap(_name)
 
 
@@ -130,22 +129,15 @@ class GroupFilterResponseNorm(AffineMixin, nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(type(self).__name__, x, self._allowed_dims, self.num_channels)
-        g = self.num_groups
-        cg = self.num_channels // g
-        xv = flat_view(x).unflatten(1, (g, cg))  # (N, G, C/G, L), zero-size batches too
-        w = self.weight.view(1, g, cg, 1) if self.weight is not None else None
-        b = self.bias.view(1, g, cg, 1) if self.bias is not None else None
-        # normalize + affine + activation in one fused call (kernels fall back to
-        # normalize_affine followed by F.tlu / F.affine_tlu / relu where not fused)
-        tau = self.tau.view(1, g, cg, 1) if self.tau is not None else None
-        kappa = self.kappa.view(1, g, cg, 1) if self.kappa is not None else None
-        y, _ = normalize_affine_act(
-            xv, w, b, (2, 3), activation=self.activation, tau=tau, kappa=kappa,
-            threshold=self.threshold, centered=False, eps=self.eps,
+        # per sample and group, uncentered; normalize + affine + activation in one fused call
+        y, _ = normalize(
+            x, self.weight, self.bias,
+            NormSpec(Reduction.ROWS, self.threshold, centered=False, eps=self.eps,
+                     gaussian_consistent=self.gaussian_consistent, activation=self.activation,
+                     groups=self.num_groups),
             eps_extra=self.learned_eps.abs() if self.learned_eps is not None else None,
-            gaussian_consistent=self.gaussian_consistent,
-        )
-        return y.view(x.shape)
+            tau=self.tau, kappa=self.kappa)
+        return y
 
 
 class LayerFilterResponseNorm(GroupFilterResponseNorm):
