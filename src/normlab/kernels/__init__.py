@@ -225,8 +225,29 @@ def normalize(
             y = apply_activation(y, spec.activation, None if tau is None else tau.view(shape),
                                  None if kappa is None else kappa.view(shape))
     if running is not None:  # the statistics are detached outputs of the kernels
-        update_running_stats_unchecked(running, moments)
+        if torch._C._are_functorch_transforms_active():
+            _update_running_under_transform(running, moments)
+        else:
+            update_running_stats_unchecked(running, moments)
     return y, moments
+
+
+def _update_running_under_transform(running: RunningStats, moments: F.Moments) -> None:
+    """The running-average update inside a ``torch.func`` transform: one ``lerp_`` per
+    buffer (``grad``/``jacrev`` handle it). Under ``vmap`` every batch element has statistics
+    of its own, which one buffer cannot take — refused in one line, as torch's BatchNorm
+    refuses it, naming the ways out."""
+    mean, var, count = (t.reshape(-1) for t in moments)
+    unbiased = var * count / (count - 1).clamp_min(1)
+    try:
+        running.mean.lerp_(mean.to(running.mean.dtype), running.factor)
+        running.var.lerp_(unbiased.to(running.var.dtype), running.factor)
+    except RuntimeError as error:
+        raise RuntimeError(
+            "normlab: vmap over a layer that updates running_mean or running_var: each batch "
+            "element has its own statistics and one buffer cannot take them; use "
+            "torch.func.replace_all_batch_norm_modules_(model), track_running_stats=False, or "
+            "eval mode (as for torch's BatchNorm)") from error
 
 
 # --------------------------------------------------------------------------------------
