@@ -358,7 +358,8 @@ def canonical_backward(x: Tensor, grad_z: Tensor, weight, bias, eps_extra, tau, 
     kdt = stats.dtype
     dims = spec.dims
     param_dims = (0, 2) if spec.reduction is Reduction.CHANNEL else (0, 3)
-    mean0, var0, mean, _var, rstd, count = (_set_view(r, spec, x) for r in stats)
+    # rows 0-5 are the contract; a backend may keep more (the C kernels' low parts)
+    mean0, var0, mean, _var, rstd, count = (_set_view(r, spec, x) for r in stats[:6])
     xs = x.to(kdt)
     xhat = _normalized(xs, mean, rstd, spec.centered)
     w, b, t, k = (None if p is None else broadcast_param(p, spec, x).to(kdt)
