@@ -115,7 +115,7 @@ def probe_markdown(plan: Plan, runs, label_of) -> list[str]:
         md.append("")
     rows = shape_rows(plan, runs, label_of)
     if rows:
-        md += ["## Shape of Wu + b and u (the question on BN §3.2)", "",
+        md += ["## Shape of Wu + b and u (the question of [IS15] §3.2)", "",
                "Per hidden layer, skewness / excess kurtosis / fraction of exact zeros, each "
                "per unit over the probe images (median over units; zeros: mean), mean over "
                "seeds — at initialization, after the first evaluation and at the last "

@@ -7,7 +7,7 @@ and writes:
   seeds, at the epoch with the best validation accuracy), the number of runs, the
   one-sided paired t-test p-value against the baseline (pairs by seed); significant
   improvements (p < 0.05) are **bold** and the best mean is <u>underlined</u>, as in the
-  revisiting-BN seed (§4.3);
+  [DF21] (§4.3);
 * ``results.csv`` — the same numbers, one row per method and group;
 * ``runs.csv`` — one row per run (seed, chosen epoch, val/test accuracy, time);
 * ``curves.png`` — validation and test accuracy per epoch, mean with a ±1 std band;

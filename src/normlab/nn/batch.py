@@ -102,7 +102,7 @@ class _BatchStatsNorm(ChannelStatsNorm):
 
 
 class _FilteredBatchNorm(_BatchStatsNorm, _BatchNorm):
-    r"""Filtered batch normalization (filtered-BN seed, eq. 4–8).
+    r"""Filtered batch normalization ([HA20] eq. 4–8).
 
     Training: per channel, plain moments μ, σ² over ``(N, *spatial)``; mask
     ``f = [|x − μ| / sqrt(σ² + ε) ≤ T]``; filtered moments
@@ -122,10 +122,10 @@ class _FilteredBatchNorm(_BatchStatsNorm, _BatchNorm):
         eps, momentum, affine, track_running_stats, device, dtype, bias: as
             ``torch.nn.BatchNorm2d`` (``momentum=None``: cumulative average; ``bias=False``:
             no β, keyword-only as in torch).
-        threshold: ``T_σ`` in standard deviations (keyword-only; default 2, the seed's usual
+        threshold: ``T_σ`` in standard deviations (keyword-only; default 2, [HA20]'s usual
             value); ``None`` disables filtering.
         gaussian_consistent: divide the filtered variance by κ(T) (default off = the paper).
-        gamma_init: initial γ (revisiting-BN seed §3.2 suggests values below 1).
+        gamma_init: initial γ ([DF21] §3.2 suggests values below 1).
 
     Example:
         >>> norm = FilteredBatchNorm2d(64, threshold=3.0)

@@ -7,10 +7,10 @@
    (no include guard: included three times on purpose).
 
    Notation (see kernels/analytic.py): plain moments μ0, σ0² (centered) or 0, ν²
-   (uncentered); mask f = [|x − μ0| r0 ≤ T], r0 = (σ0² + ε)^(-1/2) (filtered-BN seed eq. 4–5;
+   (uncentered); mask f = [|x − μ0| r0 ≤ T], r0 = (σ0² + ε)^(-1/2) ([HA20] eq. 4–5;
    all ones when a set would keep nothing); filtered moments over the kept values (eq. 6–7,
    divided by κ when Gaussian-consistent); y = γ (x − μ) r + β (eq. 8), optionally
-   z = max(y, τ) (FRN seed eq. 3) or max(y, κ_a y + τ) (affine TLU). Backward, with
+   z = max(y, τ) ([SK20] eq. 3) or max(y, κ_a y + τ) (affine TLU). Backward, with
    g = γ ∂ℓ/∂y: ∂ℓ/∂x = r (g − f (Σg/M + x̂ Σg x̂/(κM))) (no Σg term when uncentered).
 
    Two memory layouts: contiguous (bn_*, row_*: a set is one run, or N runs of L values)
@@ -29,7 +29,7 @@ static inline void SFX(split)(double v, T *hi, T *lo)
     *lo = isfinite(v) ? (T)(v - (double)h) : (T)0;
 }
 
-/* The filter test |x − μ0| (σ0² + ε)^(-1/2) ≤ T (filtered-BN eq. 5) as lo ≤ x ≤ hi: the
+/* The filter test |x − μ0| (σ0² + ε)^(-1/2) ≤ T ([HA20] eq. 5) as lo ≤ x ≤ hi: the
    bounds μ0 ∓ T (σ0² + ε)^(1/2) in double, rounded inward to T, so that for every x of type T
    the test decides exactly as in exact arithmetic on the stored μ0 = m0h + m0l and σ0²
    (forward and backward compute them from the same stored values: the same mask). A bound
