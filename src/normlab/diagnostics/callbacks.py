@@ -210,7 +210,6 @@ class MomentConsistency(_HookedCallback):
     """
 
     kinds = ("batch", "renorm")
-    SERIES = ("bn", "fbn", "fbn_gc", "fbn_self")
 
     def __init__(self, layers: Sequence[str] | None = None, every: int = 1, *,
                  sub_batch: int = 16, threshold: float = 2.0, seed: int = 0) -> None:

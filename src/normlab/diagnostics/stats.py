@@ -226,7 +226,7 @@ def top_inputs(values: Tensor, k: int = 10, *, channel_dim: int = 1,
     v = _channel_last_view(values.detach(), channel_dim)
     per_sample = _extreme_per_sample(v)  # (N, C)
     kk = min(k, per_sample.shape[0])
-    mag, idx = per_sample.abs().topk(kk, dim=0)
+    _, idx = per_sample.abs().topk(kk, dim=0)
     signed = per_sample.gather(0, idx)
     return {"values": signed.t().contiguous(), "indices": (idx + offset).t().contiguous()}
 

@@ -718,10 +718,3 @@ def preset_doc(name: str) -> str:
     if p.paper is not None:
         text += f" --scale paper: {p.paper.source}."
     return text
-
-
-def with_config(plan: Plan, **changes: Any) -> Plan:
-    """A copy of ``plan`` with ``changes`` applied to every variant's config."""
-    variants = [Variant(v.label, v.group, replace(v.config, **changes)) for v in plan.variants]
-    return replace(plan, variants=variants)
-

@@ -76,10 +76,6 @@ class _BatchStatsNorm(ChannelStatsNorm):
         return TF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                              False, 0.0, self.eps)
 
-    @staticmethod
-    def _stats_view(x: Tensor) -> Tensor:
-        return flat_view(x)
-
     def _tracked(self) -> tuple[Tensor | None, Tensor | None]:
         """The running buffers to update now (torch: only when training and tracking)."""
         if self.training and self.track_running_stats:
