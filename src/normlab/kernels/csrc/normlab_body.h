@@ -575,7 +575,8 @@ void SFX(row_bwd)(const S *x, const S *dz, S *dx, const T *w, const T *b, const 
    sweeps and Chan merge as the contiguous kernels. */
 
 /* One sweep around per-channel shifts: cnt[c] += f, a[c] += f u, b[c] += f u², u = x − sh[c],
-   f = [lo[c] ≤ x ≤ hi[c]] or 1 */
+   f = [lo[c] ≤ x ≤ hi[c]] or 1 (unfiltered: cnt is left alone, the caller sets it to nrow).
+   Also the second sweep of a block, around the block's own means. */
 static NOINLINE void SFX(col_mom)(const S *restrict x, int64_t nrow, int64_t C, int filt,
                                   const T *restrict lo, const T *restrict hi,
                                   const T *restrict sh, T *restrict cnt, T *restrict a,
@@ -599,33 +600,6 @@ static NOINLINE void SFX(col_mom)(const S *restrict x, int64_t nrow, int64_t C, 
             for (int64_t c = 0; c < C; ++c) {
                 T u = LD(p[c]) - sh[c];
                 a[c] += u; b[c] += u * u;
-            }
-        }
-    }
-}
-
-/* Sweep 2: d[c] += f u, q[c] += f u², u = x − m[c] (the chunk's mean rounded to T) */
-static NOINLINE void SFX(col_dev)(const S *restrict x, int64_t nrow, int64_t C, int filt,
-                                  const T *restrict lo, const T *restrict hi,
-                                  const T *restrict m, T *restrict d, T *restrict q)
-{
-    if (filt) {
-        for (int64_t r = 0; r < nrow; ++r) {
-            const S *restrict p = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-                T v = LD(p[c]);
-                T u = (v - m[c]) * KEEP(v, lo[c], hi[c]);
-                d[c] += u; q[c] += u * u;
-            }
-        }
-    } else {
-        for (int64_t r = 0; r < nrow; ++r) {
-            const S *restrict p = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-                T u = LD(p[c]) - m[c];
-                d[c] += u; q[c] += u * u;
             }
         }
     }
@@ -720,9 +694,9 @@ static void SFX(col_moments)(const S *x, int64_t r0, int64_t r1, int64_t C, int 
             }
             K[c] = A[c] = B[c] = 0;
             cm[c] = (T)((double)sh[c] + dn);
-            a[c] = 0; b[c] = 0;
+            cnt[c] = filt ? (T)0 : (T)n; a[c] = 0; b[c] = 0;   /* the same count again */
         }
-        SFX(col_dev)(p, n, C, filt, lo, hi, cm, a, b);
+        SFX(col_mom)(p, n, C, filt, lo, hi, cm, cnt, a, b);
         for (int64_t c = 0; c < C; ++c) {
             double k = cnt[c];
             if (k == 0) continue;
