@@ -33,14 +33,8 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from torch import fx
-
-from ..kernels import NormSpec, Reduction, normalize
 from ._common import channel_view
 from .batch import _BatchStatsNorm, flat_view
-
-# calls kept as nodes by torch.fx.symbolic_trace (see normlab.nn._common)
-fx.wrap("normalize")
 
 __all__ = [
     "AltScaleBatchNorm1d",
@@ -77,19 +71,7 @@ class _TailBatchNorm(_BatchStatsNorm):
     def _affine_forward(self, x: Tensor) -> Tensor:
         """Same head as :class:`FilteredBatchNorm2d` with the effective tail."""
         w, b = self.effective_affine()
-        if not self._uses_batch_stats():
-            return TF.batch_norm(x, self.running_mean, self.running_var, w, b, False, 0.0,
-                                 self.eps)
-        factor = self._averaging_factor(x)
-        if self.threshold is None:
-            mean, var = self._tracked()
-            return TF.batch_norm(x, mean, var, w, b, True, factor, self.eps)
-        y, _ = normalize(
-            x, w, b,
-            NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
-                     gaussian_consistent=self.gaussian_consistent),
-            running=self._running(factor, x))
-        return y
+        return self._bn_forward(x, w, b)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
@@ -254,12 +236,7 @@ class _ScaleCalibratedBatchNorm(_TailBatchNorm):
             return self._affine_forward(x)
         xv = flat_view(x)
         if self._uses_batch_stats():
-            factor = self._averaging_factor(x)
-            xhat, _ = normalize(
-                xv, None, None,
-                NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
-                         gaussian_consistent=self.gaussian_consistent),
-                running=self._running(factor, x))
+            xhat = self._normalize_batch(xv, None, None, self._averaging_factor(x))
         else:
             xhat = flat_view(TF.batch_norm(x, self.running_mean, self.running_var, None, None,
                                            False, 0.0, self.eps))  # keeps x's memory format
