@@ -11,12 +11,7 @@ from normlab.lab.train import RunConfig, cosine_lr_factor, seed_value, train_run
 TINY = dict(data="mnist", limit=200, batch_size=32, epochs=2, lr=0.05)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_seed_value_is_md5_of_run_index():

@@ -101,7 +101,7 @@ def probe_markdown(plan: Plan, runs, label_of) -> list[str]:
     md: list[str] = []
     rows = percentile_rows(plan, runs, label_of)
     if rows:
-        md += ["## Input of a sigmoid over training (BN paper Fig. 1(b, c))", "",
+        md += ["## Input of a sigmoid over training ([IS15] Fig. 1(b, c))", "",
                "15th / 50th / 85th percentiles of the input of unit 0 of the last hidden "
                "layer's nonlinearity over the probe images (mean over seeds), and how far the "
                "median moves from 10 % of training to the end, in units of the final "
