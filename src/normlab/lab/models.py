@@ -20,7 +20,7 @@ Initialization follows [DF21] (§4): convolution weights Kaiming-normal
 >>> model = build_model("lenet5", norm="fbn:threshold=2", placement="fc2")  # [HA20] §IV.A
 >>> model = build_model("resnet18", norm="frn", num_classes=10, in_channels=3, image_size=32)
 >>> model = build_model("vgg", norm="bn", width=0.5)
->>> model = build_model("mlp", norm="bn", activation="sigmoid")  # BN paper Fig. 1 net
+>>> model = build_model("mlp", norm="bn", activation="sigmoid")  # [IS15] Fig. 1 net
 >>> list_models()
 """
 
@@ -636,7 +636,7 @@ _MODELS: dict[str, tuple[Callable[..., nn.Module], str, tuple[str, ...]]] = {
     "preact_resnet50": (_preact(PreActBottleneck, (3, 4, 6, 3), "preact_resnet50"),
                         "pre-activation ResNet-50 (ResNetV2-50, the model of [SK20])",
                         ("all",)),
-    "mlp": (_mlp, "fully connected net (BN paper Fig. 1: 3 x 100 sigmoid units); placement "
+    "mlp": (_mlp, "fully connected net ([IS15] Fig. 1: 3 x 100 sigmoid units); placement "
             "pre|post|none; options depth, hidden, activation, dropout, init_scale",
             MLP_PLACEMENTS),
 }

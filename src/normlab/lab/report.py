@@ -14,7 +14,7 @@ and writes:
 * ``final.png`` — final test accuracy, mean with ±1 std error bars;
 * ``batch_size.png`` — accuracy versus batch size, when the batch size varies;
 * ``percentiles.png`` / ``shape.png`` — the probes' records (``RunConfig.probe``): the
-  15/50/85th percentiles of a sigmoid's input over training (BN paper Fig. 1(b, c)), and
+  15/50/85th percentiles of a sigmoid's input over training ([IS15] Fig. 1(b, c)), and
   the skewness, excess kurtosis and zero fraction of ``Wu + b`` and ``u`` per evaluation,
   with a table of the latter in ``report.md``.
 
