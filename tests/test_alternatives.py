@@ -1,4 +1,4 @@
-"""A1/A2 scale formulations (seed eq. 26-27) and RBN/IEBN scale calibration (eq. 28-29)."""
+"""A1/A2 scale formulations ([DF21] eq. 26-27) and RBN/IEBN scale calibration (eq. 28-29)."""
 
 import math
 
@@ -48,7 +48,7 @@ def test_inits_follow_the_seed():
         if m.calib_weight is not None:
             assert torch.all(m.calib_weight == 0)
         assert (m.calib_weight is None) == spec.endswith("minus")
-        # initial effective scale gamma * S: 0.731 for RBN, 0.269 for IEBN (seed §4.5)
+        # initial effective scale gamma * S: 0.731 for RBN, 0.269 for IEBN ([DF21] §4.5)
         torch.testing.assert_close(m(x), s * _xhat(x), rtol=1e-5, atol=1e-5)
 
 

@@ -26,7 +26,7 @@ def with_outliers(shape, seed=0, dtype=torch.float64):
 
 
 def numpy_filtered_bn(x: np.ndarray, weight, bias, threshold, eps):
-    """Independent filtered BN forward (seed eq. 4-8) per channel, plus kept counts."""
+    """Independent filtered BN forward ([HA20] eq. 4-8) per channel, plus kept counts."""
     out = np.empty_like(x)
     means, variances, counts = [], [], []
     for c in range(x.shape[1]):

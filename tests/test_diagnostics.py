@@ -35,7 +35,7 @@ from normlab.diagnostics.stats import ChannelReservoir, Reservoir, RunningMoment
 # ---------------------------------------------------------------------------------------
 def test_gaussian_tail_matches_seed_arithmetic_and_scipy():
     p7 = gaussian_tail_probability(7)
-    assert 1 / p7 == pytest.approx(390_682_215_445, rel=1e-9)  # filtered-BN seed §II.B
+    assert 1 / p7 == pytest.approx(390_682_215_445, rel=1e-9)  # [HA20] §II.B
     # "a layer with 512 kernels and 16x16 positions": one value per 2,980,668 images
     assert int(1 / p7 / (512 * 16 * 16)) == 2_980_668  # the seed truncates 2,980,668.57
     for k in (0.5, 1, 4, 7, 10, 14):

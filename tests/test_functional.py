@@ -11,7 +11,7 @@ from normlab import functional as F
 
 
 def numpy_filtered_moments(values: np.ndarray, threshold: float, eps: float):
-    """Independent filtered moments of one reduction set (filtered-BN seed eq. 2-7)."""
+    """Independent filtered moments of one reduction set ([HA20] eq. 2-7)."""
     mu = values.mean()
     sigma = math.sqrt(values.var() + eps)
     kept = values[np.abs((values - mu) / sigma) <= threshold]
@@ -114,7 +114,7 @@ def test_tlu_and_affine_tlu_values_and_gradient_routing():
     z = F.tlu(y, tau)
     assert z.tolist() == [0.0, 0.0, 0.0, 0.5, 3.0]
     z.backward(torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0]))
-    # FRN seed eq. 4: dz/dtau = 1 where y < tau; the tie y == tau goes to y
+    # [SK20] eq. 4: dz/dtau = 1 where y < tau; the tie y == tau goes to y
     assert tau.grad.item() == 3.0
     assert y.grad.tolist() == [0.0, 0.0, 4.0, 8.0, 16.0]
     kappa = torch.tensor(0.25)

@@ -1,6 +1,6 @@
 """Exact gradients: gradcheck in float64 for every module, and the analytic backward against
 autograd through the functional core (which includes the outliers' contribution that the
-filtered-BN seed's printed eq. 9-13 leave out)."""
+[HA20]'s printed eq. 9-13 leave out)."""
 
 import pytest
 import torch
@@ -135,7 +135,7 @@ def test_outliers_contribute_to_parameter_gradients_unlike_printed_eq_12_13():
 
 
 def test_frn_input_gradient_is_eq_7_projection():
-    """FRN seed eq. 7: ∂ℓ/∂x = r (I − x̂x̂ᵀ/N) ∂ℓ/∂x̂ per sample and channel (ε is constant)."""
+    """[SK20] eq. 7: ∂ℓ/∂x = r (I − x̂x̂ᵀ/N) ∂ℓ/∂x̂ per sample and channel (ε is constant)."""
     m = normlab.FilterResponseNorm2d(2, activation="none", eps=1e-6).double()
     x = planted((1, 2, 3, 3)).requires_grad_()
     gy = torch.randn(1, 2, 3, 3, dtype=torch.float64)

@@ -1,4 +1,5 @@
-"""Group/layer/instance norms and FRN: equivalences with torch and the seeds' formulas."""
+"""Group/layer/instance norms and FRN: equivalences with torch and the papers' formulas
+([HA20], [SK20])."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""BN-based input normalization (revisiting-BN seed §3.4) and the fixed/offline transforms."""
+"""BN-based input normalization ([DF21] §3.4) and the fixed/offline transforms."""
 
 import math
 

@@ -19,12 +19,7 @@ MLP = dict(data="mnist", model="mlp", limit=300, batch_size=30, steps=24, epochs
            momentum=0.0, weight_decay=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_new_fields_leave_every_earlier_hash_unchanged():

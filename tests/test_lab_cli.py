@@ -13,6 +13,7 @@ import pytest
 import torch
 from scipy import stats as sps
 
+from conftest import run_cli
 from normlab.cli import main
 from normlab.lab.cli import compare
 from normlab.lab.presets import PRESETS, Plan, Variant, make_plan
@@ -21,12 +22,7 @@ from normlab.lab.store import DB_NAME, RunStore
 from normlab.lab.train import RunConfig
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _count(db):
@@ -103,11 +99,9 @@ def test_killed_compare_resumes_with_every_run_exactly_once(tmp_path):
      "--input-norm: preset 'revisit-input-norm' varies this"),
 ])
 def test_bad_arguments_give_one_line_errors(argv, message, capsys, tmp_path):
-    try:
-        code = main(argv + (["--out", str(tmp_path / "o")] if argv[0] == "compare" else []))
-    except SystemExit as exit_:  # argparse's own errors
-        code = exit_.code
-    err = capsys.readouterr().err.strip()
+    code, _, err = run_cli(argv + (["--out", tmp_path / "o"] if argv[0] == "compare" else []),
+                           capsys)
+    err = err.strip()
     assert code == 2
     assert len(err.splitlines()) == 1, err
     assert err.startswith(f"normlab {argv[0]}: error: ")
@@ -213,12 +207,10 @@ def test_compare_cli_with_parallel_jobs(tmp_path, capsys):
 def test_torchrun_sync_stats_matches_one_process(tmp_path):
     """2 processes × half batches with synchronized statistics and averaged gradients train
     the same model as one process with the whole batch."""
-    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    if not os.path.exists(torchrun):
-        pytest.skip("torchrun not installed next to this python")
     out = tmp_path / "ddp"
-    cmd = [torchrun, "--nproc_per_node=2", "--master_addr=127.0.0.1", "--master_port=29671",
-           "--no-python", "normlab", "compare", "--norms", "bn", "--seeds", "1", "--smoke",
+    # torchrun as `python -m torch.distributed.run`, normlab as `-m normlab`: no PATH needed
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", "--master_port=29671", "-m", "normlab", "compare", "--norms", "bn", "--seeds", "1", "--smoke",
            "--sync-stats", "--quiet", "--no-plots", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)

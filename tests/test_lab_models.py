@@ -117,7 +117,7 @@ def test_lenet_placements():
 
     assert layout("all") == [("FilteredBatchNorm2d", 6), ("FilteredBatchNorm2d", 16),
                              ("FilteredBatchNorm1d", 120), ("FilteredBatchNorm1d", 84)]
-    # filtered-BN seed §IV.A: one norm between the last two fully connected layers
+    # [HA20] §IV.A: one norm between the last two fully connected layers
     assert layout("fc2") == layout("last") == [("FilteredBatchNorm1d", 84)]
     model = build_model("lenet5", norm="bn", placement="last")
     fc2, norm_act, fc3 = model.classifier[3], model.classifier[4], model.classifier[5]

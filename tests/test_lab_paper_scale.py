@@ -9,19 +9,13 @@ import struct
 
 import numpy as np
 import pytest
-import torch
 
 from normlab.cli import main
 from normlab.lab.cli import compare
 from normlab.lab.presets import PRESETS, make_plan
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cifar10(root):

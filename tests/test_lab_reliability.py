@@ -15,9 +15,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
 
-from normlab.cli import main
+from conftest import run_cli
 from normlab.lab.cli import run_plan
 from normlab.lab.presets import make_plan
 from normlab.lab.store import RunStore
@@ -25,16 +24,6 @@ from normlab.lab.train import RunConfig
 
 TINY = ["--data", "digits", "--limit", "120", "--epochs", "1", "--batch-size", "16",
         "--device", "cpu"]
-
-
-def _run(argv, capsys):
-    capsys.readouterr()
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def _tmp_files(folder: Path) -> list[Path]:
@@ -50,7 +39,7 @@ def test_checkpoint_folder_is_refused_before_training(tmp_path, capsys, monkeypa
     monkeypatch.setattr(train, "_batches", no_training)
     folder = tmp_path / "ckpts"
     folder.mkdir()
-    code, _, err = _run(["train", *TINY, "--out", tmp_path / "out", "--checkpoint", folder],
+    code, _, err = run_cli(["train", *TINY, "--out", tmp_path / "out", "--checkpoint", folder],
                         capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "--checkpoint" in err and "is a folder" in err
@@ -71,7 +60,7 @@ def full_disk(monkeypatch):
 
 def test_full_disk_at_checkpoint_keeps_the_run_and_leaves_no_tmp(tmp_path, capsys, full_disk):
     ckpt = tmp_path / "model.pt"
-    code, out, err = _run(["train", *TINY, "--out", tmp_path / "out", "--checkpoint", ckpt],
+    code, out, err = run_cli(["train", *TINY, "--out", tmp_path / "out", "--checkpoint", ckpt],
                           capsys)
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert "No space left on device" in err and "the run itself is stored in" in err
@@ -82,7 +71,7 @@ def test_full_disk_at_checkpoint_keeps_the_run_and_leaves_no_tmp(tmp_path, capsy
 
 def test_full_disk_during_compare_keeps_the_run(tmp_path, capsys, full_disk):
     out = tmp_path / "cmp"
-    code, _, err = _run(["compare", "--norms", "bn", "--seeds", "1", *TINY, "--jobs", "1",
+    code, _, err = run_cli(["compare", "--norms", "bn", "--seeds", "1", *TINY, "--jobs", "1",
                          "--quiet", "--no-plots", "--save-checkpoints", "--out", out], capsys)
     assert code == 1 and "No space left on device" in err.strip().splitlines()[-1]
     assert RunStore(out).count() == 1 and not _tmp_files(out)
@@ -92,7 +81,7 @@ def test_artifacts_that_cannot_be_written_do_not_lose_the_run(tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "artifacts").write_text("a file where the artifacts folder goes")
-    code, _, err = _run(["train", *TINY, "--diagnose", "--out", out], capsys)
+    code, _, err = run_cli(["train", *TINY, "--diagnose", "--out", out], capsys)
     assert code != 0 and len(err.strip().splitlines()) == 1, err
     assert "artifacts" in err
     (run,) = RunStore(out).runs()
@@ -101,7 +90,7 @@ def test_artifacts_that_cannot_be_written_do_not_lose_the_run(tmp_path, capsys):
 
 def test_diverged_run_is_stored_as_diverged(tmp_path, capsys):
     # one step at lr 1e30: the loss of that step is finite, the model's outputs are not
-    code, out, _ = _run(["train", *TINY, "--steps", "1", "--lr", "1e30", "--out", tmp_path],
+    code, out, _ = run_cli(["train", *TINY, "--steps", "1", "--lr", "1e30", "--out", tmp_path],
                         capsys)
     assert code == 0 and "DIVERGED" in out
     (run,) = RunStore(tmp_path).runs()
@@ -118,7 +107,7 @@ def test_run_config_refuses_non_finite_numbers(field, value):
 
 def test_compare_checks_the_whole_plan_before_the_first_run(tmp_path, capsys):
     out = tmp_path / "cmp"
-    code, _, err = _run(["compare", "--norms", "bn", "fbn", "gn:groups=7", "--seeds", "1",
+    code, _, err = run_cli(["compare", "--norms", "bn", "fbn", "gn:groups=7", "--seeds", "1",
                          *TINY, "--jobs", "1", "--out", out], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "gn:groups=7" in err
@@ -169,12 +158,12 @@ def test_report_works_on_a_read_only_folder(capsys):
         elsewhere.mkdir(mode=0o777)
         elsewhere.chmod(0o777)
         with _read_only(folder):
-            code, out, err = _run(["report", folder], capsys)
+            code, out, err = run_cli(["report", folder], capsys)
             assert code == 0, err
             assert "none" in out and "bn" in out and "baseline" in out
             assert len(err.strip().splitlines()) == 1 and "read-only" in err
             # (no plots: matplotlib's fonts live where the other user may not read)
-            code, out, err = _run(["report", folder, "--out", elsewhere, "--no-plots"], capsys)
+            code, out, err = run_cli(["report", folder, "--out", elsewhere, "--no-plots"], capsys)
             assert code == 0, err
         assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir()} == before
         assert (elsewhere / "report.md").stat().st_size > 0
@@ -201,7 +190,7 @@ def test_read_only_folder_with_unmerged_log_is_refused_not_misread(capsys):
             shutil.copy(folder / name, copy / name)
         writer.close()
         with _read_only(copy):
-            code, _, err = _run(["report", copy, "--no-plots"], capsys)
+            code, _, err = run_cli(["report", copy, "--no-plots"], capsys)
         assert code == 2 and len(err.strip().splitlines()) == 1, err
         assert "runs.sqlite-wal holds changes not yet merged" in err
     finally:

@@ -1,4 +1,4 @@
-"""Statistics of comparisons: mean ± std and the one-sided paired t-test (revisiting seed §4.3)."""
+"""Statistics of comparisons: mean ± std and the one-sided paired t-test ([DF21] §4.3)."""
 
 import math
 

@@ -11,12 +11,7 @@ from normlab.lab.train import RunConfig, cosine_lr_factor, seed_value, train_run
 TINY = dict(data="mnist", limit=200, batch_size=32, epochs=2, lr=0.05)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_seed_value_is_md5_of_run_index():
@@ -32,7 +27,7 @@ def test_cosine_schedule_with_warmup_ramp():
     assert cosine_lr_factor(0, 10) == pytest.approx(1.0)
     assert cosine_lr_factor(5, 10) == pytest.approx(0.5)
     assert cosine_lr_factor(10, 10) == pytest.approx(0.0)
-    # cosine ramp-up over 4 steps (FRN seed §4.1): ½(1 − cos(π k / 4)), k = 1..4
+    # cosine ramp-up over 4 steps ([SK20] §4.1): ½(1 − cos(π k / 4)), k = 1..4
     ramp = [cosine_lr_factor(s, 14, warmup=4) for s in range(4)]
     assert ramp == pytest.approx([0.5 * (1 - math.cos(math.pi * k / 4)) for k in (1, 2, 3, 4)])
     decay = [cosine_lr_factor(s, 14, warmup=4) for s in range(4, 15)]

@@ -171,13 +171,8 @@ CASES += [
 IDS = [c.name for c in CASES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Inputs here are tiny: torch's intra-op threads only add wake-up overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# inputs here are tiny: torch's intra-op threads only add wake-up overhead
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 ORACLE_CASES = [c for c in CASES if c.oracle is not None]
 ORACLE_IDS = [c.name for c in ORACLE_CASES]
 

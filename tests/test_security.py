@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_cli
 from normlab.cli import main
 
 import normlab
@@ -31,14 +32,6 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-def _run(argv, capsys):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit_:
-        code = exit_.code
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("suffix", [".pt", ".pth"])
 @pytest.mark.parametrize("how", ["torch.save", "pickle.dump"])
 def test_inspect_data_file_never_runs_code(tmp_path, capsys, suffix, how):
@@ -49,7 +42,7 @@ def test_inspect_data_file_never_runs_code(tmp_path, capsys, suffix, how):
         torch.save(payload, path)
     else:
         path.write_bytes(pickle.dumps(payload))
-    code, err = _run(["inspect", "--model", "lenet5", "--data", path, "--out", tmp_path / "o"],
+    code, _, err = run_cli(["inspect", "--model", "lenet5", "--data", path, "--out", tmp_path / "o"],
                      capsys)
     assert not marker.exists(), "loading the data file ran code"
     assert code == 2 and len(err.strip().splitlines()) == 1, err
@@ -66,7 +59,7 @@ def test_inspect_checkpoint_that_is_not_weights_is_one_line_refusal(tmp_path, ca
         torch.save({"model": {"w": torch.zeros(2)}, "extra": _Payload(marker)}, path)
     else:
         path.write_bytes(pickle.dumps(argparse.Namespace(a=1)))
-    code, err = _run(["inspect", "--checkpoint", path, "--model", "lenet5", "--out",
+    code, _, err = run_cli(["inspect", "--checkpoint", path, "--model", "lenet5", "--out",
                       tmp_path / "o"], capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"normlab inspect: error: checkpoint {str(path)!r} is refused")
@@ -106,7 +99,7 @@ def test_inspect_runs_on_a_tensor_file(tmp_path, capsys):
 def test_npz_with_python_objects_is_refused(tmp_path, capsys):
     path = tmp_path / "data.npz"
     np.savez(path, x=np.array([_Payload(tmp_path / "marker")], dtype=object))
-    code, err = _run(["inspect", "--model", "lenet5", "--data", path, "--out", tmp_path / "o"],
+    code, _, err = run_cli(["inspect", "--model", "lenet5", "--data", path, "--out", tmp_path / "o"],
                      capsys)
     assert code == 2 and "is refused" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "marker").exists()

@@ -559,7 +559,7 @@ def convert(model: nn.Module, spec: str, *, include: Sequence[type] = DEFAULT_CO
     copied: the eval-mode output then equals the old layer's (RBN/IEBN: while w_v = 0, its
     init, S = sigmoid(w_b) for every sample). Exceptions, reported: InputNorm has no shift, so
     its output is the old one minus β; a channel with γ = 0 and β ≠ 0 has no A1/A2 form (β
-    is set to 0 there). To start from the seed's initialization instead (RBN's γ = 1 gives
+    is set to 0 there). To start from the initialization of [DF21] instead (RBN's γ = 1 gives
     γ·S = 0.731), call :func:`normlab.init_norm_` after converting. Same formula on both sides
     (A2 → A2, RBN → RBN, ...): every parameter is copied; an old A1/A2/RBN⁻/IEBN⁻/InputNorm
     tail goes into a ``γ x̂ + β`` target as its effective ``w, b`` (``γγ₀``, ``γβ``, ...).

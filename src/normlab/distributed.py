@@ -1,10 +1,10 @@
 r"""Batch statistics across processes (``torch.distributed``), and helpers for ``torchrun``.
 
 With ``DistributedDataParallel`` every process normalizes with the statistics of its own
-slice of the batch; the FRN seed (Table 2) shows how accuracy falls as that slice shrinks.
+slice of the batch; [SK20] (Table 2) shows how accuracy falls as that slice shrinks.
 :class:`SyncFilteredBatchNorm` and :class:`SyncBatchRenorm` compute the statistics of the
 *global* batch instead, like ``torch.nn.SyncBatchNorm`` — and also for the robust filter of
-the filtered-BN seed (eq. 4–8), which nobody else synchronizes. ``threshold=None`` gives
+[HA20] (eq. 4–8), which nobody else synchronizes. ``threshold=None`` gives
 plain synchronized BN, and unlike ``torch.nn.SyncBatchNorm`` it runs on CPU (gloo) too.
 
 Forward: two collective phases (one ``all_gather`` each), exact for uneven per-rank batches::
@@ -12,11 +12,11 @@ Forward: two collective phases (one ``all_gather`` each), exact for uneven per-r
     phase 1  each rank r: n_r, μ_r = Σx / n_r, m2_r = Σ (x − μ_r)²         (two-pass, local)
              gather, combine (Chan et al.):  N = Σ n_r,  μ = Σ n_r μ_r / N,
              σ² = (Σ m2_r + Σ n_r (μ_r − μ)²) / N
-    mask     f = [|x − μ| / sqrt(σ² + ε) ≤ T]                               (seed eq. 4–5)
+    mask     f = [|x − μ| / sqrt(σ² + ε) ≤ T]                               ([HA20] eq. 4–5)
     phase 2  each rank, shifted by the global μ: M_r = Σ f, s1 = Σ f (x − μ), s2 = Σ f (x − μ)²
              → (M_r, μ′_r = μ + s1/M_r, m2′_r = s2 − s1²/M_r)
-             gather, combine the same way: M, μ′, σ′² = m2′ / (κ M)           (seed eq. 6–7)
-    y        = γ (x − μ′) / sqrt(σ′² + ε) + β   for every value                 (seed eq. 8)
+             gather, combine the same way: M, μ′, σ′² = m2′ / (κ M)           ([HA20] eq. 6–7)
+    y        = γ (x − μ′) / sqrt(σ′² + ε) + β   for every value                 ([HA20] eq. 8)
 
 Each rank sends ``(count, mean, centered sum of squares)`` per channel — never raw ``Σx²`` —
 so the combination is as stable as a two-pass variance (Chan, Golub & LeVeque 1979; the
@@ -332,7 +332,7 @@ def _sync_normalize(module, x: Tensor, weight: Tensor | None, bias: Tensor | Non
 class SyncFilteredBatchNorm(_FilteredBatchNorm):
     r"""Filtered batch norm with statistics of the global batch across processes.
 
-    The math of :class:`normlab.FilteredBatchNorm2d` (filtered-BN seed eq. 4–8) with the
+    The math of :class:`normlab.FilteredBatchNorm2d` ([HA20] eq. 4–8) with the
     moments of the batch of *all* processes of ``process_group`` (module docstring of
     :mod:`normlab.distributed`: two collective phases forward, one all-reduce backward).
     ``threshold=None`` is synchronized ``torch.nn.BatchNorm*d`` (works on CPU/gloo and

@@ -4,16 +4,16 @@ This module is the single source of truth: modules (``normlab.nn``) and fast ker
 (``normlab.kernels``) are tested against it. Everything here is differentiable by plain
 autograd (the robust filter's mask is piecewise constant and carries no gradient).
 
-Seeds (``shared/seeds/``):
+References (full entries in docs/references.md):
 
-* **BN** – ``batch-normalization-summary.txt``; filtered-BN seed eq. 1–3:
-  ``y = γ (x − μ) / sqrt(σ² + ε) + β``.
-* **Filtered moments** – filtered-BN seed eq. 4–7: z-score every value with the plain
+* **BN** – Ioffe & Szegedy 2015 [IS15] (arXiv 1502.03167) Alg. 1, written as Horváth &
+  Al-afandi 2020 [HA20] (arXiv 2010.08251) eq. 1–3: ``y = γ (x − μ) / sqrt(σ² + ε) + β``.
+* **Filtered moments** – [HA20] eq. 4–7: z-score every value with the plain
   moments, keep values with ``|z| ≤ T``, recompute mean and variance over the kept values;
   eq. 8 then normalizes **all** values with the filtered moments.
-* **FRN** – FRN seed eq. 1–2: ``x̂ = x / sqrt(ν² + ε)``, ``ν² = mean(x²)`` over the spatial
-  axes of one sample and channel; eq. 3 TLU ``z = max(y, τ)``; Table 5 Affine-TLU
-  ``max(x, κx + τ)``.
+* **FRN** – Singh & Krishnan 2020 [SK20] (arXiv 1911.09737) eq. 1–2: ``x̂ = x / sqrt(ν² + ε)``,
+  ``ν² = mean(x²)`` over the spatial axes of one sample and channel; eq. 3 TLU
+  ``z = max(y, τ)``; §4.2 Table 5 Affine-TLU ``max(x, κx + τ)``.
 
 Axes: every function takes ``dims``, the axes the statistics are reduced over; statistics
 keep those axes (size 1) so they broadcast against ``x``.
@@ -76,8 +76,8 @@ def _count(x: Tensor, dims: tuple[int, ...]) -> int:
 def moments(x: Tensor, dims: Sequence[int], *, centered: bool = True) -> Moments:
     """Plain moments over ``dims``.
 
-    centered: ``μ = 1/m Σ x``, ``σ² = 1/m Σ (x − μ)²`` (filtered-BN seed eq. 2–3, biased);
-    uncentered: ``μ = 0``, ``ν² = 1/m Σ x²`` (FRN seed eq. 1).
+    centered: ``μ = 1/m Σ x``, ``σ² = 1/m Σ (x − μ)²`` ([HA20] eq. 2–3, biased);
+    uncentered: ``μ = 0``, ``ν² = 1/m Σ x²`` ([SK20] eq. 1).
     """
     dims = _check_dims(x, dims)
     x = x.to(stats_dtype(x.dtype))
@@ -95,7 +95,7 @@ def moments(x: Tensor, dims: Sequence[int], *, centered: bool = True) -> Moments
 
 
 def mean_square(x: Tensor, dims: Sequence[int]) -> Tensor:
-    """``ν² = 1/m Σ x²`` over ``dims`` (FRN seed eq. 1)."""
+    """``ν² = 1/m Σ x²`` over ``dims`` ([SK20] eq. 1)."""
     return moments(x, dims, centered=False).var
 
 
@@ -116,7 +116,7 @@ def truncated_normal_variance_factor(threshold: float) -> float:
 
 
 def filter_mask(x: Tensor, plain: Moments, threshold: float, eps: float | Tensor) -> Tensor:
-    """Mask ``f(x) = [|x − μ| / sqrt(σ² + ε) ≤ T]`` (filtered-BN seed eq. 4–5).
+    """Mask ``f(x) = [|x − μ| / sqrt(σ² + ε) ≤ T]`` ([HA20] eq. 4–5).
 
     For uncentered moments (``μ = 0``, ``σ² = ν²``) this is ``|x| / sqrt(ν² + ε) ≤ T``.
     Where a reduction set would keep nothing (possible for small ``T``), every value of
@@ -141,7 +141,7 @@ def filtered_moments(
     gaussian_consistent: bool = False,
     plain: Moments | None = None,
 ) -> Moments:
-    """Moments over the values inside ±T plain standard deviations (filtered-BN eq. 4–7).
+    """Moments over the values inside ±T plain standard deviations ([HA20] eq. 4–7).
 
     ``μ′ = Σ f x / Σ f``, ``σ′² = Σ f (x − μ′)² / Σ f`` with ``f`` from :func:`filter_mask`;
     uncentered: ``ν′² = Σ f x² / Σ f``. With ``gaussian_consistent`` the variance is divided
@@ -171,7 +171,7 @@ def filtered_moments(
 
 
 def normalize(x: Tensor, stats: Moments, eps: float | Tensor) -> Tensor:
-    """``x̂ = (x − μ) / sqrt(σ² + ε)`` (filtered-BN eq. 1/8; FRN eq. 1 with μ = 0)."""
+    """``x̂ = (x − μ) / sqrt(σ² + ε)`` ([HA20] eq. 1/8; [SK20] eq. 1 with μ = 0)."""
     return (x.to(stats.var.dtype) - stats.mean) * torch.rsqrt(stats.var + eps)
 
 
@@ -196,7 +196,7 @@ def normalized_moments_reference(
 
 
 def tlu(y: Tensor, tau: Tensor) -> Tensor:
-    """Thresholded linear unit ``z = max(y, τ)`` (FRN seed eq. 3).
+    """Thresholded linear unit ``z = max(y, τ)`` ([SK20] eq. 3).
 
     The gradient follows eq. 4: it reaches ``y`` where ``y ≥ τ`` and ``τ`` elsewhere. A NaN
     ``y`` stays NaN (as ``torch.relu`` and ``torch.maximum``), with the gradient to ``y``.
@@ -205,7 +205,7 @@ def tlu(y: Tensor, tau: Tensor) -> Tensor:
 
 
 def affine_tlu(y: Tensor, kappa: Tensor, tau: Tensor) -> Tensor:
-    """Affine-TLU ``z = max(y, κy + τ)`` (FRN seed Table 5: PReLU and TLU combined).
+    """Affine-TLU ``z = max(y, κy + τ)`` ([SK20] Table 5: PReLU and TLU combined).
 
     A NaN ``y`` stays NaN and takes the ``y`` branch, as in :func:`tlu`.
     """

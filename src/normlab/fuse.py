@@ -2,7 +2,7 @@
 
 :func:`fuse_for_inference` turns every eval-affine norm (BN and normlab's batch-statistics
 norms in eval mode, the prepended InputNorm) into the weights of the conv/linear it feeds or
-follows — the revisiting-BN seed's "no additional computational cost" at inference made
+follows — [DF21]'s "no additional computational cost" at inference made
 concrete. Patterns: ``nn.Sequential`` children in order (``[..., conv/linear, bn, ...]`` or
 ``[..., InputNorm, linear/conv, ...]``, the latter also across nested ``nn.Sequential``
 boundaries) and attribute patterns found by tracing a module's own ``forward`` one level

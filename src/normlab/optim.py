@@ -1,13 +1,13 @@
-"""The revisiting-BN seed's initialization and update rule, for any PyTorch model.
+"""The initialization and update rule of Davis & Frank 2021 [DF21], for any PyTorch model.
 
-* :func:`init_norm_` — every normalization scale γ starts at a value < 1 (seed §3.2,
+* :func:`init_norm_` — every normalization scale γ starts at a value < 1 ([DF21] §3.2,
   e.g. 0.1) and every shift β at 0.
 * :func:`param_groups` — optimizer parameter groups: normalization scales get the learning
-  rate ``α / c`` (seed §3.2, c = 100) and no weight decay; shifts, biases and the other
+  rate ``α / c`` ([DF21] §3.2, c = 100) and no weight decay; shifts, biases and the other
   normalization/activation parameters (TLU τ, learnable ε, ...) no weight decay; all other
-  weights the full learning rate and weight decay (seed §4.2).
+  weights the full learning rate and weight decay ([DF21] §4.2).
 * :func:`fan_in_init_` — Kaiming-normal fan-in for convolutions, fan-in uniform for linear
-  layers, biases zero (seed §3.3 eq. 25, §4.1).
+  layers, biases zero ([DF21] §3.3 eq. 25, §4.1).
 
 Normalization parameters are found by **module type** (``torch.nn`` BatchNorm/SyncBatchNorm/
 InstanceNorm (``_NormBase``), GroupNorm, LayerNorm, RMSNorm and every normlab
@@ -111,7 +111,7 @@ def _check_number(name: str, value: Any, *, positive: bool) -> float:
 def param_groups(model: nn.Module, *, lr: float, weight_decay: float,
                  gamma_lr_divisor: float = 100.0,
                  include_frozen: bool = False) -> list[dict[str, Any]]:
-    """Optimizer parameter groups implementing the seed's update rule (§3.2, §4.2).
+    """Optimizer parameter groups implementing the update rule of [DF21] (§3.2, §4.2).
 
     ======================  ================  ================  ============================
     group ``"name"``        ``lr``            ``weight_decay``  parameters
@@ -121,7 +121,7 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float,
     ``"norm_scale"``        ``lr / c``        0                 normalization scales γ
     ======================  ================  ================  ============================
 
-    ``c = gamma_lr_divisor`` (the seed uses 100; 1 gives plain lr). Empty groups are left
+    ``c = gamma_lr_divisor`` ([DF21] uses 100; 1 gives plain lr). Empty groups are left
     out; each group carries its ``"name"`` key. The dicts work with any ``torch.optim``
     optimizer. LR schedulers scale each group's own ``initial_lr``, so the ratio lr/c is
     kept by multiplicative schedules (StepLR, MultiStepLR, ExponentialLR, LambdaLR,
@@ -160,10 +160,10 @@ def param_groups(model: nn.Module, *, lr: float, weight_decay: float,
 
 
 def init_norm_(model: nn.Module, gamma: float = 0.1, *, beta: float = 0.0) -> nn.Module:
-    """Set γ = ``gamma`` and β = ``beta`` in every normalization layer of ``model`` (seed §3.2).
+    """Set γ = ``gamma`` and β = ``beta`` in every normalization layer of ``model`` ([DF21] §3.2).
 
     Covers torch's BatchNorm/SyncBatchNorm/InstanceNorm/GroupNorm/LayerNorm/RMSNorm and all of
-    normlab's. Special cases: :class:`~normlab.InputNorm` gets ``σ_act · gamma`` (seed §3.4)
+    normlab's. Special cases: :class:`~normlab.InputNorm` gets ``σ_act · gamma`` ([DF21] §3.4)
     and keeps no shift; A2's γ₀ is reset to 1; RBN/IEBN's w_v, w_b are left alone; modules
     without affine parameters are skipped. normlab modules also remember the value in
     ``gamma_init`` so that ``reset_parameters()`` keeps it. Returns ``model``.
@@ -195,7 +195,7 @@ def init_norm_(model: nn.Module, gamma: float = 0.1, *, beta: float = 0.0) -> nn
 
 
 def fan_in_init_(model: nn.Module, *, nonlinearity: str = "relu") -> nn.Module:
-    """The seed's weight initialization (§3.3 eq. 25, §4.1); returns ``model``.
+    """The weight initialization of [DF21] (§3.3 eq. 25, §4.1); returns ``model``.
 
     * ``Conv1d/2d/3d``: Kaiming normal, ``N(0, gain² / fan_in)``, ``mode="fan_in"``.
     * ``Linear``: Kaiming uniform with fan-in, ``U(−b, b)``, ``b = gain · sqrt(3 / fan_in)``.

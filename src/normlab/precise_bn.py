@@ -18,7 +18,7 @@ normalizes with in training):
   ``m = N·L`` values of a channel;
 * :class:`normlab.FilteredBatchNorm2d` (and 1d/3d, the revisiting-BN layers built on it,
   :class:`normlab.nn.InputNorm`): the filtered moments μ′, σ′² over the ``M`` kept values
-  (filtered-BN seed, Horváth & Al-afandi 2020, arXiv 2010.08251, eq. 4–7; σ′²/κ(T) with
+  (Horváth & Al-afandi 2020 [HA20], arXiv 2010.08251, eq. 4–7; σ′²/κ(T) with
   ``gaussian_consistent``);
 * :class:`normlab.BatchRenorm2d` (and 1d/3d; Ioffe 2017, arXiv 1702.03275): its batch
   moments μ_B, σ²_B (filtered when it has a threshold) — r and d are not statistics;

@@ -3,7 +3,7 @@
 A *spec* is ``name`` or ``name:key=value,key=value``. Values are parsed as ``true``/``false``,
 ``none``, ints, floats, or left as strings. Every norm accepts ``act=`` (``tlu``,
 ``affine_tlu``, ``relu``, ``none``) to carry its own activation — TLU after *any*
-normalization, as the FRN seed's Table 3 ablation does.
+normalization, as the ablation in [SK20] Table 3 does.
 
 >>> create_norm("fbn:threshold=3", 64)          # FilteredBatchNorm2d(64, threshold=3.0)
 >>> create_norm("gn:groups=8", 64)              # GroupNorm through normlab
@@ -317,7 +317,7 @@ def _register_builtins() -> None:
 
 
 def _register_revisiting_bn() -> None:
-    """Revisiting-BN seed: A1/A2 (eq. 26-27), RBN/IEBN and their - forms (eq. 28-29), InputNorm."""
+    """[DF21]: A1/A2 (eq. 26-27), RBN/IEBN and their - forms (eq. 28-29), InputNorm."""
     bn_opts = dict(_BN_OPTS, threshold=None, gaussian_consistent=False)
     for form, eq in (("a1", "y = gamma (xhat + beta), eq. 26"),
                      ("a2", "y = gamma (gamma0 xhat + beta), eq. 27")):

@@ -1,4 +1,6 @@
-"""Diagnostics: look at the distributions the normalization seeds talk about.
+"""Diagnostics: look at the distributions the normalization papers talk about
+(Horváth & Al-afandi 2020 [HA20], Davis & Frank 2021 [DF21], Ioffe & Szegedy 2015 [IS15] §3.2;
+references in docs/references.md).
 
 * :class:`ActivationRecorder` — hooks on every normalization layer recording ``x̂`` (before
   γ, β) with bounded memory: quantile bands, exact counts beyond kσ, kurtosis, top inputs.
@@ -7,7 +9,7 @@
   consistency, loss/gradient landscape, BN gradient factor.
 * :mod:`.report` — plots + JSON/CSV + Markdown summary of a recorder.
 * :mod:`.shape` — distribution shape of ``Wu + b`` vs ``u`` around a nonlinearity.
-* :mod:`.plots` — seed-style figures (matplotlib, imported lazily) plus JSON/CSV.
+* :mod:`.plots` — figures in the style of [HA20] (matplotlib, imported lazily) plus JSON/CSV.
 * ``normlab inspect`` (:mod:`.cli`).
 """
 

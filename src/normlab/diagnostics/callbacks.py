@@ -1,13 +1,13 @@
 """Training-time diagnostics as lab callbacks (:class:`normlab.lab.callbacks.Callback`).
 
 * :class:`BandTracker` — quantile bands of ``x̂`` per iteration for chosen layers
-  (filtered-BN seed Fig. 4: "larger and larger activations appear during training").
+  ([HA20] Fig. 4: "larger and larger activations appear during training").
 * :class:`MomentConsistency` — at each step, moments of a random sub-batch against those of
-  the full batch, for plain and filtered estimators (seed Fig. 9: BN16/FBN16 vs BN128).
+  the full batch, for plain and filtered estimators ([HA20] Fig. 9: BN16/FBN16 vs BN128).
 * :class:`LossLandscape` — loss and gradient change when stepping along the gradient by
-  ``η ∈ {0.02, 0.01, 0.005, 0.001}`` (seed Fig. 7 and 11, after Santurkar et al. 2018).
+  ``η ∈ {0.02, 0.01, 0.005, 0.001}`` ([HA20] Fig. 7 and 11, after Santurkar et al. 2018).
 * :class:`GradientFactorTracker` — the BN gradient factor ``γ / sqrt(σ_B² + ε)``
-  (revisiting-BN seed eq. 20) per layer and ``|γ − γ₀|``, ``|β|`` over time (§3.2: "the
+  ([DF21] eq. 20) per layer and ``|γ − γ₀|``, ``|β|`` over time (§3.2: "the
   learned BN parameters tend to remain close to their initial values").
 
 Every callback leaves parameters, buffers, ``.grad`` and the global RNG exactly as it found
@@ -129,7 +129,7 @@ class _HookedCallback(Callback):
 
 # ---------------------------------------------------------------------------------------
 class BandTracker(_HookedCallback):
-    """Quantile bands of ``x̂`` per iteration (filtered-BN seed Fig. 4).
+    """Quantile bands of ``x̂`` per iteration ([HA20] Fig. 4).
 
     For each selected layer and every ``every``-th iteration: exact min/max and exact counts
     of ``|x̂| > k`` over the whole batch, inner quantiles from at most ``max_values`` values
@@ -188,7 +188,7 @@ class BandTracker(_HookedCallback):
 
 # ---------------------------------------------------------------------------------------
 class MomentConsistency(_HookedCallback):
-    """Moments of a random sub-batch against the full batch (filtered-BN seed Fig. 9).
+    """Moments of a random sub-batch against the full batch ([HA20] Fig. 9).
 
     At every ``every``-th step, for each batch-statistics layer (BN, filtered BN, batch
     renorm) the input ``x`` of the training forward is taken; ``sub_batch`` samples are drawn
@@ -197,7 +197,7 @@ class MomentConsistency(_HookedCallback):
 
     * ``bn``:       ``|μ_sub − μ_full|``, ``|σ²_sub − σ²_full|`` (plain moments, BN16 vs BN128);
     * ``fbn``:      filtered sub-batch moments (threshold ``T``, eq. 4–7) vs plain full
-      moments (FBN16 vs BN128, the seed's comparison);
+      moments (FBN16 vs BN128, the comparison of [HA20] Fig. 9);
     * ``fbn_gc``:   as ``fbn`` with the filtered variance divided by κ(T) (Gaussian-consistent:
       at T = 2 the raw filtered variance of a Gaussian is κ(2) ≈ 0.774 of the plain one, a
       bias that ``fbn`` includes);
@@ -205,12 +205,11 @@ class MomentConsistency(_HookedCallback):
 
     ``|Δσ²|`` is also reported relative to ``σ²_full`` (``rel_dvar``). Note the sub-batch
     moments are taken at the layer's input as computed with full-batch statistics upstream
-    (the seed ran the small batch through the network again); this isolates each layer's
+    ([HA20] ran the small batch through the network again); this isolates each layer's
     estimator.
     """
 
     kinds = ("batch", "renorm")
-    SERIES = ("bn", "fbn", "fbn_gc", "fbn_self")
 
     def __init__(self, layers: Sequence[str] | None = None, every: int = 1, *,
                  sub_batch: int = 16, threshold: float = 2.0, seed: int = 0) -> None:
@@ -283,12 +282,12 @@ class MomentConsistency(_HookedCallback):
 
 # ---------------------------------------------------------------------------------------
 class LossLandscape(Callback):
-    """Loss and gradient along the gradient direction (filtered-BN seed Fig. 7; Santurkar et al.).
+    """Loss and gradient along the gradient direction ([HA20] Fig. 7; Santurkar et al.).
 
     At every ``every``-th step (in ``on_after_backward``), on the current batch, with the model
     in its training mode: ``g = ∇L(θ)``; for each ``η``: ``L(θ − η g)`` and
     ``‖∇L(θ − η g) − g‖₂``. Rows hold the losses, the gradient changes, and over
-    ``{L(θ)} ∪ {L(θ − η g)}`` the range (max − min) and variance — the seed plots the
+    ``{L(θ)} ∪ {L(θ − η g)}`` the range (max − min) and variance — [HA20] plots the
     variance, Santurkar et al. the range.
 
     Exactness: gradients come from ``torch.autograd.grad`` (``.grad`` is untouched);
@@ -388,7 +387,7 @@ def measure_landscape(model: nn.Module, loss_fn, inputs: Tensor, targets: Tensor
 
 # ---------------------------------------------------------------------------------------
 class GradientFactorTracker(_HookedCallback):
-    """BN gradient factor ``γ / sqrt(σ_B² + ε)`` (revisiting-BN seed eq. 20) and γ, β drift.
+    """BN gradient factor ``γ / sqrt(σ_B² + ε)`` ([DF21] eq. 20) and γ, β drift.
 
     At every ``every``-th step, per normalization layer: the per-channel factor
     ``γ_c · inv_std_c`` with ``inv_std`` the layer's own statistics in the training forward

@@ -2,7 +2,7 @@
 
 Builds a model (the lab's ``--model NAME --norm SPEC`` or any ``--factory module:function``),
 loads ``--checkpoint``, runs a dataset split through it (eval mode by default: running
-statistics, as the filtered-BN seed's Fig. 1) with an :class:`ActivationRecorder`, and writes
+statistics, as [HA20] Fig. 1) with an :class:`ActivationRecorder`, and writes
 ``layer_bands.png``, channel densities of the most outlying channels, the Wu+b / x̂ / u shape
 plot, ``summary.json``, ``bands.csv`` and ``summary.md`` into ``--out``.
 """

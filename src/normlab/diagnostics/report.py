@@ -28,7 +28,7 @@ def band_rows(summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 def outlier_channels(recorder: ActivationRecorder, count: int = 3, k: float = 7.0) -> list[tuple[str, int]]:
     """The ``count`` (layer, channel) pairs with the most values beyond ``k``σ (ties: the
-    largest |value|), over all layers — the channels worth a density plot (seed Fig. 3)."""
+    largest |value|), over all layers — the channels worth a density plot ([HA20] Fig. 3)."""
     cands = []
     for name in recorder.layer_names:
         rec = recorder[name]

@@ -1,6 +1,6 @@
-"""Distribution shape around a nonlinearity: ``Wu + b`` versus ``u`` (the Q&A seed).
+"""Distribution shape around a nonlinearity: ``Wu + b`` versus ``u`` ([IS15] §3.2).
 
-BN §3.2 (quoted in ``shared/seeds/qa-why-normalize-wu-plus-b.txt``) normalizes ``x = Wu + b``
+Ioffe & Szegedy 2015 [IS15] §3.2 (arXiv 1502.03167) normalizes ``x = Wu + b``
 rather than the layer input ``u`` because ``Wu + b`` "is more likely to have a symmetric,
 non-sparse distribution, that is 'more Gaussian'", while ``u`` — the output of a
 nonlinearity — changes shape during training. A comment asks to "plot the distribution of

@@ -1,13 +1,13 @@
 """Outlier statistics of normalized activations, exact or streaming.
 
-The filtered-BN seed (``shared/seeds/filtered-batch-normalization.txt``, §II.B, Fig. 1–4)
+Horváth & Al-afandi 2020 [HA20] (arXiv 2010.08251, §II.B, Fig. 1–4)
 measures normalized activations ``x̂ = (x − μ)/sqrt(σ² + ε)`` (before γ, β) and finds values
 far beyond what a unit Gaussian allows. The numbers behind those figures are here:
 
 * quantile bands (min, 1 %, 25 %, 50 %, 75 %, 99 %, max by default; Fig. 1, 2, 4);
 * exact counts of values with ``|x̂| > k`` for ``k ∈ {4, 7, 10, 14}`` and the count a unit
   Gaussian would produce, ``n · P(|Z| > k) = n · 2(1 − Φ(k)) = n · erfc(k/√2)`` — for
-  ``k = 7`` that probability is 1/390,682,215,445 (the seed's arithmetic);
+  ``k = 7`` that probability is 1/390,682,215,445 ([HA20] §II.B);
 * skewness and excess kurtosis (a Gaussian has 0 and 0);
 * per channel, the inputs (sample indices) that produce the largest values (Fig. 3).
 
@@ -44,10 +44,10 @@ __all__ = [
     "ChannelTopK",
 ]
 
-#: Quantile levels of the default band (the seed's Fig. 1: min/max dashed, 1–99 % golden,
+#: Quantile levels of the default band ([HA20] Fig. 1: min/max dashed, 1–99 % golden,
 #: 25–75 % red, and the median).
 DEFAULT_QUANTILES: tuple[float, ...] = (0.0, 0.01, 0.25, 0.5, 0.75, 0.99, 1.0)
-#: The k of "beyond kσ" counts: 4σ (seed appendix: 98 % inside ±4σ), 7σ (§II.B), 10σ (Fig. 4),
+#: The k of "beyond kσ" counts: 4σ ([HA20] appendix: 98 % inside ±4σ), 7σ (§II.B), 10σ (Fig. 4),
 #: 14σ (Fig. 3).
 DEFAULT_SIGMAS: tuple[float, ...] = (4.0, 7.0, 10.0, 14.0)
 
@@ -65,7 +65,7 @@ def gaussian_tail_probability(k: float) -> float:
     """Two-sided tail of a unit Gaussian: ``P(|Z| > k) = 2(1 − Φ(k)) = erfc(k/√2)``.
 
     ``erfc`` keeps full relative precision far in the tail (``1 − Φ(k)`` would round to 0).
-    ``1 / gaussian_tail_probability(7) ≈ 390,682,215,445`` (filtered-BN seed §II.B).
+    ``1 / gaussian_tail_probability(7) ≈ 390,682,215,445`` ([HA20] §II.B).
     """
     return math.erfc(_check_k(k) / math.sqrt(2.0))
 
@@ -215,7 +215,7 @@ def top_inputs(values: Tensor, k: int = 10, *, channel_dim: int = 1,
     """Per channel, the ``k`` inputs (axis 0) whose most extreme value ``|x̂|`` is largest.
 
     For each sample ``n`` and channel ``c`` the score is the entry of largest magnitude over
-    the remaining axes (spatial positions); the signed value is returned. The seed's Fig. 3
+    the remaining axes (spatial positions); the signed value is returned. [HA20] Fig. 3
     picks the images whose activation in one kernel exceeds 14σ — this finds them.
 
     Returns ``{"values": (C, k'), "indices": (C, k')}`` with ``k' = min(k, N)``, sorted by
@@ -226,7 +226,7 @@ def top_inputs(values: Tensor, k: int = 10, *, channel_dim: int = 1,
     v = _channel_last_view(values.detach(), channel_dim)
     per_sample = _extreme_per_sample(v)  # (N, C)
     kk = min(k, per_sample.shape[0])
-    mag, idx = per_sample.abs().topk(kk, dim=0)
+    _, idx = per_sample.abs().topk(kk, dim=0)
     signed = per_sample.gather(0, idx)
     return {"values": signed.t().contiguous(), "indices": (idx + offset).t().contiguous()}
 

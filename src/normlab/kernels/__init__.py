@@ -319,8 +319,8 @@ def normalize_affine_act(
 ) -> tuple[Tensor, F.Moments]:
     """:func:`normalize_affine` followed by an activation, fused where possible.
 
-    ``activation``: ``"none"``; ``"tlu"`` ``z = max(y, τ)`` (FRN seed eq. 3); ``"affine_tlu"``
-    ``z = max(y, κy + τ)`` (FRN seed Table 5); ``"relu"``. ``tau``/``kappa`` are viewed to
+    ``activation``: ``"none"``; ``"tlu"`` ``z = max(y, τ)`` ([SK20] eq. 3); ``"affine_tlu"``
+    ``z = max(y, κy + τ)`` ([SK20] Table 5); ``"relu"``. ``tau``/``kappa`` are viewed to
     broadcast against ``x`` like ``weight``. Returns ``(z, moments)`` (keepdim statistics).
     """
     act = Activation.parse(activation)

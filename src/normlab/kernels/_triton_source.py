@@ -132,7 +132,7 @@ def _filtered_or_plain(kept, ref_f, d_f, m2_f, ref0, d0, var0, m, kap):
 
 @triton.jit
 def _keep(x, ref0, d0, r0, thr):
-    """Filter decision ``|x − μ0| r0 ≤ T`` (filtered-BN eq. 5); NaN is never kept."""
+    """Filter decision ``|x − μ0| r0 ≤ T`` ([HA20] eq. 5); NaN is never kept."""
     return tl.abs(((x - ref0) - d0) * r0) <= thr
 
 

@@ -5,7 +5,7 @@ statistics reduce over ``dims`` (BN: ``(N, C, L)`` over ``(0, 2)``; GN/FRN/IN:
 ``(N, G, L)`` over ``(2,)``; LN: ``(P, D)`` over ``(1,)``) and the affine parameters viewed
 to broadcast against that view.
 
-Forward (filtered-BN seed eq. 4–8, FRN seed eq. 1–2)::
+Forward ([HA20] eq. 4–8, [SK20] eq. 1–2)::
 
     plain moments μ, σ² (centered) or 0, ν² (uncentered)
     f  = [|x − μ| / sqrt(σ² + ε) ≤ T]            (all ones without a threshold)
@@ -17,10 +17,10 @@ Backward — the true gradient of that forward, with g = γ · ∂ℓ/∂y and s
 whole reduction set S::
 
     ∂ℓ/∂x_j = r · (g_j − f_j/M · Σ_S g − f_j x̂_j /(κM) · Σ_S g x̂)     (centered)
-    ∂ℓ/∂x_j = r · (g_j − f_j x̂_j /(κM) · Σ_S g x̂)                     (uncentered; FRN eq. 7)
+    ∂ℓ/∂x_j = r · (g_j − f_j x̂_j /(κM) · Σ_S g x̂)                     (uncentered; [SK20] eq. 7)
     ∂ℓ/∂γ = Σ ∂ℓ/∂y · x̂,   ∂ℓ/∂β = Σ ∂ℓ/∂y,   ∂ℓ/∂ε = −½ Σ_S r² Σ g x̂
 
-The filtered-BN seed's printed backward (eq. 9–13) sums ``∂ℓ/∂y`` only over the kept
+[HA20]'s printed backward (eq. 9–13) sums ``∂ℓ/∂y`` only over the kept
 values (``f = 1``). That is not the derivative of its own eq. 8, which normalizes every value
 with μ′, σ′: outliers still shift ``y`` and so contribute to ``∂ℓ/∂β``, ``∂ℓ/∂γ`` and to the
 terms ``Σ_S g``, ``Σ_S g x̂``. normlab implements the true gradient above; ``gradcheck``
@@ -142,7 +142,7 @@ def _eps_total(eps: float, eps_extra: Tensor | None, dtype: torch.dtype) -> floa
 
 def _statistics(x, dims, threshold, centered, eps_total, gaussian_consistent):
     """``(plain, used, rstd)``: plain moments (they define the filter), the (filtered)
-    moments used to normalize, and ``r = (σ′² + ε)^(-1/2)`` (filtered-BN eq. 4–8)."""
+    moments used to normalize, and ``r = (σ′² + ε)^(-1/2)`` ([HA20] eq. 4–8)."""
     plain = F.moments(x, dims, centered=centered)
     if threshold is None:
         used = plain
@@ -254,7 +254,7 @@ def normalize_affine(
     Args:
         x: input viewed so the statistics reduce over ``dims``.
         weight, bias: γ and β viewed to broadcast against ``x`` (or ``None``).
-        threshold: robust filter ``T`` (filtered-BN eq. 5); ``None`` disables it.
+        threshold: robust filter ``T`` ([HA20] eq. 5); ``None`` disables it.
         centered: subtract the mean (BN/GN/LN/IN) or not (FRN).
         eps: constant ε; ``eps_extra`` (a tensor, e.g. FRN's ``|ε_l|``) is added to it and
             receives a gradient.
@@ -293,7 +293,7 @@ def _set_view(row: Tensor, spec: NormSpec, x: Tensor) -> Tensor:
 
 def apply_activation(y: Tensor, activation: Activation, tau: Tensor | None,
                      kappa: Tensor | None) -> Tensor:
-    """``relu(y)``, ``max(y, τ)`` (FRN eq. 3) or ``max(y, κy + τ)`` (Table 5); τ, κ viewed
+    """``relu(y)``, ``max(y, τ)`` ([SK20] eq. 3) or ``max(y, κy + τ)`` (Table 5); τ, κ viewed
     to broadcast against ``y``."""
     if activation is Activation.RELU:
         return torch.relu(y)

@@ -331,6 +331,7 @@ def available() -> bool:
 
 
 def library_path() -> str | None:
+    """The file of the loaded fused CPU library (builds it on first call), ``None`` if none."""
     lib = _load()
     return None if lib is None else lib._name
 

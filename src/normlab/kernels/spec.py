@@ -1,7 +1,7 @@
 """One description of a normalization call: :class:`NormSpec`.
 
 Every normlab layer computes ``z = act(γ · (x − μ′) / sqrt(σ′² + ε) + β)`` with (filtered)
-statistics over a set of values (filtered-BN seed eq. 4–8, FRN seed eq. 1–3). A module
+statistics over a set of values ([HA20] eq. 4–8, [SK20] eq. 1–3). A module
 describes its call once — which sets, the robust filter, centering, ε, the activation —
 and hands that description with ``x`` as ``(N, C, *)`` to
 :func:`normlab.kernels.normalize`. Nothing below the modules re-classifies shapes.
@@ -42,7 +42,7 @@ class Reduction(enum.Enum):
 
 
 class Activation(enum.IntEnum):
-    """The activation fused after the affine step (FRN seed eq. 3 and Table 5)."""
+    """The activation fused after the affine step ([SK20] eq. 3 and Table 5)."""
 
     NONE = 0
     RELU = 1        # max(y, 0)
@@ -72,7 +72,7 @@ class NormSpec:
 
     Args:
         reduction: :class:`Reduction` — per channel over the batch, or per sample rows.
-        threshold: robust filter ``T`` (filtered-BN eq. 5: keep ``|x − μ|/sqrt(σ² + ε) ≤ T``);
+        threshold: robust filter ``T`` ([HA20] eq. 5: keep ``|x − μ|/sqrt(σ² + ε) ≤ T``);
             :data:`NO_FILTER` (``math.inf``) keeps every value. ``None`` is accepted at
             construction and stored as ``math.inf``, so there is one "no filter".
         centered: subtract the mean (BN/GN/LN/IN) or not (FRN: ν² = mean(x²)).

@@ -18,12 +18,12 @@ Two families:
 (:func:`bn_launch`), each owning a chunk of rows of ``block_c`` channels, read along the
 contiguous axis (rows for NCHW, channels for channels_last). Forward: plain partials →
 merge → filtered partials (skipped without a threshold) → merge (+ running averages) →
-``y = γ (x − μ′) r + β`` (filtered-BN eq. 8), five launches, three reads of ``x``; backward:
+``y = γ (x − μ′) r + β`` ([HA20] eq. 8), five launches, three reads of ``x``; backward:
 partial ``Σ∂ℓ/∂y``, ``Σ∂ℓ/∂y·(x − μ)`` → merge → ``∂ℓ/∂x``. Partials are merged in a
 fixed order: results are deterministic.
 
 **Rows** (GN/IN/LN/FRN family, :class:`RowsView`): one program per row runs every pass of
-that row — plain moments, filter moments, then normalize with an optional TLU (FRN eq. 3)
+that row — plain moments, filter moments, then normalize with an optional TLU ([SK20] eq. 3)
 or affine TLU — re-reading the row from L2 (:class:`RowsLaunch`); one-channel rows on
 channels_last (FRN/IN) take up to 32 neighbouring channels per program
 (:class:`Rows1Launch`).

@@ -236,10 +236,10 @@ def _add_run_options(p: argparse.ArgumentParser, *, single: bool) -> None:
     g.add_argument("--steps", type=_int_at_least(1),
                    help="train a fixed number of iterations instead of whole epochs")
     g.add_argument("--lr", type=_positive_float, help="peak learning rate (SGD, momentum 0.9)")
-    g.add_argument("--warmup", type=_nonneg_float, help="epochs of cosine lr ramp-up (FRN §4.1)")
+    g.add_argument("--warmup", type=_nonneg_float, help="epochs of cosine lr ramp-up ([SK20] §4.1)")
     g.add_argument("--gamma", type=_positive_float, help="γ init of every norm layer")
     g.add_argument("--gamma-lr-divisor", "-c", type=_positive_float, dest="gamma_lr_divisor",
-                   help="c: γ's learning rate is lr / c (revisiting-BN seed)")
+                   help="c: γ's learning rate is lr / c ([DF21] §3.2)")
     g.add_argument("--input-norm", choices=INPUT_NORM_MODES,
                    help="input normalization: offline/fixed statistics, or online (a BN layer)")
     g.add_argument("--amp", action="store_true", default=None,
@@ -546,7 +546,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "write OUT/report.md, CSV and PNG plots.")
     _one_line_errors(p)
     p.add_argument("--preset", default="default", choices=list(PRESETS),
-                   help="a seed experiment (see `normlab list presets`)")
+                   help="a paper's experiment (see `normlab list presets`)")
     p.add_argument("--norms", nargs="+", metavar="SPEC",
                    help="methods as registry specs, e.g. bn fbn:threshold=3 frn")
     p.add_argument("--baseline", help="method label to test against (default: bn)")

@@ -7,13 +7,13 @@ test) with ``x`` float32 of shape ``(N, C, H, W)`` (square images) and ``y`` int
 Splits. Datasets without their own test set (``mnist``, ``digits``, ``synthetic``,
 ``image-folder``) are split class-wise: first ``test_fraction`` (20%) of every class goes to the
 test split, then ``val_fraction`` (10%) of every class of the rest to the validation split —
-the validation split picks the reported epoch, as in the revisiting-BN seed (§4: "we randomly
+the validation split picks the reported epoch, as in [DF21] (§4: "we randomly
 sampled 10% of the training examples class-wise for validation"). Datasets with a test set of
 their own (``mnist-idx``, ``cifar10``, ``cifar100``) keep it and take the validation split
 from their training set. The split is a pure function of ``split_seed`` (default 0), so every
 run of every method sees the same images.
 
-Input normalization (revisiting-BN seed §3.4):
+Input normalization ([DF21] §3.4):
 
 * ``"offline"``: ``x ← (x − μ_c) / σ_c`` with the per-channel mean and (population) standard
   deviation of the *train* split's pixels, applied to all three splits;
@@ -232,7 +232,7 @@ def _load_synthetic(*, n: int = 5000, num_classes: int = 10, image_size: int = 2
       information) also gets one of ``num_features`` fixed ``outlier_size``×``outlier_size``
       ±1 patterns at a random place, added with amplitude ``255·outlier_scale``.
 
-    The last item imitates what the filtered-BN seed (§II, Figs. 5–6) observed in trained
+    The last item imitates what [HA20] (§II, Figs. 5–6) observed in trained
     networks: rare activations far beyond ±7σ, produced by specific features of specific
     images. They inflate the batch statistics of the batches that contain them, which the
     filter |z| ≤ T of filtered BN (eq. 4–7) removes. ``outlier_rate=0`` gives a clean set.

@@ -5,7 +5,7 @@ spec such as ``"bn"``, ``"fbn:threshold=3"``, ``"frn"``, ``"gn:groups=8"``, ``"b
 or ``"none"`` (see :func:`normlab.list_norms`) — and builds every normalization from it:
 
 * ``conv → norm → activation`` blocks call :func:`normlab.create_norm_act`, so ``"frn"`` gets
-  its TLU *instead of* the ReLU, while ``"bn"`` keeps the ReLU (FRN seed §3: FRN+TLU replaces
+  its TLU *instead of* the ReLU, while ``"bn"`` keeps the ReLU ([SK20] §3: FRN+TLU replaces
   BN+ReLU);
 * a norm right before a residual addition is built without activation
   (``create_norm(spec, C, act="none")``) and the activation after the addition is the spec's
@@ -13,14 +13,14 @@ or ``"none"`` (see :func:`normlab.list_norms`) — and builds every normalizatio
 * norms after fully connected layers see ``(N, C)`` inputs and are built with ``dim=1``;
 * layers followed by a norm have no bias (the norm's β replaces it); with ``"none"`` they do.
 
-Initialization follows the revisiting-BN seed (§4): convolution weights Kaiming-normal
+Initialization follows [DF21] (§4): convolution weights Kaiming-normal
 (fan-in, ReLU), fully connected weights uniform with fan-in bound (torch's default), all biases
 0; norm parameters keep their own init (``gamma_init=`` in the spec).
 
->>> model = build_model("lenet5", norm="fbn:threshold=2", placement="fc2")  # filtered-BN §IV.A
+>>> model = build_model("lenet5", norm="fbn:threshold=2", placement="fc2")  # [HA20] §IV.A
 >>> model = build_model("resnet18", norm="frn", num_classes=10, in_channels=3, image_size=32)
 >>> model = build_model("vgg", norm="bn", width=0.5)
->>> model = build_model("mlp", norm="bn", activation="sigmoid")  # BN paper Fig. 1 net
+>>> model = build_model("mlp", norm="bn", activation="sigmoid")  # [IS15] Fig. 1 net
 >>> list_models()
 """
 
@@ -80,14 +80,14 @@ def _scaled(channels: int, width: float, *, multiple: int = 1) -> int:
 
 
 def _init_weights(model: nn.Module) -> nn.Module:
-    """Revisiting-BN seed §4 init: conv Kaiming-normal (fan-in, ReLU), biases 0."""
+    """[DF21] §4 init: conv Kaiming-normal (fan-in, ReLU), biases 0."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
         elif isinstance(m, nn.Linear):
-            # torch's default: uniform(±1/sqrt(fan_in)) weights; the seed's biases are 0
+            # torch's default: uniform(±1/sqrt(fan_in)) weights; [DF21] §4 sets biases to 0
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
     return model
@@ -202,10 +202,10 @@ class LeNet5(nn.Module):
     that 8×8 digits fit. A norm "at" a layer sits between that layer and its ReLU.
 
     Placements: ``"all"`` (after conv1, conv2, fc1, fc2 — every layer but the logits, as
-    filtered-BN seed §III/§IV.B do), ``"none"``, ``"conv"``, ``"fc"``, a single layer
-    ``"conv1"``, ``"conv2"``, ``"fc1"``, ``"fc2"`` (seed §III: BN after one chosen layer), or
+    [HA20] §III/§IV.B do), ``"none"``, ``"conv"``, ``"fc"``, a single layer
+    ``"conv1"``, ``"conv2"``, ``"fc1"``, ``"fc2"`` ([HA20] appendix §III: BN after one chosen layer), or
     ``"last"`` = ``"fc2"``: the single norm between the last two fully connected layers of
-    filtered-BN seed §IV.A (Fig. 5). A comma-separated list (``"conv1,fc2"``) combines layers.
+    [HA20] §IV.A (Fig. 5). A comma-separated list (``"conv1,fc2"``) combines layers.
     """
 
     def __init__(self, norm: str = "bn", num_classes: int = 10, in_channels: int = 1,
@@ -259,7 +259,7 @@ class SmallAlexNet(nn.Module):
     Five convolutions (5×5, 5×5, 3×3, 3×3, 3×3; 64, 128, 256, 256, 128 channels × ``width``)
     with 3×3/stride-2 max-pooling after the 1st, 2nd and 5th, then two hidden fully connected
     layers (512, 256 × ``width``) and the logits. ``placement``: ``"all"`` (norm after every
-    convolution and hidden FC layer, filtered-BN seed §IV.B), ``"conv"``, ``"fc"``.
+    convolution and hidden FC layer, [HA20] §IV.B), ``"conv"``, ``"fc"``.
     """
 
     def __init__(self, norm: str = "bn", num_classes: int = 10, in_channels: int = 3,
@@ -297,7 +297,7 @@ class SmallVGG(nn.Module):
     Channels ``(32, M, 64, M, 128, 128, M, 256, 256, M)`` × ``width`` (``width=2`` is VGG-11's
     64…512), global average pooling, two hidden fully connected layers (256 × ``width``) and the
     logits. ``placement``: ``"all"`` (after every conv and hidden FC layer, as VGG-16-BN in the
-    filtered-BN seed §IV.C), ``"conv"``, ``"fc"``.
+    [HA20] §IV.C), ``"conv"``, ``"fc"``.
     """
 
     def __init__(self, norm: str = "bn", num_classes: int = 10, in_channels: int = 3,
@@ -395,7 +395,7 @@ def _shortcut(norm: str, c_in: int, c_out: int, stride: int) -> nn.Module:
 
 
 class ResNet(nn.Module):
-    """ResNet-18/34/50 (He et al. 2016) with the CIFAR stem of the revisiting-BN seed §4.
+    """ResNet-18/34/50 (He et al. 2016) with the CIFAR stem of [DF21] §4.
 
     Stem: 3×3 stride-1 convolution (64 × ``width`` channels) → norm → activation, *no* max-pool
     (``stem="imagenet"``: He et al.'s 7×7 stride-2 convolution → norm → activation → 3×3
@@ -437,7 +437,7 @@ class ResNet(nn.Module):
 class PreActBlock(nn.Module):
     """Pre-activation (ResNetV2) basic block: ``x + conv(act(norm(conv(act(norm(x))))))``.
 
-    He et al. 2016b; the FRN seed trains ResNetV2 with FRN+TLU in place of every BN+ReLU.
+    He et al. 2016b; [SK20] trains ResNetV2 with FRN+TLU in place of every BN+ReLU.
     """
 
     def __init__(self, norm: str, c_in: int, planes: int, stride: int = 1) -> None:
@@ -486,7 +486,7 @@ class PreActBottleneck(nn.Module):
 class PreActResNet(nn.Module):
     """Pre-activation ResNet-18 or -50 (ResNetV2) with the CIFAR stem (or ``stem="imagenet"``,
     7×7 stride-2 convolution and 3×3 stride-2 max-pool); a final norm → activation before
-    pooling, as in He et al. 2016b. The FRN seed's ResNetV2-50 is ``preact_resnet50``."""
+    pooling, as in He et al. 2016b. The ResNetV2-50 of [SK20] is ``preact_resnet50``."""
 
     def __init__(self, blocks: tuple[int, ...] = (2, 2, 2, 2), norm: str = "bn",
                  num_classes: int = 10, in_channels: int = 3, width: float = 1.0,
@@ -634,9 +634,9 @@ _MODELS: dict[str, tuple[Callable[..., nn.Module], str, tuple[str, ...]]] = {
                         "pre-activation ResNet-18 (ResNetV2), CIFAR stem", ("all",)),
     "mobilenetv2": (_mobilenet, "MobileNetV2 for small images (stride-1 stem)", ("all",)),
     "preact_resnet50": (_preact(PreActBottleneck, (3, 4, 6, 3), "preact_resnet50"),
-                        "pre-activation ResNet-50 (ResNetV2-50, the FRN seed's model)",
+                        "pre-activation ResNet-50 (ResNetV2-50, the model of [SK20])",
                         ("all",)),
-    "mlp": (_mlp, "fully connected net (BN paper Fig. 1: 3 x 100 sigmoid units); placement "
+    "mlp": (_mlp, "fully connected net ([IS15] Fig. 1: 3 x 100 sigmoid units); placement "
             "pre|post|none; options depth, hidden, activation, dropout, init_scale",
             MLP_PLACEMENTS),
 }

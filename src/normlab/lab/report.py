@@ -7,14 +7,14 @@ and writes:
   seeds, at the epoch with the best validation accuracy), the number of runs, the
   one-sided paired t-test p-value against the baseline (pairs by seed); significant
   improvements (p < 0.05) are **bold** and the best mean is <u>underlined</u>, as in the
-  revisiting-BN seed (§4.3);
+  [DF21] (§4.3);
 * ``results.csv`` — the same numbers, one row per method and group;
 * ``runs.csv`` — one row per run (seed, chosen epoch, val/test accuracy, time);
 * ``curves.png`` — validation and test accuracy per epoch, mean with a ±1 std band;
 * ``final.png`` — final test accuracy, mean with ±1 std error bars;
 * ``batch_size.png`` — accuracy versus batch size, when the batch size varies;
 * ``percentiles.png`` / ``shape.png`` — the probes' records (``RunConfig.probe``): the
-  15/50/85th percentiles of a sigmoid's input over training (BN paper Fig. 1(b, c)), and
+  15/50/85th percentiles of a sigmoid's input over training ([IS15] Fig. 1(b, c)), and
   the skewness, excess kurtosis and zero fraction of ``Wu + b`` and ``u`` per evaluation,
   with a table of the latter in ``report.md``.
 

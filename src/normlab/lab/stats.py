@@ -1,4 +1,4 @@
-"""Statistics for comparisons, as the revisiting seed (§4.3) prescribes.
+"""Statistics for comparisons, as [DF21] (§4.3) prescribes.
 
 For each configuration: the mean and sample standard deviation (``ddof=1``) of the test
 accuracy over seeds. Each method is compared with the baseline by a **one-sided paired
@@ -57,7 +57,7 @@ def paired_ttest(method: Mapping[int, float], baseline: Mapping[int, float], *,
 
     Args:
         method, baseline: ``{seed: score}``; only seeds present in both are paired.
-        alpha: significance level (the revisiting seed uses 0.05).
+        alpha: significance level ([DF21] uses 0.05).
 
     Returns ``PairedTest(t, p, n, significant)``; with fewer than 2 pairs, or when all
     differences are equal (zero variance, where the test is undefined), ``p`` is NaN and the

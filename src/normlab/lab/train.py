@@ -1,7 +1,7 @@
 """One training run: a model with a normalization spec, trained on a dataset, evaluated each
 epoch on the train/validation/test splits.
 
-Protocol (the revisiting-BN seed, §4.1–4.3, and the FRN seed, §4.1):
+Protocol ([DF21] §4.1–4.3, and [SK20] §4.1):
 
 * **Seeds.** Run ``i`` (``1, 2, ...``) seeds *every* RNG (Python, NumPy, torch on CPU and
   CUDA, and the batch order) with ``seed_value(i) = int(md5(str(i)).hexdigest()[-8:], 16)``,
@@ -10,14 +10,14 @@ Protocol (the revisiting-BN seed, §4.1–4.3, and the FRN seed, §4.1):
   through :func:`normlab.param_groups` (normalization parameters and biases get no decay; the
   γ's learning rate is divided by ``gamma_lr_divisor`` = c).
 * **Schedule.** Half-period cosine decay over all steps, optionally preceded by a cosine
-  ramp-up from 0 over ``warmup`` epochs (FRN seed §4.1):
+  ramp-up from 0 over ``warmup`` epochs ([SK20] §4.1):
   ``lr(t) = lr·½(1 − cos(π t / W))`` for ``t < W``, then
   ``lr(t) = lr·½(1 + cos(π (t − W) / (T − W)))``, updated every step.
 * **Model selection.** The epoch with the best validation accuracy (the first one on ties) is
   the reported epoch; its test accuracy is the run's score.
 
 ``steps`` (optional) trains for a fixed number of iterations instead of whole epochs (the
-filtered-BN seed's Fig. 6); the run is then evaluated ``epochs`` times, evenly spaced.
+[HA20] Fig. 6); the run is then evaluated ``epochs`` times, evenly spaced.
 
 Options added for the classic-BN experiments (Ioffe & Szegedy 2015, arXiv 1502.03167); each is
 left out of :meth:`RunConfig.to_dict` (and the config hash) at its default, so stores written
@@ -73,7 +73,7 @@ PROBES = ("percentiles", "shape")
 
 
 def seed_value(i: int) -> int:
-    """The RNG seed of run ``i``: ``int(md5(str(i)).hexdigest()[-8:], 16)`` (revisiting seed
+    """The RNG seed of run ``i``: ``int(md5(str(i)).hexdigest()[-8:], 16)`` ([DF21]
     §4.3: sequential seeds "made more complex using MD5")."""
     if isinstance(i, bool) or not isinstance(i, int):
         raise TypeError(f"run index must be an int, got {i!r}")
@@ -217,7 +217,7 @@ class RunResult:
 
 def cosine_lr_factor(step: int, total: int, warmup: int = 0) -> float:
     """The learning-rate multiplier at ``step`` (0-based) of ``total`` steps: a cosine ramp-up
-    ``½(1 − cos(π (step+1) / warmup))`` over the first ``warmup`` steps (FRN seed §4.1), then a
+    ``½(1 − cos(π (step+1) / warmup))`` over the first ``warmup`` steps ([SK20] §4.1), then a
     half-period cosine decay ``½(1 + cos(π (step − warmup) / (total − warmup)))``."""
     if warmup > 0 and step < warmup:
         return 0.5 * (1.0 - math.cos(math.pi * (step + 1) / warmup))

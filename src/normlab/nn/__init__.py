@@ -1,4 +1,4 @@
-"""Drop-in ``torch.nn`` modules for every normalization in the seeds."""
+"""Drop-in ``torch.nn`` modules for every normalization of the papers in docs/references.md."""
 
 from .activation import ACTIVATIONS, TLU, AffineTLU, NormActivation, make_activation
 from .alternatives import (

@@ -1,4 +1,4 @@
-"""Learned-threshold activations from the FRN seed, usable after any normalization."""
+"""Learned-threshold activations from [SK20], usable after any normalization."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ for _name in ("check_channels", "channel_tlu", "channel_affine_tlu"):
 
 
 class TLU(nn.Module):
-    r"""Thresholded linear unit ``z = max(y, τ)`` with a learned per-channel τ (FRN seed eq. 3).
+    r"""Thresholded linear unit ``z = max(y, τ)`` with a learned per-channel τ ([SK20] eq. 3).
 
     τ starts at 0 (so TLU starts as ReLU). Its gradient is eq. 4–5: the part of ``∂ℓ/∂z``
     that ReLU would discard (where ``y < τ``) goes to τ.
@@ -64,7 +64,7 @@ class TLU(nn.Module):
 
 
 class AffineTLU(nn.Module):
-    r"""Affine-TLU ``z = max(y, κ y + τ)`` (FRN seed §5, Table 5): PReLU and TLU combined.
+    r"""Affine-TLU ``z = max(y, κ y + τ)`` ([SK20] §4.2, Table 5): PReLU and TLU combined.
 
     κ and τ are learned per channel and start at 0 (ReLU at initialization).
 

@@ -1,10 +1,10 @@
-"""Alternative BN scale formulations compared by the revisiting-BN seed (§4.4, §4.5).
+"""Alternative BN scale formulations compared by [DF21] (§4.4, §4.5).
 
 All keep BN's head — per-channel (optionally filtered) batch moments, running averages,
 ``x̂ = (x − μ) / sqrt(σ² + ε)`` — and change only the tail (the affine transformation):
 
 ================  =========================================  ==================================
-name              tail                                       initialization (seed)
+name              tail                                       initialization [DF21]
 ================  =========================================  ==================================
 A1 (eq. 26)       ``y = γ (x̂ + β)``                          γ = ``gamma_init``, β = 0
 A2 (eq. 27)       ``y = γ (γ₀ x̂ + β)``                       γ = ``gamma_init``, γ₀ = 1, β = 0
@@ -14,10 +14,10 @@ IEBN (eq. 28–29)  ``y = γ S x̂ + β``, S = sigmoid(w_v·GAP(x) + w_b)   γ=1
 IEBN⁻             ``S = sigmoid(w_b)``                        w_b = −1 (S ≈ 0.269)
 ================  =========================================  ==================================
 
-γ₀ is a second learnable per-channel scale (the seed: "A2 includes the extra γ₀ parameter",
+γ₀ is a second learnable per-channel scale ([DF21]: "A2 includes the extra γ₀ parameter",
 initialized to 1). GAP is the global average over the positions of one sample and channel,
 so for RBN/IEBN the scale S is per sample and channel; w_v and w_b are per channel. RBN's
-GAP is taken of the normalized features x̂, IEBN's of the raw input x (seed §4.5). In eval
+GAP is taken of the normalized features x̂, IEBN's of the raw input x ([DF21] §4.5). In eval
 mode x̂ uses the running statistics, as BN does.
 
 Every class shares :class:`normlab.FilteredBatchNorm2d`'s machinery, so ``threshold``
@@ -33,14 +33,8 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from torch import fx
-
-from ..kernels import NormSpec, Reduction, normalize
 from ._common import channel_view
 from .batch import _BatchStatsNorm, flat_view
-
-# calls kept as nodes by torch.fx.symbolic_trace (see normlab.nn._common)
-fx.wrap("normalize")
 
 __all__ = [
     "AltScaleBatchNorm1d",
@@ -77,19 +71,7 @@ class _TailBatchNorm(_BatchStatsNorm):
     def _affine_forward(self, x: Tensor) -> Tensor:
         """Same head as :class:`FilteredBatchNorm2d` with the effective tail."""
         w, b = self.effective_affine()
-        if not self._uses_batch_stats():
-            return TF.batch_norm(x, self.running_mean, self.running_var, w, b, False, 0.0,
-                                 self.eps)
-        factor = self._averaging_factor(x)
-        if self.threshold is None:
-            mean, var = self._tracked()
-            return TF.batch_norm(x, mean, var, w, b, True, factor, self.eps)
-        y, _ = normalize(
-            x, w, b,
-            NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
-                     gaussian_consistent=self.gaussian_consistent),
-            running=self._running(factor, x))
-        return y
+        return self._bn_forward(x, w, b)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
@@ -114,7 +96,7 @@ class _TailBatchNorm(_BatchStatsNorm):
 
 
 class _AltScaleBatchNorm(_TailBatchNorm):
-    r"""BN with the seed's alternative scale formulations A1 or A2 (revisiting-BN eq. 26–27).
+    r"""BN with the alternative scale formulations A1 or A2 of [DF21] (eq. 26–27, §4.4).
 
     ``form="a1"``: ``y = γ (x̂ + β)`` — no extra parameters.
     ``form="a2"``: ``y = γ (γ₀ x̂ + β)`` — extra per-channel parameter ``gamma0`` (γ₀, init 1).
@@ -131,7 +113,7 @@ class _AltScaleBatchNorm(_TailBatchNorm):
         num_features, eps, momentum, affine, track_running_stats, device, dtype: as
             ``torch.nn.BatchNorm2d``.
         form: ``"a1"`` or ``"a2"`` (keyword-only).
-        gamma_init: initial γ (the seed uses 0 < γ ≤ 1).
+        gamma_init: initial γ ([DF21] uses 0 < γ ≤ 1).
         threshold, gaussian_consistent: the filtered-BN robust filter (default off).
 
     Example:
@@ -172,28 +154,28 @@ class _AltScaleBatchNorm(_TailBatchNorm):
 
 
 class _ScaleCalibratedBatchNorm(_TailBatchNorm):
-    r"""BN with the RBN / IEBN extra scale S (revisiting-BN seed eq. 28–29, §4.5).
+    r"""BN with the RBN / IEBN extra scale S ([DF21] eq. 28–29, §4.5).
 
     ``y = γ · S · x̂ + β`` with
     ``S = sigmoid(w_v · GAP(𝒳) + w_b)`` per sample and channel, where ``𝒳 = x̂`` for RBN
     (``stats="normalized"``) and ``𝒳 = x`` for IEBN (``stats="input"``); with ``stats=None``
     (RBN⁻ / IEBN⁻) ``S = sigmoid(w_b)`` per channel. w_v is the parameter ``calib_weight``
     (init ``wv_init`` = 0), w_b is ``calib_bias`` (init ``wb_init``: +1 for RBN, −1 for IEBN).
-    Only the scaling part of RBN/IEBN is implemented, as the seed compares (no RBN
+    Only the scaling part of RBN/IEBN is implemented, as [DF21] compares (no RBN
     centering calibration).
 
     From a standard BN (``y = γ_BN x̂ + β_BN``), :func:`normlab.convert` copies β and the
     running statistics, leaves w_v, w_b at their init, and sets ``γ = γ_BN / sigmoid(w_b)``
     (a copied γ would give the effective scale ``γ_BN · S``, 0.731·γ_BN for RBN): with
     w_v = 0, S = sigmoid(w_b) for every sample, so the converted layer computes the BN's
-    output. :func:`normlab.init_norm_` afterwards gives the seed's initialization instead.
+    output. :func:`normlab.init_norm_` afterwards gives the initialization of [DF21] instead.
 
     Args:
         num_features, eps, momentum, affine, track_running_stats, device, dtype: as
             ``torch.nn.BatchNorm2d``.
         stats: ``"normalized"`` (RBN), ``"input"`` (IEBN) or ``None`` (the ⁻ variants).
         wb_init: initial w_b (RBN 1.0, IEBN −1.0). wv_init: initial w_v (0).
-        gamma_init: initial γ (1 in the seed's baselines).
+        gamma_init: initial γ (1 in the baselines of [DF21]).
         threshold, gaussian_consistent: the filtered-BN robust filter (default off).
 
     Example:
@@ -254,12 +236,7 @@ class _ScaleCalibratedBatchNorm(_TailBatchNorm):
             return self._affine_forward(x)
         xv = flat_view(x)
         if self._uses_batch_stats():
-            factor = self._averaging_factor(x)
-            xhat, _ = normalize(
-                xv, None, None,
-                NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
-                         gaussian_consistent=self.gaussian_consistent),
-                running=self._running(factor, x))
+            xhat = self._normalize_batch(xv, None, None, self._averaging_factor(x))
         else:
             xhat = flat_view(TF.batch_norm(x, self.running_mean, self.running_var, None, None,
                                            False, 0.0, self.eps))  # keeps x's memory format

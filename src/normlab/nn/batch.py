@@ -72,13 +72,34 @@ class _BatchStatsNorm(ChannelStatsNorm):
         """torch's rule: batch statistics in training, and in eval without running stats."""
         return self.training or (self.running_mean is None and self.running_var is None)
 
-    def _eval_forward(self, x: Tensor) -> Tensor:
-        return TF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
-                             False, 0.0, self.eps)
+    def _eval_forward(self, x: Tensor, weight: Tensor | None = None,
+                      bias: Tensor | None = None) -> Tensor:
+        """``weight · (x − running mean)/sqrt(running var + ε) + bias`` (BN's eval)."""
+        return TF.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0,
+                             self.eps)
 
-    @staticmethod
-    def _stats_view(x: Tensor) -> Tensor:
-        return flat_view(x)
+    def _bn_forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+        """BN with the tail ``(weight, bias)``: the running statistics when
+        :meth:`_uses_batch_stats` is false; else the batch moments (filtered with a threshold),
+        updating the running averages."""
+        if not self._uses_batch_stats():
+            return self._eval_forward(x, weight, bias)
+        factor = self._averaging_factor(x)
+        if self.threshold is None:
+            mean, var = self._tracked()
+            return TF.batch_norm(x, mean, var, weight, bias, True, factor, self.eps)
+        return self._normalize_batch(x, weight, bias, factor)
+
+    def _normalize_batch(self, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                         factor: float) -> Tensor:
+        """``weight · x̂ + bias`` with the (filtered) batch moments per channel; updates the
+        running averages with ``factor``."""
+        y, _ = normalize(
+            x, weight, bias,
+            NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
+                     gaussian_consistent=self.gaussian_consistent),
+            running=self._running(factor, x))
+        return y
 
     def _tracked(self) -> tuple[Tensor | None, Tensor | None]:
         """The running buffers to update now (torch: only when training and tracking)."""
@@ -102,7 +123,7 @@ class _BatchStatsNorm(ChannelStatsNorm):
 
 
 class _FilteredBatchNorm(_BatchStatsNorm, _BatchNorm):
-    r"""Filtered batch normalization (filtered-BN seed, eq. 4–8).
+    r"""Filtered batch normalization ([HA20] eq. 4–8).
 
     Training: per channel, plain moments μ, σ² over ``(N, *spatial)``; mask
     ``f = [|x − μ| / sqrt(σ² + ε) ≤ T]``; filtered moments
@@ -122,10 +143,10 @@ class _FilteredBatchNorm(_BatchStatsNorm, _BatchNorm):
         eps, momentum, affine, track_running_stats, device, dtype, bias: as
             ``torch.nn.BatchNorm2d`` (``momentum=None``: cumulative average; ``bias=False``:
             no β, keyword-only as in torch).
-        threshold: ``T_σ`` in standard deviations (keyword-only; default 2, the seed's usual
+        threshold: ``T_σ`` in standard deviations (keyword-only; default 2, [HA20]'s usual
             value); ``None`` disables filtering.
         gaussian_consistent: divide the filtered variance by κ(T) (default off = the paper).
-        gamma_init: initial γ (revisiting-BN seed §3.2 suggests values below 1).
+        gamma_init: initial γ ([DF21] §3.2 suggests values below 1).
 
     Example:
         >>> norm = FilteredBatchNorm2d(64, threshold=3.0)
@@ -142,18 +163,7 @@ class _FilteredBatchNorm(_BatchStatsNorm, _BatchNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
-        if not self._uses_batch_stats():
-            return self._eval_forward(x)
-        factor = self._averaging_factor(x)
-        if self.threshold is None:
-            mean, var = self._tracked()
-            return TF.batch_norm(x, mean, var, self.weight, self.bias, True, factor, self.eps)
-        y, _ = normalize(
-            x, self.weight, self.bias,
-            NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
-                     gaussian_consistent=self.gaussian_consistent),
-            running=self._running(factor, x))
-        return y
+        return self._bn_forward(x, self.weight, self.bias)
 
 
 class FilteredBatchNorm1d(_FilteredBatchNorm, nn.BatchNorm1d):
@@ -310,7 +320,7 @@ class _BatchRenorm(_BatchStatsNorm, _BatchNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)
         if not self.training:
-            return self._eval_forward(x)
+            return self._eval_forward(x, self.weight, self.bias)
         factor = self._averaging_factor(x)
         xv = flat_view(x)
         r, d = renorm_correction(xv, self.running_mean, self.running_var,
@@ -320,12 +330,7 @@ class _BatchRenorm(_BatchStatsNorm, _BatchNorm):
         bias = self.bias if self.bias is not None else torch.zeros_like(r)
         weight_eff = weight * r.to(weight.dtype)
         bias_eff = bias + weight * d.to(weight.dtype)
-        y, _ = normalize(
-            x, weight_eff, bias_eff,
-            NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
-                     gaussian_consistent=self.gaussian_consistent),
-            running=self._running(factor, x))
-        return y
+        return self._normalize_batch(x, weight_eff, bias_eff, factor)
 
 
 class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):

@@ -1,6 +1,6 @@
 """Per-sample centered normalizations with the optional robust filter: group, layer, instance.
 
-Filtered GN is named in the filtered-BN seed (§IV.D: "our filtering method can be applied
+Filtered GN is named in [HA20] (§IV.D: "our filtering method can be applied
 with group normalization after element selection"); layer and instance norm are the same
 pipeline with other reduction sets. ``threshold=None`` calls torch's own functional op, so
 it equals ``torch.nn.GroupNorm`` / ``LayerNorm`` / ``InstanceNorm*d`` exactly.
@@ -96,7 +96,7 @@ class FilteredGroupNorm(AffineMixin, nn.GroupNorm):
 
     For each sample and group ``S`` of ``C/G`` channels × all positions: plain moments μ, σ²;
     mask ``f = [|x − μ| / sqrt(σ² + ε) ≤ T]``; ``μ′ = Σ f x / M``, ``σ′² = Σ f (x − μ′)² / M``
-    (filtered-BN seed eq. 4–7 applied to GN's set, §IV.D); ``y = γ_c (x − μ′)/sqrt(σ′² + ε) + β_c``.
+    ([HA20] eq. 4–7 applied to GN's set, §IV.D); ``y = γ_c (x − μ′)/sqrt(σ′² + ε) + β_c``.
     ``threshold=None`` is exactly ``torch.nn.GroupNorm`` (and the class is one);
     ``num_groups=1`` is layer norm over ``(C, *)`` with per-channel affine, ``num_groups=C``
     instance norm.
@@ -155,7 +155,7 @@ class FilteredGroupNorm(AffineMixin, nn.GroupNorm):
 class FilteredLayerNorm(AffineMixin, nn.LayerNorm):
     r"""``torch.nn.LayerNorm`` with the robust filter: moments over the last dims, filtered.
 
-    ``y = γ ⊙ (x − μ′)/sqrt(σ′² + ε) + β`` with μ′, σ′² the filtered moments (filtered-BN seed
+    ``y = γ ⊙ (x − μ′)/sqrt(σ′² + ε) + β`` with μ′, σ′² the filtered moments ([HA20]
     eq. 4–7) over the trailing ``normalized_shape`` dims; γ, β are elementwise like torch.
     ``threshold=None`` is exactly ``torch.nn.LayerNorm`` (and the class is one). For conv
     feature maps with per-channel affine use ``FilteredGroupNorm(1, C)`` (registry name
@@ -211,7 +211,7 @@ class _FilteredInstanceNorm(ChannelStatsNorm, nn.modules.instancenorm._InstanceN
     r"""``torch.nn.InstanceNorm*d`` with the robust filter: moments per sample and channel.
 
     Statistics over the spatial positions of one sample and channel, filtered as in the
-    filtered-BN seed eq. 4–7. Signature, defaults and state rules follow torch
+    [HA20] eq. 4–7. Signature, defaults and state rules follow torch
     (``affine=False``, ``track_running_stats=False``; the class is a
     ``torch.nn.InstanceNorm*d``). With ``track_running_stats=True`` the running mean
     (variance) is the running average of the batch mean of the per-instance (unbiased)

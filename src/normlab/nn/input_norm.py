@@ -1,12 +1,12 @@
-"""BN-based input normalization (revisiting-BN seed §3.4) and the two traditional ones.
+"""BN-based input normalization ([DF21] §3.4) and the two traditional ones.
 
-The seed prepends a batch norm to the network that normalizes the raw input online. Its
+[DF21] prepends a batch norm to the network that normalizes the raw input online. Its
 scale starts at ``γ̂ = σ_act · γ`` — σ_act is the standard deviation of the network's
 activation applied to a unit Gaussian (``sqrt(1/2 − 1/(2π)) ≈ 0.5838`` for ReLU) — so the
-first layer sees the same input variance ``σ_act² γ²`` as every later layer (seed eq. 23),
+first layer sees the same input variance ``σ_act² γ²`` as every later layer ([DF21] eq. 23),
 and it has **no shift** (nothing but a linear layer follows, so β is unnecessary).
 
-The seed compares it with two traditional transforms ``(x − μ) / σ``:
+[DF21] compares it with two traditional transforms ``(x − μ) / σ``:
 
 * **fixed** (:class:`FixedInputNorm`): μ = σ = half the range of the data type (128 for
   8-bit images);
@@ -87,10 +87,10 @@ def _gaussian_moments(fn: Callable[[Tensor], Tensor]) -> tuple[float, float]:
 
 
 def activation_std(activation: str | Callable[[Tensor], Tensor] | nn.Module = "relu") -> float:
-    r"""σ_act: the standard deviation of ``activation(Z)`` with ``Z ~ N(0, 1)`` (seed eq. 23).
+    r"""σ_act: the standard deviation of ``activation(Z)`` with ``Z ~ N(0, 1)`` ([DF21] eq. 23).
 
     ``σ_act² = E[f(Z)²] − E[f(Z)]²``. ReLU has the closed form
-    ``sqrt(1/2 − 1/(2π)) = 0.583874…`` (the seed's "0.58"); the identity gives 1; other
+    ``sqrt(1/2 − 1/(2π)) = 0.583874…`` ([DF21] §3.3 rounds it to 0.58); the identity gives 1; other
     activations are integrated numerically (composite Gauss–Legendre in float64, error < 1e-12) and
     cached by name.
 
@@ -144,7 +144,7 @@ def _activation_label(activation) -> str:
 
 
 class InputNorm(_FilteredBatchNorm):
-    r"""Batch norm for the raw network input, scale ``σ_act·γ``, no shift (revisiting-BN §3.4).
+    r"""Batch norm for the raw network input, scale ``σ_act·γ``, no shift ([DF21] §3.4).
 
     Training: ``y = γ̂ · (x − μ_B) / sqrt(σ_B² + ε)`` per channel with batch moments over
     ``(N, *spatial)`` and running averages like BN (optionally with the filtered-BN robust
@@ -163,9 +163,9 @@ class InputNorm(_FilteredBatchNorm):
     Args:
         num_channels: input channels (3 for RGB).
         activation: the activation the *rest* of the network uses (name, module or callable).
-        gamma: the γ initialization used for the network's other norms (seed §3.2).
+        gamma: the γ initialization used for the network's other norms ([DF21] §3.2).
         eps, momentum: as ``torch.nn.BatchNorm2d``.
-        threshold: robust filter (filtered-BN seed); default ``None`` = plain BN as the seed.
+        threshold: robust filter ([HA20]); default ``None`` = plain BN as [DF21].
         device, dtype: factory kwargs.
 
     Shape: ``(N, C)``, ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``.
@@ -183,10 +183,10 @@ class InputNorm(_FilteredBatchNorm):
                  threshold: float | None = None, device=None, dtype=None) -> None:
         check_positive_int("num_channels", num_channels)
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not gamma > 0:
-            raise ValueError(f"gamma must be a number > 0 (seed §3.2 uses (0, 1]), got {gamma!r}")
+            raise ValueError(f"gamma must be a number > 0 ([DF21] §3.2 uses (0, 1]), got {gamma!r}")
         sigma_act = activation_std(activation)
         super().__init__(num_channels, eps, momentum, True, True, device, dtype,
-                         bias=False,  # no shift (seed §3.4)
+                         bias=False,  # no shift ([DF21] §3.4)
                          threshold=threshold, gamma_init=sigma_act * float(gamma))
         self.activation = _activation_label(activation)
         self.sigma_act = sigma_act
@@ -255,10 +255,10 @@ class _AffineInputTransform(nn.Module):
 
 
 class FixedInputNorm(_AffineInputTransform):
-    """The seed's "fixed" input normalization (§3.4): μ = σ = half the data type's range.
+    """The "fixed" input normalization of [DF21] §3.4: μ = σ = half the data type's range.
 
     For an integer dtype with values in ``[lo, hi]``: ``μ = (lo + hi + 1)/2`` and
-    ``σ = (hi − lo + 1)/2`` (uint8: μ = σ = 128, the seed's example). For floating images
+    ``σ = (hi − lo + 1)/2`` (uint8: μ = σ = 128, [DF21]'s example). For floating images
     already scaled to ``[0, 1]`` pass ``value_range=(0.0, 1.0)`` (μ = σ = 0.5). Integer inputs
     are cast to float32.
 
@@ -289,7 +289,7 @@ class FixedInputNorm(_AffineInputTransform):
 
 
 class OfflineInputNorm(_AffineInputTransform):
-    """The seed's "offline" input normalization (§3.4): dataset statistics computed once.
+    """The "offline" input normalization of [DF21] §3.4: dataset statistics computed once.
 
     ``y = (x − μ_c) / σ_c`` with per-channel μ_c, σ_c given, or estimated by
     :meth:`from_data` over every value of every batch (float64 accumulation; this equals the

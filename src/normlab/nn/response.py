@@ -1,7 +1,7 @@
 """Filter response normalization (FRN) and its group/layer forms, with TLU.
 
-FRN seed eq. 1–3: ``ν² = mean(x²)`` over the positions of one sample and channel,
-``x̂ = x / sqrt(ν² + ε)``, ``y = γ x̂ + β``, ``z = max(y, τ)``. GFRN and LFRN (seed Table 3)
+[SK20] eq. 1–3: ``ν² = mean(x²)`` over the positions of one sample and channel,
+``x̂ = x / sqrt(ν² + ε)``, ``y = γ x̂ + β``, ``z = max(y, τ)``. GFRN and LFRN ([SK20] Table 3)
 take ν² over a group of channels or all channels of a sample.
 """
 
@@ -31,7 +31,7 @@ __all__ = [
     "FilterResponseNorm3d",
 ]
 
-LEARNED_EPS_INIT = 1e-4  # FRN seed §3.3: ε_l initialized at 1e-4
+LEARNED_EPS_INIT = 1e-4  # [SK20] §3.3: ε_l initialized at 1e-4
 
 # calls kept as nodes by torch.fx.symbolic_trace (see normlab.nn._common)
 for _name in ("check_input", "normalize"):
@@ -43,14 +43,14 @@ class GroupFilterResponseNorm(AffineMixin, nn.Module):
 
     For each sample and group ``S`` (``C/G`` channels × all positions)::
 
-        ν² = 1/|S| Σ_S x²                  (FRN seed eq. 1; filtered: Σ f x² / Σ f with
+        ν² = 1/|S| Σ_S x²                  ([SK20] eq. 1; filtered: Σ f x² / Σ f with
         x̂ = x / sqrt(ν² + ε)                 f = [|x| / sqrt(ν² + ε) ≤ T])
         y = γ_c x̂ + β_c                    (eq. 2)
         z = max(y, τ_c)                     (eq. 3, activation="tlu")
 
     ``num_groups = C`` is FRN, ``num_groups = 1`` is LFRN. With ``learnable_eps=True``,
     ``ε = eps + |ε_l|`` with the parameter ``learned_eps`` (ε_l) initialized to 1e-4
-    (seed §3.3); otherwise ε is the constant ``eps`` (seed default 1e-6).
+    ([SK20] §3.3); otherwise ε is the constant ``eps`` ([SK20]'s default 1e-6).
 
     Args:
         num_groups, num_channels: as ``torch.nn.GroupNorm``.
@@ -122,7 +122,7 @@ class GroupFilterResponseNorm(AffineMixin, nn.Module):
                 f"threshold={self.threshold}")
 
     def effective_eps(self) -> Tensor | float:
-        """``ε = eps + |ε_l|`` (learnable) or ``eps`` (FRN seed §3.3)."""
+        """``ε = eps + |ε_l|`` (learnable) or ``eps`` ([SK20] §3.3)."""
         if self.learned_eps is None:
             return self.eps
         return self.eps + self.learned_eps.abs()
@@ -143,7 +143,7 @@ class GroupFilterResponseNorm(AffineMixin, nn.Module):
 class LayerFilterResponseNorm(GroupFilterResponseNorm):
     """LFRN: uncentered layer norm (ν² over all channels and positions of a sample) + TLU.
 
-    Same options as :class:`GroupFilterResponseNorm` with ``num_groups=1`` (FRN seed Table 3).
+    Same options as :class:`GroupFilterResponseNorm` with ``num_groups=1`` ([SK20] Table 3).
     """
 
     def __init__(self, num_channels: int, **kwargs) -> None:
@@ -151,12 +151,12 @@ class LayerFilterResponseNorm(GroupFilterResponseNorm):
 
 
 class _FilterResponseNorm(GroupFilterResponseNorm):
-    r"""Filter response normalization with TLU (FRN seed eq. 1–3).
+    r"""Filter response normalization with TLU ([SK20] eq. 1–3).
 
     Per sample and channel: ``ν² = mean(x²)`` over positions, ``x̂ = x / sqrt(ν² + ε)``,
     ``y = γ x̂ + β``, ``z = max(y, τ)``. For ``(N, C)`` input (a fully connected layer) the
-    set has one value (``N = 1`` in the seed's §3.3): use ``learnable_eps=True`` there, as the
-    seed advises. Parameters ``weight``, ``bias``, ``tau`` match timm's
+    set has one value (``N = 1`` in [SK20] §3.3): use ``learnable_eps=True`` there, as
+    [SK20] advises. Parameters ``weight``, ``bias``, ``tau`` match timm's
     ``FilterResponseNormTlu2d``, whose checkpoints load directly.
 
     Args:

@@ -7,10 +7,10 @@
    (no include guard: included three times on purpose).
 
    Notation (see kernels/analytic.py): plain moments μ0, σ0² (centered) or 0, ν²
-   (uncentered); mask f = [|x − μ0| r0 ≤ T], r0 = (σ0² + ε)^(-1/2) (filtered-BN seed eq. 4–5;
+   (uncentered); mask f = [|x − μ0| r0 ≤ T], r0 = (σ0² + ε)^(-1/2) ([HA20] eq. 4–5;
    all ones when a set would keep nothing); filtered moments over the kept values (eq. 6–7,
    divided by κ when Gaussian-consistent); y = γ (x − μ) r + β (eq. 8), optionally
-   z = max(y, τ) (FRN seed eq. 3) or max(y, κ_a y + τ) (affine TLU). Backward, with
+   z = max(y, τ) ([SK20] eq. 3) or max(y, κ_a y + τ) (affine TLU). Backward, with
    g = γ ∂ℓ/∂y: ∂ℓ/∂x = r (g − f (Σg/M + x̂ Σg x̂/(κM))) (no Σg term when uncentered).
 
    Two memory layouts: contiguous (bn_*, row_*: a set is one run, or N runs of L values)
@@ -29,7 +29,7 @@ static inline void SFX(split)(double v, T *hi, T *lo)
     *lo = isfinite(v) ? (T)(v - (double)h) : (T)0;
 }
 
-/* The filter test |x − μ0| (σ0² + ε)^(-1/2) ≤ T (filtered-BN eq. 5) as lo ≤ x ≤ hi: the
+/* The filter test |x − μ0| (σ0² + ε)^(-1/2) ≤ T ([HA20] eq. 5) as lo ≤ x ≤ hi: the
    bounds μ0 ∓ T (σ0² + ε)^(1/2) in double, rounded inward to T, so that for every x of type T
    the test decides exactly as in exact arithmetic on the stored μ0 = m0h + m0l and σ0²
    (forward and backward compute them from the same stored values: the same mask). A bound
@@ -575,7 +575,8 @@ void SFX(row_bwd)(const S *x, const S *dz, S *dx, const T *w, const T *b, const 
    sweeps and Chan merge as the contiguous kernels. */
 
 /* One sweep around per-channel shifts: cnt[c] += f, a[c] += f u, b[c] += f u², u = x − sh[c],
-   f = [lo[c] ≤ x ≤ hi[c]] or 1 */
+   f = [lo[c] ≤ x ≤ hi[c]] or 1 (unfiltered: cnt is left alone, the caller sets it to nrow).
+   Also the second sweep of a block, around the block's own means. */
 static NOINLINE void SFX(col_mom)(const S *restrict x, int64_t nrow, int64_t C, int filt,
                                   const T *restrict lo, const T *restrict hi,
                                   const T *restrict sh, T *restrict cnt, T *restrict a,
@@ -599,33 +600,6 @@ static NOINLINE void SFX(col_mom)(const S *restrict x, int64_t nrow, int64_t C, 
             for (int64_t c = 0; c < C; ++c) {
                 T u = LD(p[c]) - sh[c];
                 a[c] += u; b[c] += u * u;
-            }
-        }
-    }
-}
-
-/* Sweep 2: d[c] += f u, q[c] += f u², u = x − m[c] (the chunk's mean rounded to T) */
-static NOINLINE void SFX(col_dev)(const S *restrict x, int64_t nrow, int64_t C, int filt,
-                                  const T *restrict lo, const T *restrict hi,
-                                  const T *restrict m, T *restrict d, T *restrict q)
-{
-    if (filt) {
-        for (int64_t r = 0; r < nrow; ++r) {
-            const S *restrict p = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-                T v = LD(p[c]);
-                T u = (v - m[c]) * KEEP(v, lo[c], hi[c]);
-                d[c] += u; q[c] += u * u;
-            }
-        }
-    } else {
-        for (int64_t r = 0; r < nrow; ++r) {
-            const S *restrict p = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-                T u = LD(p[c]) - m[c];
-                d[c] += u; q[c] += u * u;
             }
         }
     }
@@ -720,9 +694,9 @@ static void SFX(col_moments)(const S *x, int64_t r0, int64_t r1, int64_t C, int 
             }
             K[c] = A[c] = B[c] = 0;
             cm[c] = (T)((double)sh[c] + dn);
-            a[c] = 0; b[c] = 0;
+            cnt[c] = filt ? (T)0 : (T)n; a[c] = 0; b[c] = 0;   /* the same count again */
         }
-        SFX(col_dev)(p, n, C, filt, lo, hi, cm, a, b);
+        SFX(col_mom)(p, n, C, filt, lo, hi, cm, cnt, a, b);
         for (int64_t c = 0; c < C; ++c) {
             double k = cnt[c];
             if (k == 0) continue;
