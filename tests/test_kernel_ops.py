@@ -71,6 +71,11 @@ OP_CASES = [
      True),
     (NormSpec(Reduction.ROWS, 2.0, False, 1e-6, False, Activation.AFFINE_TLU, 2), True),
     (NormSpec(Reduction.ROWS, activation=Activation.RELU, groups=3), False),
+    # batch norm with the activation fused into the C kernels (NormActivation hands it over)
+    (NormSpec(Reduction.CHANNEL, threshold=1.5, activation=Activation.RELU), False),
+    (NormSpec(Reduction.CHANNEL, threshold=1.5, activation=Activation.RELU), True),
+    (NormSpec(Reduction.CHANNEL, activation=Activation.TLU), False),
+    (NormSpec(Reduction.CHANNEL, 2.0, False, 1e-6, False, Activation.AFFINE_TLU), True),
 ]
 
 

@@ -206,10 +206,10 @@ def normalize(
     elif (path := _path(x, (weight, bias, tau, kappa), spec)) == "reference":
         y, moments = _reference(x, weight, bias, spec, eps_extra, tau, kappa)
     else:
-        act_after = (spec.reduction is Reduction.CHANNEL
+        act_after = (path == "triton" and spec.reduction is Reduction.CHANNEL
                      and spec.activation is not Activation.NONE)
         args = ops.spec_args(spec)
-        if act_after:  # the batch-norm kernels fuse no activation: apply it after the op
+        if act_after:  # the Triton batch-norm kernels fuse no activation: apply it after
             args = (*args[:-1], int(Activation.NONE))
         if path == "cpu":
             if not x.is_contiguous() and ops.plan_of(x, spec).layout == "strided":

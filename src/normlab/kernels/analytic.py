@@ -370,7 +370,7 @@ def canonical_backward(x: Tensor, grad_z: Tensor, weight, bias, eps_extra, tau, 
     else:
         dy, dtau, dkappa = _activation_backward(dz, _affine(xhat, w, b), spec.activation, t, k)
     per_param = [dy, dy * xhat]
-    if spec.reduction is Reduction.ROWS:
+    if spec.reduction is Reduction.ROWS or spec.activation is not Activation.NONE:
         per_param += [torch.zeros_like(dy) if d is None else d for d in (dtau, dkappa)]
     sums = torch.stack([s.sum(dim=param_dims).reshape(-1) for s in per_param])
     g = dy * w if w is not None else dy

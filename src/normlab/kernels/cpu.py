@@ -82,13 +82,14 @@ _FLAG_SETS = (
 _P, _I64, _D, _I = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
 _STATS_ARGS = (_I, _D, _D, _D)  # centered, eps, threshold (≤ 0: none), κ
 _SIGNATURES: dict[str, tuple] = {
-    # x, y, w, b, N, C, L, centered, eps, thr, kap, st, running mean, running var, factor, nt
-    "bn_fwd_{t}": (None, (_P, _P, _P, _P, _I64, _I64, _I64, *_STATS_ARGS, _P, _P, _P, _D, _I)),
-    "bnc_fwd_{t}": (None, (_P, _P, _P, _P, _I64, _I64, _I64, *_STATS_ARGS, _P, _P, _P, _D, _P,
-                           _I)),
-    # x, dy, dx, w, N, C, L, centered, eps, thr, kap, st, Σdy, Σdy·x̂, [work,] nt
-    "bn_bwd_{t}": (None, (_P, _P, _P, _P, _I64, _I64, _I64, *_STATS_ARGS, _P, _P, _P, _I)),
-    "bnc_bwd_{t}": (None, (_P, _P, _P, _P, _I64, _I64, _I64, *_STATS_ARGS, _P, _P, _P, _P, _I)),
+    # x, y, w, b, τ, κ_a, N, C, L, centered, eps, thr, kap, act, st, running mean,
+    # running var, factor, [work,] nt
+    "bn_fwd_{t}": (None, (*(_P,) * 6, *(_I64,) * 3, *_STATS_ARGS, _I, _P, _P, _P, _D, _I)),
+    "bnc_fwd_{t}": (None, (*(_P,) * 6, *(_I64,) * 3, *_STATS_ARGS, _I, _P, _P, _P, _D, _P, _I)),
+    # x, dz, dx, w, b, τ, κ_a, N, C, L, centered, eps, thr, kap, act, st, Σdy, Σdy·x̂,
+    # Στ-branch dz, Σ dz·y there (NULL, NULL without an activation), [work,] nt
+    "bn_bwd_{t}": (None, (*(_P,) * 7, *(_I64,) * 3, *_STATS_ARGS, _I, *(_P,) * 5, _I)),
+    "bnc_bwd_{t}": (None, (*(_P,) * 7, *(_I64,) * 3, *_STATS_ARGS, _I, *(_P,) * 6, _I)),
     # x, y, w, b, τ, κ_a, R|N, G, Cg, L, centered, eps, thr, kap, act, st, [work,] nt
     "row_fwd_{t}": (None, (*(_P,) * 6, *(_I64,) * 4, *_STATS_ARGS, _I, _P, _I)),
     "rowc_fwd_{t}": (None, (*(_P,) * 6, *(_I64,) * 4, *_STATS_ARGS, _I, _P, _P, _I)),
@@ -478,11 +479,12 @@ def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, center
     sfx = _sfx(sdt)
     run = (None, None, 0.0)  # running averages: updated by the dispatcher (a functional op)
     if pl.kind == "channel" and pl.layout == "contiguous":
-        _call(lib, f"bn_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
-              int(centered), eps_total, thr, kap, _ptr(stats), *run, nt)
+        _call(lib, f"bn_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
+              pl.n, pl.g, pl.l, int(centered), eps_total, thr, kap, act, _ptr(stats), *run, nt)
     elif pl.kind == "channel":
-        _call(lib, f"bnc_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), pl.n, pl.g, pl.l,
-              int(centered), eps_total, thr, kap, _ptr(stats), *run, _ptr(work), nt)
+        _call(lib, f"bnc_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
+              pl.n, pl.g, pl.l, int(centered), eps_total, thr, kap, act, _ptr(stats), *run,
+              _ptr(work), nt)
     elif pl.layout == "contiguous":
         _call(lib, f"row_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
               pl.n * pl.g, pl.g, pl.cg, pl.l, int(centered), eps_total, thr, kap, act,
@@ -519,15 +521,17 @@ def backward(x, grad_y, weight, bias, eps_extra, tau, akappa, stats, pl: Plan, t
     sfx = _sfx(sdt)
     st = _ptr(stats)
     if pl.kind == "channel":
-        sums = torch.empty(2, pl.g, dtype=kdt)
-        s_dy, s_dyxhat = _row_pointers(sums)
+        # Σdy, Σdy·x̂ (and with an activation Σdτ, Σdκ): 2 or 4 rows, as the op's contract
+        sums = torch.empty(2 if act == ACT_CODES["none"] else 4, pl.g, dtype=kdt)
+        per_channel = (*_row_pointers(sums), None, None)[:4]
         if pl.layout == "contiguous":
-            _call(lib, f"bn_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
-                  pl.l, int(centered), eps_total, thr, kap, st, s_dy, s_dyxhat, nt)
+            _call(lib, f"bn_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
+                  _ptr(t), _ptr(k), pl.n, pl.g, pl.l, int(centered), eps_total, thr, kap, act,
+                  st, *per_channel, nt)
         else:
-            _call(lib, f"bnc_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), pl.n, pl.g,
-                  pl.l, int(centered), eps_total, thr, kap, st, s_dy, s_dyxhat,
-                  _ptr(work), nt)
+            _call(lib, f"bnc_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
+                  _ptr(t), _ptr(k), pl.n, pl.g, pl.l, int(centered), eps_total, thr, kap, act,
+                  st, *per_channel, _ptr(work), nt)
         s_gxhat = sums[1] * w if w is not None else sums[1].clone()  # an output of its own
     else:
         rows = pl.n * pl.g

@@ -95,14 +95,21 @@ def _sets(x: Tensor, spec: NormSpec) -> int:
 
 
 def _sum_rows(spec: NormSpec) -> int:
-    return 2 if spec.reduction is Reduction.CHANNEL else 4
+    """Rows of the backward op's ``sums``: Σ∂ℓ/∂y, Σ∂ℓ/∂y·x̂, and ∂ℓ/∂τ, ∂ℓ/∂κ where they
+    can exist (the row family; batch norm with a fused activation)."""
+    plain_bn = spec.reduction is Reduction.CHANNEL and spec.activation is Activation.NONE
+    return 2 if plain_bn else 4
 
 
 def _fused_kernel_applies(x: Tensor, spec: NormSpec, pl, any_strides: bool = False) -> bool:
-    """The fused kernels take non-empty views (the CPU ones contiguous or channels_last);
-    batch norm fuses no activation (the dispatcher applies it after the op)."""
-    return (x.numel() > 0 and (any_strides or pl.layout != "strided")
-            and not (spec.reduction is Reduction.CHANNEL and spec.activation is not Activation.NONE))
+    """The fused kernels take non-empty views (the C ones contiguous or channels_last; the
+    Triton ones, ``any_strides``, any view but no activation fused into batch norm — the
+    dispatcher applies it after that op)."""
+    if x.numel() == 0:
+        return False
+    if not any_strides:
+        return pl.layout != "strided"
+    return not (spec.reduction is Reduction.CHANNEL and spec.activation is not Activation.NONE)
 
 
 def _act_code(spec: NormSpec) -> int:

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, fx, nn
+from torch.nn.modules import module as torch_module  # torch's registry of global hooks
 
 from .. import functional as F
+from ..kernels import Activation
 from ._common import channel_view, check_positive_int
 
-__all__ = ["TLU", "AffineTLU", "NormActivation", "make_activation", "ACTIVATIONS"]
+__all__ = ["TLU", "AffineTLU", "NormActivation", "make_activation", "ACTIVATIONS",
+           "kernel_activation"]
 
 
 def check_channels(name: str, x: Tensor, num_features: int) -> None:
@@ -105,12 +108,43 @@ def make_activation(name: str | None, num_features: int, device=None, dtype=None
     raise ValueError(f"activation must be one of {ACTIVATIONS} (or None), got {name!r}")
 
 
+def kernel_activation(act: nn.Module | None
+                      ) -> tuple[Activation, Tensor | None, Tensor | None] | None:
+    """The activation of normlab's kernels that computes ``act`` — ``(Activation, τ, κ)`` —
+    for ``None`` (``Activation.NONE``), ``nn.ReLU``, :class:`TLU` and :class:`AffineTLU`;
+    ``None`` for any other module (or one with hooks, which a fused call would skip)."""
+    if act is None:
+        return Activation.NONE, None, None
+    if _hooked(act):
+        return None
+    if type(act) is nn.ReLU:
+        return Activation.RELU, None, None
+    if type(act) is TLU:
+        return Activation.TLU, act.tau, None
+    if type(act) is AffineTLU:
+        return Activation.AFFINE_TLU, act.tau, act.kappa
+    return None
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` would run hooks (its own or global forward hooks)."""
+    return bool(module._forward_hooks or module._forward_pre_hooks
+                or torch_module._global_forward_hooks
+                or torch_module._global_forward_pre_hooks)
+
+
 class NormActivation(nn.Module):
     """A normalization followed by an activation: ``act(norm(x))``.
 
     What :func:`normlab.create_norm` returns for specs with ``act=...`` (e.g. ``"bn:act=tlu"``)
     and :func:`normlab.create_norm_act` for ``conv → norm → ReLU`` blocks. The norm stays
     reachable as ``.norm`` (for ``state_dict`` keys ``norm.weight``, ``act.tau``, ...).
+
+    A normlab batch norm (filtered BN, batch renorm) followed by ``nn.ReLU``, :class:`TLU` or
+    :class:`AffineTLU` runs as ONE kernel call with the activation fused
+    (``norm.forward_with_activation``): the same values, no separate activation pass, and
+    under ``torch.compile`` no activation mask saved between the two. Hooks on ``norm`` or
+    ``act`` turn the fusion off (they see what they would see unfused).
     """
 
     def __init__(self, norm: nn.Module, act: nn.Module) -> None:
@@ -119,4 +153,7 @@ class NormActivation(nn.Module):
         self.act = act
 
     def forward(self, x: Tensor) -> Tensor:
+        fused = getattr(self.norm, "forward_with_activation", None)
+        if fused is not None and not _hooked(self.norm):
+            return fused(x, self.act)
         return self.act(self.norm(x))

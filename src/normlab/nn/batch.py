@@ -15,6 +15,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .. import functional as F
 from ..kernels import NormSpec, Reduction, RunningStats, normalize, update_running_stats
+from .activation import kernel_activation
 from ._common import (
     ChannelStatsNorm,
     batch_running,
@@ -36,6 +37,11 @@ __all__ = [
 for _name in ("check_input", "check_values", "batch_running", "normalize",
               "renorm_correction"):
     fx.wrap(_name)
+
+
+def _then(act: nn.Module | None, y: Tensor) -> Tensor:
+    """``act(y)``, or ``y`` without an activation."""
+    return y if act is None else act(y)
 
 
 def flat_view(x: Tensor) -> Tensor:
@@ -78,28 +84,32 @@ class _BatchStatsNorm(ChannelStatsNorm):
         return TF.batch_norm(x, self.running_mean, self.running_var, weight, bias, False, 0.0,
                              self.eps)
 
-    def _bn_forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-        """BN with the tail ``(weight, bias)``: the running statistics when
+    def _bn_forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+                    act: nn.Module | None = None) -> Tensor:
+        """BN with the tail ``(weight, bias)``, then ``act``: the running statistics when
         :meth:`_uses_batch_stats` is false; else the batch moments (filtered with a threshold),
         updating the running averages."""
         if not self._uses_batch_stats():
-            return self._eval_forward(x, weight, bias)
+            return _then(act, self._eval_forward(x, weight, bias))
         factor = self._averaging_factor(x)
         if self.threshold is None:
             mean, var = self._tracked()
-            return TF.batch_norm(x, mean, var, weight, bias, True, factor, self.eps)
-        return self._normalize_batch(x, weight, bias, factor)
+            return _then(act, TF.batch_norm(x, mean, var, weight, bias, True, factor, self.eps))
+        return self._normalize_batch(x, weight, bias, factor, act)
 
     def _normalize_batch(self, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-                         factor: float) -> Tensor:
-        """``weight · x̂ + bias`` with the (filtered) batch moments per channel; updates the
-        running averages with ``factor``."""
+                         factor: float, act: nn.Module | None = None) -> Tensor:
+        """``act(weight · x̂ + bias)`` with the (filtered) batch moments per channel; updates
+        the running averages with ``factor``. ``act`` runs inside the kernel call when the
+        kernels compute it (:func:`~normlab.nn.activation.kernel_activation`), else after."""
+        fused = kernel_activation(act)
+        activation, tau, kappa = fused or kernel_activation(None)
         y, _ = normalize(
             x, weight, bias,
             NormSpec(Reduction.CHANNEL, self.threshold, eps=self.eps,
-                     gaussian_consistent=self.gaussian_consistent),
-            running=self._running(factor, x))
-        return y
+                     gaussian_consistent=self.gaussian_consistent, activation=activation),
+            tau=tau, kappa=kappa, running=self._running(factor, x))
+        return y if fused is not None else act(y)
 
     def _tracked(self) -> tuple[Tensor | None, Tensor | None]:
         """The running buffers to update now (torch: only when training and tracking)."""
@@ -162,8 +172,13 @@ class _FilteredBatchNorm(_BatchStatsNorm, _BatchNorm):
                          gamma_init=gamma_init)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_activation(x, None)
+
+    def forward_with_activation(self, x: Tensor, act: nn.Module | None) -> Tensor:
+        """``act(self(x))``, with ``act`` (``nn.ReLU``, TLU, affine TLU) fused into the kernel
+        call where batch statistics are filtered (what :class:`NormActivation` calls)."""
         self._check(x)
-        return self._bn_forward(x, self.weight, self.bias)
+        return self._bn_forward(x, self.weight, self.bias, act)
 
 
 class FilteredBatchNorm1d(_FilteredBatchNorm, nn.BatchNorm1d):
@@ -318,9 +333,14 @@ class _BatchRenorm(_BatchStatsNorm, _BatchNorm):
         super()._check(x)
 
     def forward(self, x: Tensor) -> Tensor:
+        return self.forward_with_activation(x, None)
+
+    def forward_with_activation(self, x: Tensor, act: nn.Module | None) -> Tensor:
+        """``act(self(x))``, with ``act`` (``nn.ReLU``, TLU, affine TLU) fused into the kernel
+        call in training (what :class:`NormActivation` calls)."""
         self._check(x)
         if not self.training:
-            return self._eval_forward(x, self.weight, self.bias)
+            return _then(act, self._eval_forward(x, self.weight, self.bias))
         factor = self._averaging_factor(x)
         xv = flat_view(x)
         r, d = renorm_correction(xv, self.running_mean, self.running_var,
@@ -330,7 +350,7 @@ class _BatchRenorm(_BatchStatsNorm, _BatchNorm):
         bias = self.bias if self.bias is not None else torch.zeros_like(r)
         weight_eff = weight * r.to(weight.dtype)
         bias_eff = bias + weight * d.to(weight.dtype)
-        return self._normalize_batch(x, weight_eff, bias_eff, factor)
+        return self._normalize_batch(x, weight_eff, bias_eff, factor, act)
 
 
 class BatchRenorm1d(_BatchRenorm, nn.BatchNorm1d):

@@ -462,41 +462,47 @@ static void SFX(update_running)(T *rm, T *rv, const T *st, int64_t C, double a)
     }
 }
 
-/* ---- batch norm family, contiguous: x is (N, C, L), statistics per channel c ---------- */
-void SFX(bn_fwd)(const S *x, S *y, const T *w, const T *b, int64_t N, int64_t C, int64_t L,
-                 int centered, double eps, double thr, double kap, T *st, T *rm, T *rv,
-                 double factor, int nt)
+/* ---- batch norm family, contiguous: x is (N, C, L), statistics per channel c; act as the
+   row family's (0 none, 1 TLU/ReLU max(y, τ_c), 2 affine TLU), τ and κ_a per channel ---- */
+void SFX(bn_fwd)(const S *x, S *y, const T *w, const T *b, const T *tau, const T *ak,
+                 int64_t N, int64_t C, int64_t L, int centered, double eps, double thr,
+                 double kap, int act, T *st, T *rm, T *rv, double factor, int nt)
 {
     #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t c = 0; c < C; ++c) {
         SFX(set_stats)(x + c * L, C * L, N, L, centered, eps, thr, kap, st, C, c);
         T a = (w ? w[c] : (T)1) * st[ST_RSTD * C + c];
         T bb = SFX(fold)(b ? b[c] : (T)0, st[ST_MEAN_LO * C + c], a);
-        SFX(leaf_affine)(x + c * L, y + c * L, C * L, N, L, st[ST_MEAN * C + c], a, bb, 0,
-                         (T)0, (T)0);
+        SFX(leaf_affine)(x + c * L, y + c * L, C * L, N, L, st[ST_MEAN * C + c], a, bb, act,
+                         tau ? tau[c] : (T)0, ak ? ak[c] : (T)0);
     }
     SFX(update_running)(rm, rv, st, C, factor);
 }
 
-void SFX(bn_bwd)(const S *x, const S *dy, S *dx, const T *w, int64_t N, int64_t C, int64_t L,
-                 int centered, double eps, double thr, double kap, const T *st,
-                 T *s_dy, T *s_dyxhat, int nt)
+void SFX(bn_bwd)(const S *x, const S *dz, S *dx, const T *w, const T *b, const T *tau,
+                 const T *ak, int64_t N, int64_t C, int64_t L, int centered, double eps,
+                 double thr, double kap, int act, const T *st, T *s_dy, T *s_dyxhat,
+                 T *s_dtau, T *s_dak, int nt)
 {
     double m = (double)N * L;
     #pragma omp parallel for num_threads(nt) schedule(dynamic, 1)
     for (int64_t c = 0; c < C; ++c) {
         double o[4];
         T mh = st[ST_MEAN * C + c], ml = st[ST_MEAN_LO * C + c];
-        SFX(set_bwd_sums)(x + c * L, dy + c * L, C * L, N, L, mh, ml, 0, 0, 0, 0, 0, o);
+        T a = (w ? w[c] : (T)1) * st[ST_RSTD * C + c];   /* y recomputed as in bn_fwd */
+        T bb = SFX(fold)(b ? b[c] : (T)0, ml, a), tc = tau ? tau[c] : (T)0;
+        T kc = ak ? ak[c] : (T)0;
+        SFX(set_bwd_sums)(x + c * L, dz + c * L, C * L, N, L, mh, ml, act, a, bb, tc, kc, o);
         double r = st[ST_RSTD * C + c], sd = o[0], sdxh = r * o[1];
         s_dy[c] = (T)sd; s_dyxhat[c] = (T)sdxh;
+        if (s_dtau) { s_dtau[c] = (T)o[2]; s_dak[c] = (T)o[3]; }
         if (!dx) continue;
         double wc = w ? w[c] : 1.0, M = st[ST_COUNT * C + c];
         T A = (T)(r * wc), B, Cc, lo, hi;
         int filt;
         SFX(bwd_coeffs)(r, wc * sd, wc * sdxh, M, m, ml, st, C, c, centered, eps, thr, kap,
                         &B, &Cc, &filt, &lo, &hi);
-        SFX(leaf_bwd_dx)(x + c * L, dy + c * L, dx + c * L, C * L, N, L, 0, mh, 0, 0, 0, 0,
+        SFX(leaf_bwd_dx)(x + c * L, dz + c * L, dx + c * L, C * L, N, L, act, mh, a, bb, tc, kc,
                          A, B, Cc, filt, lo, hi);
     }
 }
@@ -903,9 +909,9 @@ static void SFX(col_bwd_accumulate)(const S *x, const S *d, int64_t r0, int64_t 
 /* ---- channels_last batch norm: x (N, C, L) with strides (L·C, 1, C), i.e. an (N·L, C)
    matrix; statistics per column. Three passes over the rows, each split among the threads:
    plain moments, filtered moments (thr > 0), y. work: (nt + 1)·WORK_PER·C doubles. ---- */
-void SFX(bnc_fwd)(const S *x, S *y, const T *w, const T *b, int64_t N, int64_t C, int64_t L,
-                  int centered, double eps, double thr, double kap, T *st, T *rm, T *rv,
-                  double factor, double *work, int nt)
+void SFX(bnc_fwd)(const S *x, S *y, const T *w, const T *b, const T *tau, const T *ak,
+                  int64_t N, int64_t C, int64_t L, int centered, double eps, double thr,
+                  double kap, int act, T *st, T *rm, T *rv, double factor, double *work, int nt)
 {
     int64_t R = N * L;
     double *tail = work + (int64_t)nt * WORK_PER * C;      /* shared, after the thread areas */
@@ -930,28 +936,34 @@ void SFX(bnc_fwd)(const S *x, S *y, const T *w, const T *b, int64_t N, int64_t C
     #pragma omp parallel for num_threads(nt) schedule(static, 1)
     for (int t = 0; t < nt; ++t) {
         int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
-        SFX(col_affine)(x + r0 * C, y + r0 * C, r1 - r0, C, centered ? mh : NULL, av, bv, 0,
-                        NULL, NULL);
+        SFX(col_affine)(x + r0 * C, y + r0 * C, r1 - r0, C, centered ? mh : NULL, av, bv, act,
+                        tau, ak);
     }
     SFX(update_running)(rm, rv, st, C, factor);
 }
 
-void SFX(bnc_bwd)(const S *x, const S *dy, S *dx, const T *w, int64_t N, int64_t C, int64_t L,
-                  int centered, double eps, double thr, double kap, const T *st,
-                  T *s_dy, T *s_dyxhat, double *work, int nt)
+void SFX(bnc_bwd)(const S *x, const S *dz, S *dx, const T *w, const T *b, const T *tau,
+                  const T *ak, int64_t N, int64_t C, int64_t L, int centered, double eps,
+                  double thr, double kap, int act, const T *st, T *s_dy, T *s_dyxhat,
+                  T *s_dtau, T *s_dak, double *work, int nt)
 {
     int64_t R = N * L;
     double m = (double)R;
     double *tail = work + (int64_t)nt * WORK_PER * C, *sums = tail;   /* 4C */
     T *A = (T *)(tail + 4 * C), *B = (T *)(tail + 5 * C), *Cc = (T *)(tail + 6 * C);
     T *lo = (T *)(tail + 7 * C), *hi = (T *)(tail + 8 * C);
+    T *av = (T *)(tail + 9 * C), *bv = (T *)(tail + 10 * C);   /* y recomputed as in bnc_fwd */
     const T *mh = centered ? st + ST_MEAN * C : NULL;   /* uncentered: μ = 0 */
     int filt = 0;
+    for (int64_t c = 0; c < C; ++c) {
+        av[c] = (w ? w[c] : (T)1) * st[ST_RSTD * C + c];
+        bv[c] = SFX(fold)(b ? b[c] : (T)0, st[ST_MEAN_LO * C + c], av[c]);
+    }
     #pragma omp parallel for num_threads(nt) schedule(static, 1)
     for (int t = 0; t < nt; ++t) {
         double *wk = work + (int64_t)t * WORK_PER * C;
-        SFX(col_bwd_accumulate)(x, dy, R * t / nt, R * (t + 1) / nt, C, mh, 0, NULL, NULL,
-                                NULL, NULL, wk, (T *)(wk + 4 * C));
+        SFX(col_bwd_accumulate)(x, dz, R * t / nt, R * (t + 1) / nt, C, mh, act, av, bv, tau,
+                                ak, wk, (T *)(wk + 4 * C));
     }
     for (int64_t i = 0; i < 4 * C; ++i) {
         double s = 0;
@@ -962,6 +974,7 @@ void SFX(bnc_bwd)(const S *x, const S *dy, S *dx, const T *w, int64_t N, int64_t
         T ml = st[ST_MEAN_LO * C + c];
         double r = st[ST_RSTD * C + c], sd = sums[c], sdxh = r * (sums[C + c] - (double)ml * sd);
         s_dy[c] = (T)sd; s_dyxhat[c] = (T)sdxh;
+        if (s_dtau) { s_dtau[c] = (T)sums[2 * C + c]; s_dak[c] = (T)sums[3 * C + c]; }
         double wc = w ? w[c] : 1.0, M = st[ST_COUNT * C + c];
         int fc;
         A[c] = (T)(r * wc);
@@ -973,8 +986,8 @@ void SFX(bnc_bwd)(const S *x, const S *dy, S *dx, const T *w, int64_t N, int64_t
     #pragma omp parallel for num_threads(nt) schedule(static, 1)
     for (int t = 0; t < nt; ++t) {
         int64_t r0 = R * t / nt, r1 = R * (t + 1) / nt;
-        SFX(col_bwd_dx)(x + r0 * C, dy + r0 * C, dx + r0 * C, r1 - r0, C, 0, mh, NULL, NULL,
-                        NULL, NULL, A, B, Cc, filt, lo, hi);
+        SFX(col_bwd_dx)(x + r0 * C, dz + r0 * C, dx + r0 * C, r1 - r0, C, act, mh, av, bv, tau,
+                        ak, A, B, Cc, filt, lo, hi);
     }
 }
 
