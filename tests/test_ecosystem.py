@@ -280,6 +280,29 @@ def test_replace_all_batch_norm_modules_leaves_alternatives_and_vmap_tells(famil
         torch.func.vmap(model)(torch.stack(_data(2)[:1] * 2))
 
 
+@pytest.mark.parametrize("family", ("batch", "renorm", "alternative", "calibrated"))
+def test_vmap_over_stacked_model_states_updates_each_models_running_stats(family):
+    """Model ensembling (torch.func.stack_module_state + functional_call under vmap) in
+    training: each model's running statistics move by its own batch, as a loop over the
+    models does."""
+    models = [_trained(family).train() for _ in range(2)]
+    with torch.no_grad():
+        models[1][1].running_mean.add_(1.0)
+    loop = copy.deepcopy(models)
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = _data(1, seed=5)[0]
+
+    def run(p, b):
+        return torch.func.functional_call(base, (p, b), (x,))
+
+    y = torch.func.vmap(run)(params, buffers)
+    for k, model in enumerate(loop):
+        torch.testing.assert_close(y[k], model(x), rtol=1e-5, atol=1e-5)
+        for name, buffer in model.named_buffers():
+            torch.testing.assert_close(buffers[name][k], buffer, rtol=1e-5, atol=1e-6)
+
+
 def test_vmap_over_unfiltered_batch_norm_after_replace():
     model = torch.func.replace_all_batch_norm_modules_(nn.Sequential(
         nn.Conv2d(3, 3, 1), normlab.FilteredBatchNorm2d(3, threshold=None)))
