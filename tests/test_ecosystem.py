@@ -101,6 +101,51 @@ def test_update_bn_recomputes_filtered_statistics_as_algorithm_2(family):
     assert norm.momentum == momentum and model.training
 
 
+def _filtered_then_renorm(tail: bool) -> nn.Sequential:
+    """conv → FilteredBatchNorm2d → conv → BatchRenorm2d (→ conv → FilteredBatchNorm2d)."""
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 4, 3, padding=1), normlab.FilteredBatchNorm2d(4, threshold=1.5),
+              nn.ReLU(), nn.Conv2d(4, 4, 1), normlab.BatchRenorm2d(4, threshold=2.0, **_RENORM)]
+    if tail:
+        layers += [nn.ReLU(), nn.Conv2d(4, 3, 1), normlab.FilteredBatchNorm2d(3)]
+    model = nn.Sequential(*layers).double()
+    with torch.no_grad():
+        for x in _data(3, seed=1, dtype=torch.float64):
+            model.train()(x)
+    return model
+
+
+def test_update_bn_equals_precise_bn():
+    """Equal batch sizes, float64: torch's update_bn (the layers' own cumulative average,
+    momentum=None) and normlab.precise_bn_ (Algorithm 2 from the same layers' training
+    statistics) give the same running statistics for filtered BN and batch renorm — one
+    definition of a batch's statistics (normlab.functional.filtered_moments, unbiased over
+    the kept count M) behind both."""
+    g = torch.Generator().manual_seed(3)
+    loader = [torch.randn(6, 3, 5, 5, generator=g, dtype=torch.float64) * 2 + 1
+              for _ in range(4)]
+    for x in loader:
+        x[0, :, 0, 0] = 40.0
+    ours, theirs = _filtered_then_renorm(False), _filtered_then_renorm(False)
+    normlab.precise_bn_(ours, loader, progress=False)
+    torch.optim.swa_utils.update_bn(loader, theirs)
+    for i in (1, 4):
+        torch.testing.assert_close(theirs[i].running_mean, ours[i].running_mean,
+                                   rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(theirs[i].running_var, ours[i].running_var,
+                                   rtol=1e-12, atol=1e-12)
+    # after a batch renorm they differ, by design of update_bn: it runs the renorm's
+    # training forward with r, d from the statistics it is recomputing (reset, then partial
+    # averages), so the layers after it see other activations than in training;
+    # precise_bn_ runs every batch through the trained statistics (docs/ecosystem.md)
+    ours, theirs = _filtered_then_renorm(True), _filtered_then_renorm(True)
+    normlab.precise_bn_(ours, loader, progress=False)
+    torch.optim.swa_utils.update_bn(loader, theirs)
+    torch.testing.assert_close(theirs[4].running_var, ours[4].running_var,
+                               rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(theirs[7].running_mean, ours[7].running_mean, rtol=1e-3)
+
+
 @pytest.mark.parametrize("family", ALTERNATIVES)
 def test_update_bn_passes_over_the_alternatives(family):
     """Not _BatchNorm subclasses (their weight/bias are not BN's tail): update_bn does not
@@ -278,6 +323,29 @@ def test_replace_all_batch_norm_modules_leaves_alternatives_and_vmap_tells(famil
                        "in place|vmap over a layer that updates running_mean or running_var: "
                        ".*replace_all_batch_norm_modules_"):
         torch.func.vmap(model)(torch.stack(_data(2)[:1] * 2))
+
+
+@pytest.mark.parametrize("family", ("batch", "renorm", "alternative", "calibrated"))
+def test_vmap_over_stacked_model_states_updates_each_models_running_stats(family):
+    """Model ensembling (torch.func.stack_module_state + functional_call under vmap) in
+    training: each model's running statistics move by its own batch, as a loop over the
+    models does."""
+    models = [_trained(family).train() for _ in range(2)]
+    with torch.no_grad():
+        models[1][1].running_mean.add_(1.0)
+    loop = copy.deepcopy(models)
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = _data(1, seed=5)[0]
+
+    def run(p, b):
+        return torch.func.functional_call(base, (p, b), (x,))
+
+    y = torch.func.vmap(run)(params, buffers)
+    for k, model in enumerate(loop):
+        torch.testing.assert_close(y[k], model(x), rtol=1e-5, atol=1e-5)
+        for name, buffer in model.named_buffers():
+            torch.testing.assert_close(buffers[name][k], buffer, rtol=1e-5, atol=1e-6)
 
 
 def test_vmap_over_unfiltered_batch_norm_after_replace():

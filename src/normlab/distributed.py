@@ -41,8 +41,13 @@ process runs and evaluation on rank 0 alone need no collectives and cannot hang.
 
 from __future__ import annotations
 
+import functools
+import importlib.abc
+import importlib.util
 import math
 import os
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Sequence
 
@@ -560,6 +565,68 @@ def convert_sync_batchnorm_keeping_normlab(cls, module: nn.Module, process_group
 
 convert_sync_batchnorm_keeping_normlab.__wrapped__ = _TORCH_CONVERT_SYNC_BATCHNORM
 nn.SyncBatchNorm.convert_sync_batchnorm = classmethod(convert_sync_batchnorm_keeping_normlab)
+
+
+# timm's converter: ``timm.layers.convert_sync_batchnorm`` is a module function of
+# ``timm.layers.norm_act`` that turns every ``_BatchNorm`` into ``nn.SyncBatchNorm`` (or
+# timm's SyncBatchNormAct) and recurses through the module's global name — so replacing that
+# global routes every child through normlab, whichever reference the caller holds.
+_TIMM_NORM_ACT = "timm.layers.norm_act"
+
+
+def _keep_normlab_in_timm(norm_act) -> None:
+    """Install :func:`convert_sync_batchnorm_keeping_normlab`'s rule in timm: normlab's batch
+    layers go to :func:`convert_sync`, everything else to timm's converter, unchanged."""
+    installed = norm_act.convert_sync_batchnorm
+    timm_convert = getattr(installed, "__wrapped__", installed)
+
+    @functools.wraps(timm_convert)
+    def convert_sync_batchnorm(module, process_group=None):
+        if isinstance(module, _NORMLAB_BATCH_LAYERS):
+            return convert_sync(module, process_group)
+        return timm_convert(module, process_group)
+
+    norm_act.convert_sync_batchnorm = convert_sync_batchnorm
+    for name in ("timm.layers", "timm.models.layers"):  # names bound before normlab came
+        exported = sys.modules.get(name)
+        if exported is not None and getattr(exported, "convert_sync_batchnorm", None) in (
+                installed, timm_convert):
+            exported.convert_sync_batchnorm = convert_sync_batchnorm
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Calls ``patch(module)`` once, right after the module ``name`` has been executed (so
+    before anything imports names from it). Finds nothing itself: the spec is the other
+    finders', its loader's ``exec_module`` wrapped."""
+
+    def __init__(self, name: str, patch) -> None:
+        self.name, self.patch = name, patch
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        exec_module, patch = spec.loader.exec_module, self.patch
+
+        def exec_then_patch(module):
+            exec_module(module)
+            try:
+                patch(module)
+            except Exception as error:  # never break the user's import
+                warnings.warn(f"normlab could not install its rule in {fullname} ({error}); "
+                              f"use normlab.convert_sync for normlab's layers", RuntimeWarning)
+
+        spec.loader.exec_module = exec_then_patch
+        return spec
+
+
+if _TIMM_NORM_ACT in sys.modules:
+    _keep_normlab_in_timm(sys.modules[_TIMM_NORM_ACT])
+elif not any(isinstance(f, _AfterImport) and f.name == _TIMM_NORM_ACT for f in sys.meta_path):
+    sys.meta_path.insert(0, _AfterImport(_TIMM_NORM_ACT, _keep_normlab_in_timm))
 
 
 # --------------------------------------------------------------------------------------

@@ -16,9 +16,12 @@ implementation by backend, device and dtype:
   mismatch normlab warns once and uses the reference for that key.
 * ``"reference"`` – :class:`analytic.NormalizeAffineFunction`, the portable reference
   (exact backward) that every other path is tested against; used for everything else.
+* ``"composite"`` – :func:`analytic.composite_forward`, the same formula as plain torch ops,
+  under ``torch.func`` transforms and while a graph is recorded to run without Python:
+  ``torch.onnx.export`` (both exporters) and ``torch.jit.trace``, which can hold neither an
+  autograd Function nor a custom op that ONNX knows.
 
-The ops are what ``torch.compile`` (zero graph breaks), ``torch.export`` and ``torch.func``
-(vmap rules) see. Choose globally with ``NORMLAB_KERNELS=auto|reference|triton`` or
+The ops are what ``torch.compile`` (zero graph breaks) and ``torch.export`` see. Choose globally with ``NORMLAB_KERNELS=auto|reference|triton`` or
 :func:`set_backend`; check the choice for given inputs with :func:`selected_path`.
 
 :func:`normalize_affine` / :func:`normalize_affine_act` keep the general entry point for
@@ -30,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from typing import Iterator, Sequence
 
 import torch
@@ -67,6 +71,7 @@ __all__ = [
     "get_backend",
     "use_backend",
     "BACKENDS",
+    "exporting_to_onnx",
 ]
 
 BACKENDS = ("auto", "reference", "triton")
@@ -109,6 +114,20 @@ def _cpu_kernels_available() -> bool:
 @torch.compiler.assume_constant_result
 def _triton_ops_available() -> bool:
     return ops.triton_ops() is not None
+
+
+@torch.compiler.assume_constant_result
+def exporting_to_onnx() -> bool:
+    """``torch.onnx.export`` (either exporter) or ``torch.jit.trace`` is recording the model.
+
+    The dynamo exporter's flag is read where torch sets it (``torch.onnx.is_in_onnx_export``
+    is folded to ``False`` while dynamo traces, which that exporter's strict fallback does);
+    a constant for ``torch.compile`` (read once, at trace time). Cheap in eager mode.
+    """
+    if torch._C._is_tracing():
+        return True
+    flags = sys.modules.get("torch.onnx._internal.exporter._flags")
+    return bool(getattr(flags, "_is_onnx_exporting", False))
 
 
 def _path(x: Tensor, params: Sequence[Tensor | None], spec: NormSpec) -> str:
@@ -160,8 +179,12 @@ def _reference(x, weight, bias, spec, eps_extra, tau, kappa) -> tuple[Tensor, F.
 
 
 def _composite(x, weight, bias, spec, eps_extra, tau, kappa) -> tuple[Tensor, F.Moments]:
-    """:func:`analytic.composite_forward` on the canonical view."""
-    xv = canonical_view(x, ops.plan_of(x, spec))
+    """:func:`analytic.composite_forward` on the canonical view, made by reshapes that hold
+    for any size (``torch.jit.trace`` and the TorchScript ONNX exporter record sizes read
+    in Python as values of the traced shape)."""
+    xv = x.unsqueeze(-1)  # (N, C, *, 1): also (N, C) input, and zero-size batches
+    xv = xv.flatten(2) if spec.reduction is Reduction.CHANNEL else xv.unflatten(
+        1, (spec.groups, -1)).flatten(3)
     view = [broadcast_param(p, spec, xv) for p in (weight, bias, tau, kappa)]
     z, stats = composite_forward(
         xv, view[0], view[1], eps_extra, view[2], view[3], dims=spec.dims,
@@ -199,9 +222,11 @@ def normalize(
         (:class:`~normlab.functional.Moments`: mean, variance, kept count) per set —
         ``(C,)`` or ``(N, G)`` — in float32 for half inputs.
     """
-    if torch._C._are_functorch_transforms_active():
+    if torch._C._are_functorch_transforms_active() or exporting_to_onnx():
         # torch.func (vmap, grad, jacrev, ...) over the forward: the composite of plain ops,
-        # which every transform handles (the ops' autograd.Function does not support them)
+        # which every transform handles (the ops' autograd.Function does not support them);
+        # ONNX and TorchScript graphs: plain ops export as they are (torch.export and
+        # torch.compile keep the custom ops)
         y, moments = _composite(x, weight, bias, spec, eps_extra, tau, kappa)
     elif (path := _path(x, (weight, bias, tau, kappa), spec)) == "reference":
         y, moments = _reference(x, weight, bias, spec, eps_extra, tau, kappa)
@@ -225,29 +250,9 @@ def normalize(
             y = apply_activation(y, spec.activation, None if tau is None else tau.view(shape),
                                  None if kappa is None else kappa.view(shape))
     if running is not None:  # the statistics are detached outputs of the kernels
-        if torch._C._are_functorch_transforms_active():
-            _update_running_under_transform(running, moments)
-        else:
-            update_running_stats_unchecked(running, moments)
+        # (under torch.func: one lerp_ per buffer, vmapped statistics checked; see there)
+        update_running_stats_unchecked(running, moments)
     return y, moments
-
-
-def _update_running_under_transform(running: RunningStats, moments: F.Moments) -> None:
-    """The running-average update inside a ``torch.func`` transform: one ``lerp_`` per
-    buffer (``grad``/``jacrev`` handle it). Under ``vmap`` every batch element has statistics
-    of its own, which one buffer cannot take — refused in one line, as torch's BatchNorm
-    refuses it, naming the ways out."""
-    mean, var, count = (t.reshape(-1) for t in moments)
-    unbiased = var * count / (count - 1).clamp_min(1)
-    try:
-        running.mean.lerp_(mean.to(running.mean.dtype), running.factor)
-        running.var.lerp_(unbiased.to(running.var.dtype), running.factor)
-    except RuntimeError as error:
-        raise RuntimeError(
-            "normlab: vmap over a layer that updates running_mean or running_var: each batch "
-            "element has its own statistics and one buffer cannot take them; use "
-            "torch.func.replace_all_batch_norm_modules_(model), track_running_stats=False, or "
-            "eval mode (as for torch's BatchNorm)") from error
 
 
 # --------------------------------------------------------------------------------------
@@ -265,7 +270,8 @@ def _canonical_call(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int,
 
 def selected_path(x: Tensor, weight: Tensor | None, bias: Tensor | None,
                   dims: Sequence[int]) -> str:
-    """Which implementation :func:`normalize_affine` would use: cpu, triton or reference."""
+    """Which implementation :func:`normalize_affine` would use: cpu, triton or reference
+    (the composite instead while exporting to ONNX or under ``torch.func``)."""
     dims = tuple(d % x.dim() for d in dims)
     found = _canonical_call(x, (weight, bias), dims) if x.dim() else None
     if found is None:

@@ -88,7 +88,28 @@ def update_running_stats_unchecked(running: RunningStats, stats: F.Moments) -> N
     unbiased = var * count / (count - 1).clamp_min(1)
     if mean.dtype != running.mean.dtype:
         mean, unbiased = mean.to(running.mean.dtype), unbiased.to(running.var.dtype)
-    torch._foreach_lerp_([running.mean, running.var], [mean, unbiased], running.factor)
+    if torch._C._are_functorch_transforms_active():
+        _check_vmapped_update(running, mean)
+        running.mean.lerp_(mean, running.factor)  # per buffer: _foreach_lerp_ has no vmap rule
+        running.var.lerp_(unbiased, running.factor)
+    else:
+        torch._foreach_lerp_([running.mean, running.var], [mean, unbiased], running.factor)
+
+
+def _check_vmapped_update(running: RunningStats, mean: Tensor) -> None:
+    """Under ``torch.func.vmap`` the running buffers are updated per model when they are
+    vmapped too (``functional_call`` over stacked states); one unbatched buffer cannot take
+    every batch element's statistics — refused in one line naming the ways out, as torch's
+    BatchNorm refuses it. (``grad``/``jacrev`` leave the statistics unbatched: updated.)"""
+    from torch._C._functorch import is_batchedtensor
+
+    if is_batchedtensor(mean) and not is_batchedtensor(running.mean):
+        raise RuntimeError(
+            "normlab: vmap over a layer that updates running_mean or running_var: each batch "
+            "element has its own statistics and one buffer cannot take them; use "
+            "torch.func.replace_all_batch_norm_modules_(model), track_running_stats=False, "
+            "eval mode (as for torch's BatchNorm), or vmap over the buffers too "
+            "(torch.func.functional_call over stacked model states)")
 
 
 def composite_forward(x, weight, bias, eps_extra, tau, kappa, *, dims, threshold, centered,

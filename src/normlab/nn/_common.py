@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _NormBase
 
-from ..kernels import RunningStats
+from ..kernels import RunningStats, exporting_to_onnx
 
 
 
@@ -130,6 +130,18 @@ def check_input(module: nn.Module | str, x: Any, allowed_dims: tuple[int, ...],
         )
     if not x.is_floating_point():
         raise TypeError(f"{name} expects a floating-point tensor, got dtype {x.dtype}")
+
+
+def check_not_exporting_training(name: str, updates_running_stats: bool) -> None:
+    """ONNX records an inference graph, which cannot update running statistics: a layer
+    that would (training mode, running statistics tracked) refuses ``torch.onnx.export``
+    instead of exporting something else (torch's BatchNorm exports its eval arithmetic)."""
+    if updates_running_stats and exporting_to_onnx():
+        raise ValueError(
+            f"{name} is in training mode while torch.onnx.export records it: an ONNX graph is "
+            f"for inference and cannot update running statistics; call model.eval() before "
+            f"exporting (running statistics are then used, as in PyTorch's eval mode)"
+        )
 
 
 def check_values(name: str, x: Tensor, kind: str, groups: int = 1) -> None:

@@ -21,6 +21,7 @@ from ._common import (
     batch_running,
     check_bool,
     check_input,
+    check_not_exporting_training,
     check_values,
 )
 
@@ -68,6 +69,7 @@ class _BatchStatsNorm(ChannelStatsNorm):
         """Input checks as torch BN: rank and channels; one value per channel in training."""
         name = type(self).__name__
         check_input(name, x, self._allowed_dims, self.num_features)
+        check_not_exporting_training(name, self.training and self.track_running_stats)
         if self._uses_batch_stats():
             check_values(name, x, "batch")
 

@@ -27,6 +27,7 @@ from ._common import (
     check_gamma_init,
     check_gaussian_consistent,
     check_input,
+    check_not_exporting_training,
     check_positive_int,
     check_threshold,
     check_values,
@@ -244,6 +245,7 @@ class _FilteredInstanceNorm(ChannelStatsNorm, nn.modules.instancenorm._InstanceN
         if unbatched:
             x = x.unsqueeze(0)
         use_input_stats = self.training or not self.track_running_stats
+        check_not_exporting_training(name, self.training and self.running_mean is not None)
         factor = self.momentum if self.momentum is not None else 0.0  # torch's rule
         if use_input_stats:
             check_values(name, x, "instance")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as TF
 from torch import Tensor, nn
 
 __all__ = ["ConstantChannelPad"]
@@ -22,8 +23,10 @@ class ConstantChannelPad(nn.Module):
     r"""Pad the spatial dims of ``(N, C, *spatial)`` input with a per-channel constant.
 
     ``y[:, c] = value[c]`` in the padded border and ``y = x`` inside:
-    ``y.shape[2 + i] = x.shape[2 + i] + before_i + after_i``. The output is a new contiguous
-    tensor; inside values are copied, so they are bit-identical to ``x``.
+    ``y.shape[2 + i] = x.shape[2 + i] + before_i + after_i``. Inside values are selected
+    from ``x``, so they are bit-identical to it; the output keeps ``x``'s memory format (as
+    ``torch.nn.functional.pad``). Plain torch ops: FX, ``torch.export`` and both ONNX
+    exporters take it.
 
     Args:
         padding: one ``(before, after)`` pair of non-negative ints per spatial dim, in the
@@ -77,13 +80,13 @@ def pad_channels(x: Tensor, value: Tensor, padding: tuple[tuple[int, int], ...])
     if x.dim() != 2 + spatial or x.shape[1] != channels:
         raise ValueError(f"ConstantChannelPad was built for (N, {channels}, "
                          f"{spatial} spatial dims) input, got shape {tuple(x.shape)}")
-    out_shape = list(x.shape[:2]) + [size + before + after for size, (before, after)
-                                     in zip(x.shape[2:], padding)]
-    out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-    out.copy_(value.to(x.dtype).view([1, -1] + [1] * spatial).expand(out_shape))
-    inside = tuple(slice(before, before + size) for size, (before, _) in zip(x.shape[2:], padding))
-    out[(slice(None), slice(None)) + inside] = x
-    return out
+    # zero-padded x, then the constant wherever the padding is: plain ops (both ONNX
+    # exporters take them), and x's values selected, not recomputed, so they stay exact
+    flat = [amount for pair in reversed(padding) for amount in pair]
+    padded = TF.pad(x, flat)
+    inside = TF.pad(torch.ones((1, 1) + tuple(x.shape[2:]), dtype=torch.bool, device=x.device),
+                    flat, value=False)
+    return torch.where(inside, padded, value.to(x.dtype).view([1, -1] + [1] * spatial))
 
 
 torch.fx.wrap("pad_channels")  # a node in torch.fx traces (see normlab.nn._common)
