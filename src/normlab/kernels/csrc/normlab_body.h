@@ -103,45 +103,6 @@ static NOINLINE void SFX(leaf_mom)(const S *p, int64_t stride, int64_t nseg, int
     o[1] = sa; o[2] = sb;
 }
 
-/* Sweep 2 (centered): o = {Σ f u, Σ f u²}, u = x − c with c the chunk's mean rounded to T
-   (the caller's corrected formula takes the rounding offset out exactly). */
-static NOINLINE void SFX(leaf_dev)(const S *p, int64_t stride, int64_t nseg, int64_t len,
-                                   int filt, T lo, T hi, T c, T *o)
-{
-    T a[LANES] = {0}, b[LANES] = {0};
-    for (int64_t k = 0; k < nseg; ++k) {
-        const S *q = p + k * stride;
-        int64_t l = 0;
-        if (filt) {
-            for (; l + LANES <= len; l += LANES) {
-                #pragma omp simd
-                for (int j = 0; j < LANES; ++j) {
-                    T v = LD(q[l + j]);
-                    T u = (v - c) * KEEP(v, lo, hi);
-                    a[j] += u; b[j] += u * u;
-                }
-            }
-            for (; l < len; ++l) {
-                T v = LD(q[l]);
-                T u = (v - c) * KEEP(v, lo, hi);
-                a[0] += u; b[0] += u * u;
-            }
-        } else {
-            for (; l + LANES <= len; l += LANES) {
-                #pragma omp simd
-                for (int j = 0; j < LANES; ++j) {
-                    T u = LD(q[l + j]) - c;
-                    a[j] += u; b[j] += u * u;
-                }
-            }
-            for (; l < len; ++l) { T u = LD(q[l]) - c; a[0] += u; b[0] += u * u; }
-        }
-    }
-    T sa = 0, sb = 0;
-    for (int j = 0; j < LANES; ++j) { sa += a[j]; sb += b[j]; }
-    o[0] = sa; o[1] = sb;
-}
-
 /* Uncentered (one sweep, nothing to cancel): o = {Σ f, Σ (f x)²}; 0·Inf = NaN as in the
    reference's mask product. */
 static NOINLINE void SFX(leaf_sq)(const S *p, int64_t stride, int64_t nseg, int64_t len,
@@ -331,11 +292,12 @@ static void SFX(chunk_moments)(const S *p, int64_t stride, nl_chunk ch, int cent
     *raw += n * (double)sh + o[1];
     if (n == 0) return;
     double dn = o[1] / n, m2 = o[2] - o[1] * dn, mean = (double)sh + dn;
-    if (!(o[2] <= 2 * m2)) {
-        T c = (T)mean, t[2];
-        SFX(leaf_dev)(q, stride, ch.nseg, ch.len, filt, lo, hi, c, t);
-        dn = (double)t[0] / n;
-        m2 = (double)t[1] - (double)t[0] * dn;
+    if (!(o[2] <= 2 * m2)) {   /* sweep 2: the same sums around c, the chunk's mean in T */
+        T c = (T)mean;
+        double t[3];
+        SFX(leaf_mom)(q, stride, ch.nseg, ch.len, filt, lo, hi, c, t);
+        dn = t[1] / n;
+        m2 = t[2] - t[1] * dn;
         mean = (double)c + dn;
     }
     nl_merge(acc, n, mean, m2);
