@@ -103,45 +103,6 @@ static NOINLINE void SFX(leaf_mom)(const S *p, int64_t stride, int64_t nseg, int
     o[1] = sa; o[2] = sb;
 }
 
-/* Uncentered (one sweep, nothing to cancel): o = {Σ f, Σ (f x)²}; 0·Inf = NaN as in the
-   reference's mask product. */
-static NOINLINE void SFX(leaf_sq)(const S *p, int64_t stride, int64_t nseg, int64_t len,
-                                  int filt, T lo, T hi, T *o)
-{
-    T c[LANES] = {0}, b[LANES] = {0};
-    for (int64_t k = 0; k < nseg; ++k) {
-        const S *q = p + k * stride;
-        int64_t l = 0;
-        if (filt) {
-            for (; l + LANES <= len; l += LANES) {
-                #pragma omp simd
-                for (int j = 0; j < LANES; ++j) {
-                    T v = LD(q[l + j]);
-                    T f = KEEP(v, lo, hi);
-                    T u = f * v;
-                    c[j] += f; b[j] += u * u;
-                }
-            }
-            for (; l < len; ++l) {
-                T v = LD(q[l]);
-                T f = KEEP(v, lo, hi);
-                T u = f * v;
-                c[0] += f; b[0] += u * u;
-            }
-        } else {
-            for (; l + LANES <= len; l += LANES) {
-                #pragma omp simd
-                for (int j = 0; j < LANES; ++j) { T v = LD(q[l + j]); b[j] += v * v; }
-            }
-            for (; l < len; ++l) { T v = LD(q[l]); b[0] += v * v; }
-        }
-    }
-    T sc = 0, sb = 0;
-    for (int j = 0; j < LANES; ++j) { sc += c[j]; sb += b[j]; }
-    o[0] = filt ? sc : (T)(nseg * len);
-    o[1] = sb;
-}
-
 /* y = (x − μ) a + β (eq. 8, a = γ r) as (x − mh) a + b with b = β − ml·a (fold), then act 1:
    max(y, t), act 2: max(y, k y + t); a NaN y passes through (y < t ? t : y). */
 static NOINLINE void SFX(leaf_affine)(const S *p, S *q, int64_t stride, int64_t nseg,
@@ -280,13 +241,12 @@ static void SFX(chunk_moments)(const S *p, int64_t stride, nl_chunk ch, int cent
                                T lo, T hi, T sh, nl_moments *acc, double *raw)
 {
     const S *q = p + ch.off;
-    if (!centered) {
-        T o[2];
-        SFX(leaf_sq)(q, stride, ch.nseg, ch.len, filt, lo, hi, o);
-        nl_merge(acc, (double)o[0], 0.0, (double)o[1]);
+    double o[3];
+    if (!centered) {   /* one sweep around 0, nothing to cancel: Σ f, Σ (f x)² (0·Inf = NaN) */
+        SFX(leaf_mom)(q, stride, ch.nseg, ch.len, filt, lo, hi, (T)0, o);
+        nl_merge(acc, o[0], 0.0, o[2]);
         return;
     }
-    double o[3];
     SFX(leaf_mom)(q, stride, ch.nseg, ch.len, filt, lo, hi, sh, o);
     double n = o[0];
     *raw += n * (double)sh + o[1];
