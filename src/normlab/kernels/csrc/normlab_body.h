@@ -533,31 +533,6 @@ static NOINLINE void SFX(col_mom)(const S *restrict x, int64_t nrow, int64_t C, 
     }
 }
 
-/* Uncentered: cnt[c] += f, q[c] += (f x)² */
-static NOINLINE void SFX(col_sq)(const S *restrict x, int64_t nrow, int64_t C, int filt,
-                                 const T *restrict lo, const T *restrict hi, T *restrict cnt,
-                                 T *restrict q)
-{
-    if (filt) {
-        for (int64_t r = 0; r < nrow; ++r) {
-            const S *restrict p = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-                T v = LD(p[c]);
-                T f = KEEP(v, lo[c], hi[c]);
-                T u = f * v;
-                cnt[c] += f; q[c] += u * u;
-            }
-        }
-    } else {
-        for (int64_t r = 0; r < nrow; ++r) {
-            const S *restrict p = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) { T v = LD(p[c]); q[c] += v * v; }
-        }
-    }
-}
-
 /* Per-channel moments of rows [r0, r1), merged into mom[c] (zeroed here) with raw[c] = Σ f x;
    filt: over [lo[c], hi[c]]. Blocks of rows (in L1) are summed in one sweep around per-channel
    shifts (sh0[c], or for sh0 == NULL the mean of the first rows) and the block sums added in
@@ -592,10 +567,9 @@ static void SFX(col_moments)(const S *x, int64_t r0, int64_t r1, int64_t C, int 
         int64_t n = r1 - r < nb ? r1 - r : nb;
         const S *p = x + r * C;
         for (int64_t c = 0; c < C; ++c) { cnt[c] = filt ? (T)0 : (T)n; a[c] = 0; b[c] = 0; }
-        if (!centered)
-            SFX(col_sq)(p, n, C, filt, lo, hi, cnt, b);
-        else
-            SFX(col_mom)(p, n, C, filt, lo, hi, sh, cnt, a, b);
+        SFX(col_mom)(p, n, C, filt, lo, hi, sh, cnt, a, b);   /* uncentered: sh = 0 */
+        if (!centered)   /* Σ (f x)² around 0 is the moment itself: no mean to carry */
+            for (int64_t c = 0; c < C; ++c) a[c] = 0;
         double bad = 0;   /* channels failing the test (uncentered: nothing to cancel) */
         if (centered) {
             #pragma omp simd reduction(+:bad)
