@@ -103,84 +103,6 @@ static NOINLINE void SFX(leaf_mom)(const S *p, int64_t stride, int64_t nseg, int
     o[1] = sa; o[2] = sb;
 }
 
-/* Sweep 2 (centered): o = {Σ f u, Σ f u²}, u = x − c with c the chunk's mean rounded to T
-   (the caller's corrected formula takes the rounding offset out exactly). */
-static NOINLINE void SFX(leaf_dev)(const S *p, int64_t stride, int64_t nseg, int64_t len,
-                                   int filt, T lo, T hi, T c, T *o)
-{
-    T a[LANES] = {0}, b[LANES] = {0};
-    for (int64_t k = 0; k < nseg; ++k) {
-        const S *q = p + k * stride;
-        int64_t l = 0;
-        if (filt) {
-            for (; l + LANES <= len; l += LANES) {
-                #pragma omp simd
-                for (int j = 0; j < LANES; ++j) {
-                    T v = LD(q[l + j]);
-                    T u = (v - c) * KEEP(v, lo, hi);
-                    a[j] += u; b[j] += u * u;
-                }
-            }
-            for (; l < len; ++l) {
-                T v = LD(q[l]);
-                T u = (v - c) * KEEP(v, lo, hi);
-                a[0] += u; b[0] += u * u;
-            }
-        } else {
-            for (; l + LANES <= len; l += LANES) {
-                #pragma omp simd
-                for (int j = 0; j < LANES; ++j) {
-                    T u = LD(q[l + j]) - c;
-                    a[j] += u; b[j] += u * u;
-                }
-            }
-            for (; l < len; ++l) { T u = LD(q[l]) - c; a[0] += u; b[0] += u * u; }
-        }
-    }
-    T sa = 0, sb = 0;
-    for (int j = 0; j < LANES; ++j) { sa += a[j]; sb += b[j]; }
-    o[0] = sa; o[1] = sb;
-}
-
-/* Uncentered (one sweep, nothing to cancel): o = {Σ f, Σ (f x)²}; 0·Inf = NaN as in the
-   reference's mask product. */
-static NOINLINE void SFX(leaf_sq)(const S *p, int64_t stride, int64_t nseg, int64_t len,
-                                  int filt, T lo, T hi, T *o)
-{
-    T c[LANES] = {0}, b[LANES] = {0};
-    for (int64_t k = 0; k < nseg; ++k) {
-        const S *q = p + k * stride;
-        int64_t l = 0;
-        if (filt) {
-            for (; l + LANES <= len; l += LANES) {
-                #pragma omp simd
-                for (int j = 0; j < LANES; ++j) {
-                    T v = LD(q[l + j]);
-                    T f = KEEP(v, lo, hi);
-                    T u = f * v;
-                    c[j] += f; b[j] += u * u;
-                }
-            }
-            for (; l < len; ++l) {
-                T v = LD(q[l]);
-                T f = KEEP(v, lo, hi);
-                T u = f * v;
-                c[0] += f; b[0] += u * u;
-            }
-        } else {
-            for (; l + LANES <= len; l += LANES) {
-                #pragma omp simd
-                for (int j = 0; j < LANES; ++j) { T v = LD(q[l + j]); b[j] += v * v; }
-            }
-            for (; l < len; ++l) { T v = LD(q[l]); b[0] += v * v; }
-        }
-    }
-    T sc = 0, sb = 0;
-    for (int j = 0; j < LANES; ++j) { sc += c[j]; sb += b[j]; }
-    o[0] = filt ? sc : (T)(nseg * len);
-    o[1] = sb;
-}
-
 /* y = (x − μ) a + β (eq. 8, a = γ r) as (x − mh) a + b with b = β − ml·a (fold), then act 1:
    max(y, t), act 2: max(y, k y + t); a NaN y passes through (y < t ? t : y). */
 static NOINLINE void SFX(leaf_affine)(const S *p, S *q, int64_t stride, int64_t nseg,
@@ -319,23 +241,23 @@ static void SFX(chunk_moments)(const S *p, int64_t stride, nl_chunk ch, int cent
                                T lo, T hi, T sh, nl_moments *acc, double *raw)
 {
     const S *q = p + ch.off;
-    if (!centered) {
-        T o[2];
-        SFX(leaf_sq)(q, stride, ch.nseg, ch.len, filt, lo, hi, o);
-        nl_merge(acc, (double)o[0], 0.0, (double)o[1]);
+    double o[3];
+    if (!centered) {   /* one sweep around 0, nothing to cancel: Σ f, Σ (f x)² (0·Inf = NaN) */
+        SFX(leaf_mom)(q, stride, ch.nseg, ch.len, filt, lo, hi, (T)0, o);
+        nl_merge(acc, o[0], 0.0, o[2]);
         return;
     }
-    double o[3];
     SFX(leaf_mom)(q, stride, ch.nseg, ch.len, filt, lo, hi, sh, o);
     double n = o[0];
     *raw += n * (double)sh + o[1];
     if (n == 0) return;
     double dn = o[1] / n, m2 = o[2] - o[1] * dn, mean = (double)sh + dn;
-    if (!(o[2] <= 2 * m2)) {
-        T c = (T)mean, t[2];
-        SFX(leaf_dev)(q, stride, ch.nseg, ch.len, filt, lo, hi, c, t);
-        dn = (double)t[0] / n;
-        m2 = (double)t[1] - (double)t[0] * dn;
+    if (!(o[2] <= 2 * m2)) {   /* sweep 2: the same sums around c, the chunk's mean in T */
+        T c = (T)mean;
+        double t[3];
+        SFX(leaf_mom)(q, stride, ch.nseg, ch.len, filt, lo, hi, c, t);
+        dn = t[1] / n;
+        m2 = t[2] - t[1] * dn;
         mean = (double)c + dn;
     }
     nl_merge(acc, n, mean, m2);
@@ -611,31 +533,6 @@ static NOINLINE void SFX(col_mom)(const S *restrict x, int64_t nrow, int64_t C, 
     }
 }
 
-/* Uncentered: cnt[c] += f, q[c] += (f x)² */
-static NOINLINE void SFX(col_sq)(const S *restrict x, int64_t nrow, int64_t C, int filt,
-                                 const T *restrict lo, const T *restrict hi, T *restrict cnt,
-                                 T *restrict q)
-{
-    if (filt) {
-        for (int64_t r = 0; r < nrow; ++r) {
-            const S *restrict p = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) {
-                T v = LD(p[c]);
-                T f = KEEP(v, lo[c], hi[c]);
-                T u = f * v;
-                cnt[c] += f; q[c] += u * u;
-            }
-        }
-    } else {
-        for (int64_t r = 0; r < nrow; ++r) {
-            const S *restrict p = x + r * C;
-            #pragma omp simd
-            for (int64_t c = 0; c < C; ++c) { T v = LD(p[c]); q[c] += v * v; }
-        }
-    }
-}
-
 /* Per-channel moments of rows [r0, r1), merged into mom[c] (zeroed here) with raw[c] = Σ f x;
    filt: over [lo[c], hi[c]]. Blocks of rows (in L1) are summed in one sweep around per-channel
    shifts (sh0[c], or for sh0 == NULL the mean of the first rows) and the block sums added in
@@ -670,10 +567,9 @@ static void SFX(col_moments)(const S *x, int64_t r0, int64_t r1, int64_t C, int 
         int64_t n = r1 - r < nb ? r1 - r : nb;
         const S *p = x + r * C;
         for (int64_t c = 0; c < C; ++c) { cnt[c] = filt ? (T)0 : (T)n; a[c] = 0; b[c] = 0; }
-        if (!centered)
-            SFX(col_sq)(p, n, C, filt, lo, hi, cnt, b);
-        else
-            SFX(col_mom)(p, n, C, filt, lo, hi, sh, cnt, a, b);
+        SFX(col_mom)(p, n, C, filt, lo, hi, sh, cnt, a, b);   /* uncentered: sh = 0 */
+        if (!centered)   /* Σ (f x)² around 0 is the moment itself: no mean to carry */
+            for (int64_t c = 0; c < C; ++c) a[c] = 0;
         double bad = 0;   /* channels failing the test (uncentered: nothing to cancel) */
         if (centered) {
             #pragma omp simd reduction(+:bad)
