@@ -151,3 +151,20 @@ def test_fx_compile_and_export_see_one_call():
     targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
     assert any("normlab.normalize" in t for t in targets)
     assert not any("relu" in t for t in targets), targets
+
+
+@pytest.mark.parametrize("sync", [normlab.SyncFilteredBatchNorm, normlab.SyncBatchRenorm])
+def test_a_subclass_with_its_own_forward_keeps_it(sync, monkeypatch):
+    """SyncFilteredBatchNorm/SyncBatchRenorm reduce across processes in their own forward:
+    NormActivation must run that forward (then the activation), never the local fused call."""
+    calls = []
+    real = sync.forward
+
+    def spy(self, x):
+        calls.append(type(self))
+        return real(self, x)
+    monkeypatch.setattr(sync, "forward", spy)
+    block = NormActivation(sync(5), nn.ReLU()).double()
+    x = _input(torch.float64, False)
+    y = block(x)
+    assert calls == [sync] and (y >= 0).all()

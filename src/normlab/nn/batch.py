@@ -174,11 +174,16 @@ class _FilteredBatchNorm(_BatchStatsNorm, _BatchNorm):
                          gamma_init=gamma_init)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_with_activation(x, None)
+        self._check(x)
+        return self._bn_forward(x, self.weight, self.bias)
 
     def forward_with_activation(self, x: Tensor, act: nn.Module | None) -> Tensor:
         """``act(self(x))``, with ``act`` (``nn.ReLU``, TLU, affine TLU) fused into the kernel
-        call where batch statistics are filtered (what :class:`NormActivation` calls)."""
+        call where batch statistics are filtered (what :class:`NormActivation` calls).
+        A subclass with a forward of its own (``SyncFilteredBatchNorm``) keeps it: its
+        forward, then ``act``."""
+        if type(self).forward is not _FilteredBatchNorm.forward:
+            return _then(act, self.forward(x))
         self._check(x)
         return self._bn_forward(x, self.weight, self.bias, act)
 
@@ -335,11 +340,17 @@ class _BatchRenorm(_BatchStatsNorm, _BatchNorm):
         super()._check(x)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.forward_with_activation(x, None)
+        return self._renorm_forward(x, None)
 
     def forward_with_activation(self, x: Tensor, act: nn.Module | None) -> Tensor:
         """``act(self(x))``, with ``act`` (``nn.ReLU``, TLU, affine TLU) fused into the kernel
-        call in training (what :class:`NormActivation` calls)."""
+        call in training (what :class:`NormActivation` calls). A subclass with a forward of
+        its own (``SyncBatchRenorm``) keeps it: its forward, then ``act``."""
+        if type(self).forward is not _BatchRenorm.forward:
+            return _then(act, self.forward(x))
+        return self._renorm_forward(x, act)
+
+    def _renorm_forward(self, x: Tensor, act: nn.Module | None) -> Tensor:
         self._check(x)
         if not self.training:
             return _then(act, self._eval_forward(x, self.weight, self.bias))
