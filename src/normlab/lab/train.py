@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..registry import uses_batch_stats
 from .callbacks import Callback, TrainState
 
 __all__ = ["RunConfig", "RunResult", "seed_value", "seed_everything", "train_run",
@@ -162,7 +163,7 @@ class RunConfig:
                 raise ValueError(f"{name} must be one of {shown}, got {value!r}")
         if self.precise_bn is not None:
             positive("precise_bn", self.precise_bn)
-        if self.batch_size < 2 and self.norm.split(":")[0] in ("bn", "fbn", "brn"):
+        if self.batch_size < 2 and uses_batch_stats(self.norm):
             raise ValueError(f"batch_size {self.batch_size} is too small for batch statistics "
                              f"({self.norm!r}); use at least 2")
 
