@@ -60,6 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import DistContext, shard_indices, unwrap, wrap_ddp
 from ..registry import uses_batch_stats
 from .callbacks import Callback, TrainState
 
@@ -361,7 +362,7 @@ def _autocast(device: torch.device, amp: bool):
 
 def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | None = None,
               callbacks: Sequence[Callback] = (), progress: bool = False,
-              distributed: Any = None, artifacts_dir: str | Path | None = None,
+              distributed: DistContext | None = None, artifacts_dir: str | Path | None = None,
               on_epoch: Callable[[dict[str, float]], None] | None = None,
               checkpoint_path: str | Path | None = None,
               on_result: Callable[[RunResult], None] | None = None) -> RunResult:
@@ -403,24 +404,18 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
     data = load_data(config)
     seed_everything(seed_value(seed))
     model = build(config, data)
-    if distributed is not None and config.sync_stats:
-        from ..distributed import convert_sync
-
-        model = convert_sync(model)
-    model = model.to(dev)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if distributed is not None:  # convert_sync (with sync_stats), move, DDP for > 1 process
+        train_model = wrap_ddp(model, distributed, sync_stats=config.sync_stats)
+        model = unwrap(train_model)
+    else:
+        train_model = model = model.to(dev)
     optimizer = torch.optim.SGD(make_param_groups(model, config), lr=config.lr,
                                 momentum=config.momentum)
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    train_model = model
-    if distributed is not None and getattr(distributed, "world_size", 1) > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [dev.index] if dev.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=ids)
     scaler = torch.amp.GradScaler("cuda") if (config.amp and dev.type == "cuda") else None
 
     x_train, y_train = data.train.tensors
@@ -445,7 +440,7 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
                              channels_last=config.channels_last)]
         callbacks = list(callbacks) + probes
     augment_gen = torch.Generator().manual_seed(seed_value(seed) + 2)
-    precise_batches = (_precise_bn_batches(len(y_train), config, seed, rank, world)
+    precise_batches = (_precise_bn_batches(len(y_train), config, seed, distributed)
                        if config.precise_bn else None)
     state = TrainState(model=model, optimizer=optimizer, loss_fn=nn.functional.cross_entropy,
                        device=dev, config=config.to_dict())
@@ -466,8 +461,7 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
         for idx in _batches(len(y_train), config.batch_size, generator):
             if step >= total_steps:
                 break
-            if world > 1:
-                idx = idx[rank::world]
+            idx = _share(idx, distributed)
             xb = _to(augment_batch(x_train[idx], config.augment, augment_gen), dev,
                      config.channels_last)
             yb = y_train[idx].to(dev)
@@ -574,15 +568,24 @@ class CheckpointError(OSError):
         return str(self.strerror)
 
 
-def _precise_bn_batches(n: int, config: RunConfig, seed: int, rank: int, world: int
-                        ) -> list[torch.Tensor]:
+def _share(idx: torch.Tensor, distributed: DistContext | None) -> torch.Tensor:
+    """This process's rows of one global batch under torchrun (every rank takes every
+    world-th index, :func:`normlab.distributed.shard_indices` without padding); DDP averages
+    the gradients, so the global batch is ``config.batch_size`` as in one process."""
+    if distributed is None or distributed.world_size == 1:
+        return idx
+    return idx[shard_indices(len(idx), distributed, pad=False)]
+
+
+def _precise_bn_batches(n: int, config: RunConfig, seed: int,
+                        distributed: DistContext | None) -> list[torch.Tensor]:
     """``config.precise_bn`` index batches of the training split at the training batch size,
     from passes shuffled by their own generator (this process's shard under torchrun)."""
     generator = torch.Generator().manual_seed(seed_value(seed) + 1)
     out: list[torch.Tensor] = []
     while len(out) < config.precise_bn:
         out += _batches(n, config.batch_size, generator)
-    return [idx[rank::world] if world > 1 else idx for idx in out[:config.precise_bn]]
+    return [_share(idx, distributed) for idx in out[:config.precise_bn]]
 
 
 @contextlib.contextmanager
@@ -675,10 +678,10 @@ def _choose_epoch(epochs: list[dict[str, float]]) -> int:
     return chosen
 
 
-def _rank_world(distributed: Any) -> tuple[int, int]:
+def _rank_world(distributed: DistContext | None) -> tuple[int, int]:
     if distributed is None:
         return 0, 1
-    return int(getattr(distributed, "rank", 0)), int(getattr(distributed, "world_size", 1))
+    return distributed.rank, distributed.world_size
 
 
 def _cpu_bf16_ok() -> bool:
