@@ -269,6 +269,7 @@ def _composite_forward(x, weight, bias, mean0, var0, count, keep_all, threshold,
     first-order backward above; differentiated again it gives exact second derivatives of
     the global batch's loss, on every rank.
     """
+    # lazy: start-up time: torch private module, needed only for second derivatives
     from torch.distributed import _functional_collectives as collectives
 
     def all_reduce_with_grad(t: Tensor) -> Tensor:  # backward: the all-reduce of the gradient

@@ -276,7 +276,7 @@ def precise_bn_(model: nn.Module, batches: Iterable, *, num_batches: int | None 
     bar = None
     if progress and (not dist.is_initialized() or dist.get_rank() == 0):
         try:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # lazy: optional dependency (tqdm, for progress=True)
         except ImportError:  # tqdm is an optional dependency (normlab[lab])
             tqdm = None
         if tqdm is not None:

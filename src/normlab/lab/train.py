@@ -60,9 +60,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import __version__
+from .._checks import check_output_file, resolve_device as check
 from ..distributed import DistContext, shard_indices, unwrap, wrap_ddp
+from ..nn.input_norm import with_input_norm
+from ..optim import init_norm_, param_groups
+from ..precise_bn import batch_stat_layers, precise_bn_
 from ..registry import uses_batch_stats
 from .callbacks import Callback, TrainState
+from .data import load_dataset
+from .models import build_model
+from .probes import make_probe
 
 __all__ = ["RunConfig", "RunResult", "seed_value", "seed_everything", "train_run",
            "resolve_device", "cosine_lr_factor", "lr_factor", "augment_batch", "save_checkpoint",
@@ -93,8 +101,6 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``"auto"``/None → CUDA when available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"``;
     anything else (``"tpu"``, ``"meta"``, a GPU that is not there) is a one-line
     ``ValueError``."""
-    from .._checks import resolve_device as check
-
     return check(device)
 
 
@@ -261,8 +267,6 @@ def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator,
 
 def versions() -> dict[str, str]:
     """Versions of what shapes a result: normlab, torch, numpy, Python, platform."""
-    from .. import __version__
-
     return {"normlab": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "platform": platform.platform(terse=True)}
 
@@ -274,8 +278,6 @@ _DATA_CACHE: dict[str, Any] = {}
 
 def load_data(config: RunConfig):
     """The dataset of ``config`` (cached per process: all runs of a comparison share it)."""
-    from .data import load_dataset
-
     data_norm = "none" if config.input_norm == "online" else config.input_norm
     key = json.dumps([config.data, config.data_root, data_norm, config.limit,
                       list(config.data_options)], sort_keys=True, default=str)
@@ -289,18 +291,12 @@ def load_data(config: RunConfig):
 
 def build(config: RunConfig, data) -> nn.Module:
     """The model of ``config`` for ``data``, with γ init and the online input norm applied."""
-    from .models import build_model
-
     model = build_model(config.model, norm=config.norm, num_classes=data.num_classes,
                         in_channels=data.in_channels, image_size=data.image_size,
                         placement=config.placement, **dict(config.model_options))
     if config.gamma is not None:
-        from ..optim import init_norm_
-
         init_norm_(model, gamma=config.gamma)
     if config.input_norm == "online":
-        from ..nn.input_norm import with_input_norm
-
         model = with_input_norm(model, data.in_channels, gamma=config.gamma or 1.0)
     return model
 
@@ -308,8 +304,6 @@ def build(config: RunConfig, data) -> nn.Module:
 def make_param_groups(model: nn.Module, config: RunConfig) -> list[dict[str, Any]]:
     """SGD parameter groups via :func:`normlab.param_groups` (no decay on norm parameters and
     biases; γ's lr divided by c)."""
-    from ..optim import param_groups
-
     return param_groups(model, lr=config.lr, weight_decay=config.weight_decay,
                         gamma_lr_divisor=config.gamma_lr_divisor)
 
@@ -395,8 +389,6 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
     dev = distributed.device if distributed is not None else resolve_device(device)
     rank, world = _rank_world(distributed)
     if checkpoint_path is not None and rank == 0:
-        from .._checks import check_output_file
-
         checkpoint_path = check_output_file(checkpoint_path, "checkpoint")
     if config.amp and dev.type == "cpu" and not _cpu_bf16_ok():
         raise ValueError("--amp on CPU needs bfloat16 support; drop --amp")
@@ -434,8 +426,6 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
 
     probes = []
     if config.probe is not None:
-        from .probes import make_probe
-
         probes = [make_probe(config.probe, model, x_test, total_steps=total_steps,
                              channels_last=config.channels_last)]
         callbacks = list(callbacks) + probes
@@ -450,7 +440,7 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
     epochs: list[dict[str, float]] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # lazy: optional dependency (tqdm, for --progress)
 
         bar = tqdm(total=len(eval_at), desc=f"{config.norm} seed {seed}", unit="epoch",
                    leave=False)
@@ -597,7 +587,6 @@ def _precise_statistics(model: nn.Module, config: RunConfig, batches, x_train: t
     if not config.precise_bn:
         yield
         return
-    from ..precise_bn import batch_stat_layers, precise_bn_
 
     layers = batch_stat_layers(model)
     saved = {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in layers.items()}
