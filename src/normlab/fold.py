@@ -6,7 +6,7 @@ tensors from the layers, call these functions, and write the results back (the m
 surgery). Every function computes in float64 and returns float64 tensors; callers cast.
 
 * :func:`eval_scale_shift` — a batch norm in eval mode as a per-channel affine map
-  ``y = s·x + t`` (Ioffe & Szegedy 2015, arXiv 1502.03167, Algorithm 2 step 11):
+  ``y = s·x + t`` ([IS15] Alg. 2, step 11):
   ``s = w / sqrt(σ²_run + ε)``, ``t = b − μ_run·s``.
 * :func:`fold_after` — ``norm(layer(x))`` → ``layer'(x)``: ``W' = s·W`` per output channel,
   ``b' = s·b + t``.
@@ -14,7 +14,7 @@ surgery). Every function computes in float64 and returns float64 tensors; caller
   channels, ``b' = b + Σ_{c, taps} W·t`` (exact wherever every output sums over every tap).
 * :func:`tail_to_alt_scale`, :func:`tail_to_scaled` — a per-channel tail ``y = w·x̂ + b``
   written into the revisiting-BN forms ``γ(γ₀x̂ + β)`` (γ₀ = 1) and ``γ·S₀·x̂ + β``
-  (Davis & Frank 2021, eq. 26–29).
+  ([DF21] eq. 26–29).
 """
 
 from __future__ import annotations

@@ -4,13 +4,12 @@ r"""One classification of normalization layers — torch's and normlab's — tha
 
 * ``family`` (:class:`Family`) — which statistics the layer normalizes with: ``batch``
   (one set per channel over the batch: BatchNorm*d, SyncBatchNorm, FilteredBatchNorm*,
-  InputNorm, the revisiting-BN alternatives), ``renorm`` (batch renorm, Ioffe 2017,
-  arXiv 1702.03275), ``group``, ``layer``, ``instance``, ``frn`` (filter response norm and its
-  group/layer forms, Singh & Krishnan 2020, arXiv 1911.09737) and ``rms``;
+  InputNorm, the revisiting-BN alternatives), ``renorm`` (batch renorm, [I17]), ``group``, ``layer``, ``instance``, ``frn`` (filter response norm and its
+  group/layer forms, [SK20]) and ``rms``;
 * ``tail`` (:class:`Tail`) — the formula from the normalized ``x̂`` to the output:
   ``standard`` ``γx̂ + β``, ``input`` ``γ̂x̂`` (InputNorm), ``alt_scale`` ``γ(γ₀x̂ + β)``
-  (A1 without γ₀, A2 with it; Davis & Frank 2021, eq. 26–27), ``scaled`` ``γ·S·x̂ + β``
-  (RBN/IEBN, eq. 28–29);
+  (A1 without γ₀, A2 with it; [DF21] eq. 26–27), ``scaled`` ``γ·S·x̂ + β``
+  (RBN/IEBN, [DF21] eq. 28–29);
 * ``uses_batch_stats`` — training normalizes with statistics over the batch (so a batch of
   one value per channel cannot be normalized, and eval mode uses running averages);
 * ``normlab`` — the class is (or extends) one of normlab's layers, else torch's (normlab's
