@@ -12,6 +12,7 @@ import torch
 import normlab
 from normlab.lab.models import build_model
 from normlab.lab.probes import InputPercentiles, ShapeTrace, make_probe
+from normlab.distributed import DistContext
 from normlab.lab.train import (RunConfig, _precise_bn_batches, augment_batch, load_data, lr_factor,
                                seed_value, train_run)
 
@@ -79,7 +80,7 @@ def test_precise_bn_evaluation_trains_identically_and_keeps_algorithm_2_statisti
     model = build_model("mlp", norm="bn", dropout=0.2)
     model.load_state_dict(a)
     x_train = data.train.tensors[0]
-    batches = _precise_bn_batches(len(x_train), precise, 1, 0, 1)
+    batches = _precise_bn_batches(len(x_train), precise, 1, None)  # one process
     assert len(batches) == 5 and all(len(i) == 30 for i in batches)
     normlab.precise_bn_(model, [x_train[i] for i in batches], progress=False)
     state = model.state_dict()
@@ -175,9 +176,9 @@ def test_probes_in_a_run_and_their_errors():
 
 def test_seeds_of_the_precise_batches_are_their_own():
     config = RunConfig(precise_bn=3, batch_size=10)
-    a = _precise_bn_batches(25, config, 1, 0, 1)
+    a = _precise_bn_batches(25, config, 1, None)
     assert len(a) == 3 and all(len(i) == 10 for i in a)   # a second shuffled pass fills in
     generator = torch.Generator().manual_seed(seed_value(1) + 1)
     assert torch.equal(a[0], torch.randperm(25, generator=generator)[:10])
-    shards = _precise_bn_batches(25, config, 1, 1, 2)
+    shards = _precise_bn_batches(25, config, 1, DistContext(rank=1, world_size=2, is_main=False))
     assert torch.equal(shards[0], a[0][1::2])

@@ -83,7 +83,7 @@ def resolve_device(device=None):
     """``"auto"``/None → CUDA when available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"``
     (N < the number of GPUs) and, where available, ``"mps"``; anything else is a
     ``ValueError`` naming the device and the valid choices."""
-    import torch
+    import torch  # lazy: start-up time: argparse checks run before torch is needed
 
     if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

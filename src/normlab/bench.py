@@ -31,7 +31,14 @@ from typing import Callable
 import torch
 from torch import nn
 
+import normlab  # the public names, as a user writes them
+
+from . import kernels
 from ._checks import int_range, resolve_device
+from .kernels import cpu
+from .lab.models import build_model
+from .nn.activation import TLU
+from .registry import create_norm_act
 
 __all__ = ["register", "run_layer_bench", "run_model_bench", "run_compile_bench", "small_cnn",
            "main"]
@@ -75,9 +82,6 @@ def _saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
 
 
 def _layers(c: int, groups: int) -> dict[str, tuple[str, Callable[[], nn.Module]]]:
-    import normlab
-    from normlab.nn.activation import TLU
-
     return {
         "bn (torch)": ("bn", lambda: nn.BatchNorm2d(c)),
         "fbn": ("bn", lambda: normlab.FilteredBatchNorm2d(c, threshold=2.0)),
@@ -100,8 +104,6 @@ class _Reference(nn.Module):
         self.module = module
 
     def forward(self, x):
-        from normlab import kernels
-
         with kernels.use_backend("reference"):
             return self.module(x)
 
@@ -170,8 +172,6 @@ def run_layer_bench(shape=(64, 64, 32, 32), *, device="cpu", dtype=torch.float32
 def run_model_bench(*, device="cpu", batch=32, rounds=5, models=("lenet5", "resnet18"),
                     norms=("bn", "fbn", "frn"), channels_last=False) -> list[dict]:
     """Time one SGD training step per (model, norm); ratio to the model's BN step."""
-    from normlab.lab.models import build_model
-
     device = torch.device(device)
     rows = []
     for name in models:
@@ -205,8 +205,6 @@ def run_model_bench(*, device="cpu", batch=32, rounds=5, models=("lenet5", "resn
 def small_cnn(norm: str, channels: int = 32) -> nn.Module:
     """Two conv → norm → activation blocks, pooled and classified (issue 11's compile
     benchmark: batch 32, 32×32 inputs)."""
-    from normlab.registry import create_norm_act
-
     return nn.Sequential(
         nn.Conv2d(3, channels, 3, padding=1, bias=False), create_norm_act(norm, channels),
         nn.Conv2d(channels, channels, 3, padding=1, bias=False), create_norm_act(norm, channels),
@@ -220,8 +218,6 @@ def run_compile_bench(*, device="cpu", batch=32, rounds=10, norms=("bn", "fbn", 
     Ratios: ``vs compiled bn`` (the model's compiled BN step) and ``compiled/eager`` (the same
     norm). ``cnn2`` is :func:`small_cnn`; compile time is excluded (one warm-up call).
     """
-    from normlab.lab.models import build_model
-
     device = torch.device(device)
     rows = []
     for name in models:
@@ -344,9 +340,7 @@ def main(args: argparse.Namespace) -> int:
     check_options(shape, args.groups, dtype, torch.device(device))
     rounds = args.rounds or (5 if args.quick else 15)
     print(f"# normlab bench on {machine_description(device)}")
-    from normlab import kernels
     if device == "cpu":
-        from normlab.kernels import cpu
         print(f"# fused CPU kernels: {'available' if cpu.available() else 'unavailable: ' + str(cpu.build_error())}")
     print(f"# backend: {kernels.get_backend()}; ratios are min-of-{rounds} times, interleaved\n")
     rows = run_layer_bench(shape, device=device, dtype=dtype, channels_last=args.channels_last,

@@ -24,7 +24,7 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from . import __version__  # lazy: start-up time: sub-commands load when the parser is built
 
     parser = one_line_errors(argparse.ArgumentParser(
         prog="normlab",

@@ -26,32 +26,24 @@ from typing import Any, Sequence
 import torch
 import torch.nn.functional as TF
 from torch import Tensor, fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.instancenorm import _InstanceNorm
 
-from .nn.activation import TLU, AffineTLU, NormActivation
-from .nn.alternatives import _AltScaleBatchNorm, _ScaleCalibratedBatchNorm
-from .nn.batch import _BatchStatsNorm
-from .nn.group import FilteredGroupNorm, FilteredLayerNorm, _FilteredInstanceNorm
-from .nn.input_norm import InputNorm
-from .nn.response import GroupFilterResponseNorm
 from ._surgery import (_join, _module_calls, _refuse_torchscript, _set_submodule,
                        _shallow_graph, _split)
+from .fold import tail_to_alt_scale, tail_to_scaled
 from .fuse import FuseReport, fuse_for_inference  # re-exported: normlab.convert.fuse_for_inference
-from .registry import _REGISTRY, create_norm, parse_spec, spec_activation
+from .nn.activation import TLU, AffineTLU, NormActivation
+from .nn.group import FilteredLayerNorm
+from .nn.input_norm import InputNorm
+from .registry import create_norm, norm_entry, parse_spec, spec_activation
+from .taxonomy import NORM_TYPES, Family, Tail, affine_tail, classify
 
 __all__ = ["convert", "fuse_for_inference", "ConversionReport", "FuseReport",
            "DEFAULT_CONVERT_TYPES"]
 
-#: What :func:`convert` replaces by default (subclasses included; InputNorm only if named).
-DEFAULT_CONVERT_TYPES: tuple[type, ...] = (
-    _BatchNorm,           # BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm*
-    _InstanceNorm,        # InstanceNorm1d/2d/3d
-    nn.GroupNorm, nn.LayerNorm,
-    _BatchStatsNorm,      # normlab FilteredBatchNorm*, BatchRenorm*, A1/A2, RBN/IEBN
-    FilteredGroupNorm, FilteredLayerNorm, _FilteredInstanceNorm,
-    GroupFilterResponseNorm,  # FRN*, GFRN, LFRN
-)
+#: What :func:`convert` replaces by default (subclasses included; InputNorm only if named):
+#: every class of :data:`normlab.taxonomy.NORM_TYPES` but RMSNorm (no channel-first target).
+DEFAULT_CONVERT_TYPES: tuple[type, ...] = tuple(
+    t for t in NORM_TYPES if classify(t).family is not Family.RMS)
 
 _RELU_FUNCTIONS = (torch.relu, TF.relu, torch.relu_)
 
@@ -113,35 +105,28 @@ class ConversionReport:
 
 # -- helpers ----------------------------------------------------------------------------------
 
-def _family(module: nn.Module) -> str:
-    """Which statistics a layer's running buffers / affine parameters mean."""
-    if isinstance(module, (_BatchNorm, _BatchStatsNorm)):
-        return "batch"
-    if isinstance(module, (_InstanceNorm, _FilteredInstanceNorm)):
-        return "instance"
-    if isinstance(module, (nn.GroupNorm, FilteredGroupNorm)):
-        return "group"
-    if isinstance(module, GroupFilterResponseNorm):
-        return "response"
-    if isinstance(module, (nn.LayerNorm, FilteredLayerNorm)):
-        return "layer"
-    return "other"
+def _statistics(module: nn.Module) -> str:
+    """Which statistics a layer's running buffers mean (:attr:`Family.statistics`)."""
+    kind = classify(module)
+    return kind.family.statistics if kind is not None else "other"
 
 
-def _tail_kind(module: nn.Module) -> str:
-    """Which formula maps the normalized ``x̂`` to the output (what :func:`convert` translates).
+def _tail(module: nn.Module) -> Tail:
+    """Which formula maps the normalized ``x̂`` to the output (what :func:`convert` translates)."""
+    kind = classify(module)
+    return kind.tail if kind is not None else Tail.STANDARD
 
-    ``"standard"``: ``y = γ x̂ + β`` (BN, GN, LN, IN, FRN, ...); ``"input"``: ``y = γ̂ x̂``
-    (:class:`~normlab.InputNorm`, no shift); ``"a1"``: ``y = γ (x̂ + β)``; ``"a2"``:
-    ``y = γ (γ₀ x̂ + β)``; ``"scaled"``: ``y = γ S x̂ + β`` (RBN, IEBN, RBN⁻, IEBN⁻).
-    """
-    if isinstance(module, InputNorm):
-        return "input"
-    if isinstance(module, _AltScaleBatchNorm):
-        return module.form
-    if isinstance(module, _ScaleCalibratedBatchNorm):
-        return "scaled"
-    return "standard"
+
+def _same_tail(src: nn.Module, dst: nn.Module) -> bool:
+    """Both layers compute their output from x̂ by the same formula with the same parameters."""
+    tail = _tail(src)
+    if tail is not _tail(dst) or tail is Tail.STANDARD:
+        return False
+    if tail is Tail.ALT_SCALE:
+        return src.form == dst.form
+    if tail is Tail.SCALED:
+        return src.stats == dst.stats
+    return True
 
 
 def _channels(module: nn.Module) -> int | None:
@@ -264,9 +249,9 @@ def _build_target(spec: str, src: nn.Module, dim: int, report: ConversionReport,
                   act_none: bool) -> nn.Module | str:
     """The replacement for ``src`` (state carried where meaningful) or a reason string."""
     name, spec_options = parse_spec(spec)
-    entry = _REGISTRY[name]
+    entry = norm_entry(name)
     channels = _channels(src)
-    if _family(src) == "layer":
+    if _statistics(src) == Family.LAYER.value:
         if name not in ("ln", "fln"):
             return (f"LayerNorm normalizes the trailing dims {tuple(src.normalized_shape)}; "
                     f"only the specs 'ln' and 'fln' can replace it (other layers normalize "
@@ -289,9 +274,9 @@ def _build_target(spec: str, src: nn.Module, dim: int, report: ConversionReport,
         # affine=False is inherited only by y = γx̂ + β targets; the other formulas express
         # the old "no γ, no β" (y = x̂) exactly with their own parameters (γ = 1, β = 0, ...).
         if (getattr(src, "affine", True) is False or getattr(src, "weight", 0) is None) \
-                and _tail_kind(probe_core) == "standard":
+                and _tail(probe_core) is Tail.STANDARD:
             inherit["affine"] = False
-        if _family(probe_core) == _family(src) and _family(src) != "other":
+        if _statistics(probe_core) == _statistics(src) != "other":
             inherit.update(eps=getattr(src, "eps", None), groups=getattr(src, "num_groups", None))
             if hasattr(src, "momentum"):
                 inherit["momentum"] = src.momentum
@@ -310,7 +295,7 @@ def _build_target(spec: str, src: nn.Module, dim: int, report: ConversionReport,
         new = new.to(device=ref.device, dtype=ref.dtype)
     core = new.norm if isinstance(new, NormActivation) else new
     log = _copy_state(src, core)
-    src_act = getattr(src, "activation", "none") if isinstance(src, GroupFilterResponseNorm) \
+    src_act = getattr(src, "activation", "none") if _statistics(src) == Family.FRN.value \
         else "none"
     if src_act != "none" and spec_activation(spec) is None:
         act = _carry_activation(src)
@@ -365,45 +350,11 @@ def _own_tensors(module: nn.Module) -> list[str]:
         [name for name, _ in module.named_buffers(recurse=False)]
 
 
-def _source_tail(src: nn.Module) -> tuple[tuple, tuple] | str:
-    """The old layer's tail as ``y = w·x̂ + b``: ``((w, text, uses), (b, text, uses))``.
-
-    ``w``/``b`` are float64 tensors, or ``None`` for "no such parameter" (w = 1, b = 0);
-    ``text`` says how they were computed and ``uses`` which old tensors they come from. A
-    string is returned when the tail is no per-channel affine map (RBN/IEBN with w_v ≠ 0).
-    """
-    kind = _tail_kind(src)
-    w = getattr(src, "weight", None)
-    b = getattr(src, "bias", None)
-    w64 = w.detach().to(torch.float64) if isinstance(w, Tensor) else None
-    b64 = b.detach().to(torch.float64) if isinstance(b, Tensor) else None
-    if kind == "standard":
-        return ((w64, "weight", ("weight",)) if w64 is not None else (None, "1", ()),
-                (b64, "bias", ("bias",)) if b64 is not None else (None, "0", ()))
-    if kind == "input":
-        return (w64, "weight", ("weight",)), (None, "0", ())
-    if kind in ("a1", "a2"):  # y = γγ₀ x̂ + γβ
-        if kind == "a1":
-            scale = (w64, "weight", ("weight",))
-        else:
-            scale = (w64 * src.gamma0.detach().to(torch.float64), "weight * gamma0",
-                      ("weight", "gamma0"))
-        return scale, (w64 * b64, "weight * bias", ("weight", "bias"))
-    # scaled: y = γ S x̂ + β with S = sigmoid(w_v GAP + w_b)
-    if src.calib_weight is not None and bool((src.calib_weight != 0).any()):
-        return ("its scale S = sigmoid(w_v·GAP + w_b) depends on the sample (w_v ≠ 0), so no "
-                "per-channel γ, β can stand for it")
-    s = torch.sigmoid(src.calib_bias.detach().to(torch.float64))
-    scale = (s * w64, "weight * sigmoid(calib_bias)", ("weight", "calib_bias")) \
-        if w64 is not None else (s, "sigmoid(calib_bias)", ("calib_bias",))
-    return scale, (b64, "bias", ("bias",)) if b64 is not None else (None, "0", ())
-
-
 def _copy_affine(src: nn.Module, dst: nn.Module, log: _StateLog) -> None:
     """Set the new layer's tail parameters so that its tail equals the old one's.
 
     Same formula on both sides: every same-named parameter is copied. Otherwise the old tail
-    ``y = w x̂ + b`` (:func:`_source_tail`) is written into the new formula, its extra
+    ``y = w x̂ + b`` (:func:`normlab.taxonomy.affine_tail`) is written into the new formula, its extra
     parameters (A2's γ₀, RBN/IEBN's w_v, w_b) staying at their init:
 
     * ``γ x̂ + β`` and InputNorm's ``γ̂ x̂``: ``γ = w``, ``β = b`` (InputNorm: β dropped);
@@ -411,18 +362,15 @@ def _copy_affine(src: nn.Module, dst: nn.Module, log: _StateLog) -> None:
     * RBN/IEBN ``γ S x̂ + β`` with S₀ = sigmoid(w_b): ``γ = w / S₀``, ``β = b`` (exact while
       w_v = 0, its init: S = S₀ for every sample).
     """
-    src_kind, dst_kind = _tail_kind(src), _tail_kind(dst)
+    dst_kind = _tail(dst)
     src_name, dst_name = type(src).__name__, type(dst).__name__
-    same = src_kind == dst_kind and (
-        src_kind in ("a1", "a2", "input")
-        or (src_kind == "scaled" and src.stats == dst.stats))
-    if same:
+    if _same_tail(src, dst):
         for name, param in dst.named_parameters(recurse=False):
             old = getattr(src, name, None)
             if isinstance(old, Tensor) and old.shape == param.shape:
                 log.put(dst, name, old, name, (name,))
         return
-    tail = _source_tail(src)
+    tail = affine_tail(src, _tail(src))
     if isinstance(tail, str):
         for name in ("weight", "bias"):
             log.init_reasons[name] = f"{src_name}: {tail}"
@@ -449,33 +397,31 @@ def _copy_affine(src: nn.Module, dst: nn.Module, log: _StateLog) -> None:
         log.put(dst, name, value, text, uses)
 
     no_affine = f"{dst_name} has no such parameter (affine=False)"
-    if dst_kind in ("standard", "input"):
+    if dst_kind in (Tail.STANDARD, Tail.INPUT):
         place("weight", w, w_text, w_uses, no_affine)
         no_shift = (f"{dst_name} has no shift parameter (β is fixed at 0), so its output is the "
-                    f"old one minus β" if dst_kind == "input" else no_affine)
+                    f"old one minus β" if dst_kind is Tail.INPUT else no_affine)
         place("bias", b, b_text, b_uses, no_shift)
         return
     factory = {"dtype": torch.float64, "device": _reference_tensor(dst).device}
     w_full = w if w is not None else torch.ones(dst.num_features, **factory)
     b_full = b if b is not None else torch.zeros(dst.num_features, **factory)
-    if dst_kind in ("a1", "a2"):
+    if dst_kind is Tail.ALT_SCALE:
         place("weight", w, w_text, w_uses, no_affine)
-        zero = w_full == 0
-        beta = torch.where(zero, torch.zeros_like(b_full),
-                           b_full / torch.where(zero, torch.ones_like(w_full), w_full))
+        _, beta, lost = tail_to_alt_scale(w_full, b_full)
         place("bias", beta, f"({b_text}) / ({w_text})" if " " in b_text + w_text
               else f"{b_text} / {w_text}", tuple(b_uses) + tuple(w_uses), no_affine)
-        bad = (zero & (b_full != 0)).nonzero().flatten().tolist()
+        bad = lost.nonzero().flatten().tolist()
         if bad:
             log.notes.append(f"channels {bad} have γ = 0 and β ≠ 0: {dst_name} scales β by γ and "
                              f"cannot output that constant, so β is 0 there (outputs differ)")
-        if dst_kind == "a2":
+        if dst.gamma0 is not None:  # A2
             log.init_reasons["gamma0"] = (f"{src_name} has no γ₀; its init 1 makes γ(γ₀x̂ + β) "
                                           f"equal the old tail")
         return
     # scaled: γ S x̂ + β
-    s0 = torch.sigmoid(dst.calib_bias.detach().to(torch.float64))
-    place("weight", w_full / s0, f"{w_text} / sigmoid(new calib_bias)", w_uses, no_affine)
+    place("weight", tail_to_scaled(w_full, dst.calib_bias),
+          f"{w_text} / sigmoid(new calib_bias)", w_uses, no_affine)
     place("bias", b, b_text, b_uses, no_affine)
     log.init_reasons["calib_bias"] = (f"w_b has no counterpart in {src_name}; γ was divided by "
                                       f"S₀ = sigmoid(w_b) so that γ·S₀ is the old scale")
@@ -492,7 +438,7 @@ def _copy_state(src: nn.Module, dst: nn.Module) -> _StateLog:
     log = _StateLog()
     with torch.no_grad():
         _copy_affine(src, dst, log)
-        src_family, dst_family = _family(src), _family(dst)
+        src_family, dst_family = _statistics(src), _statistics(dst)
         if src_family == dst_family and src_family in ("batch", "instance"):
             for attr in _RUNNING_STATS:
                 s, d = getattr(src, attr, None), getattr(dst, attr, None)
@@ -507,7 +453,7 @@ def _copy_state(src: nn.Module, dst: nn.Module) -> _StateLog:
             else:
                 log.drop_reasons[attr] = log.init_reasons[attr] = (
                     f"statistics of other sets ({src_family} vs {dst_family} norm)")
-        if isinstance(src, GroupFilterResponseNorm) and isinstance(dst, GroupFilterResponseNorm):
+        if src_family == dst_family == Family.FRN.value:  # τ, κ, learned ε mean the same
             for attr in ("tau", "kappa", "learned_eps"):
                 s, d = getattr(src, attr, None), getattr(dst, attr, None)
                 if isinstance(s, Tensor) and isinstance(d, Tensor) and s.shape == d.shape:
@@ -515,7 +461,8 @@ def _copy_state(src: nn.Module, dst: nn.Module) -> _StateLog:
     return log
 
 
-def _carry_activation(src: GroupFilterResponseNorm) -> nn.Module:
+def _carry_activation(src: nn.Module) -> nn.Module:
+    """The activation an old FRN applied itself, as a module (its τ, κ carried)."""
     with torch.no_grad():
         if src.activation == "tlu":
             act = TLU(src.num_channels, device=src.tau.device, dtype=src.tau.dtype)

@@ -57,7 +57,8 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .nn._common import channel_view, check_input
-from .nn.batch import _BatchRenorm, _BatchStatsNorm, _FilteredBatchNorm
+from .nn.batch import _BatchRenorm, _FilteredBatchNorm
+from .taxonomy import Family, Tail, classify
 
 __all__ = [
     "SyncFilteredBatchNorm",
@@ -273,6 +274,7 @@ def _composite_forward(x, weight, bias, mean0, var0, count, keep_all, threshold,
     first-order backward above; differentiated again it gives exact second derivatives of
     the global batch's loss, on every rank.
     """
+    # lazy: start-up time: torch private module, needed only for second derivatives
     from torch.distributed import _functional_collectives as collectives
 
     def all_reduce_with_grad(t: Tensor) -> Tensor:  # backward: the all-reduce of the gradient
@@ -464,8 +466,10 @@ def _sync_version(module: nn.Module, process_group):
         if process_group is not None:
             module.process_group = process_group
         return module
-    if isinstance(module, _BatchStatsNorm) and not isinstance(module, (_FilteredBatchNorm,
-                                                                       _BatchRenorm)):
+    kind = classify(module)
+    if kind is None or not kind.uses_batch_stats:
+        return None
+    if kind.tail not in (Tail.STANDARD, Tail.INPUT):  # A1/A2, RBN/IEBN
         raise ValueError(
             f"convert_sync has no synchronized version of {type(module).__name__}: its "
             f"statistics would stay per process; use FilteredBatchNorm/BatchRenorm (or "
@@ -476,14 +480,12 @@ def _sync_version(module: nn.Module, process_group):
             f"convert_sync cannot convert the uninitialized {type(module).__name__} (its "
             f"num_features is unknown); run one forward pass first, or use BatchNorm*d"
         )
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return None
     ref = module.weight if module.weight is not None else module.running_mean
     factory = {"device": None, "dtype": None} if ref is None else {
         "device": ref.device, "dtype": ref.dtype}
     common = dict(bias=module.bias is not None or not module.affine,
                   process_group=process_group, **factory)
-    if isinstance(module, _BatchRenorm):
+    if kind.family is Family.RENORM:
         new = SyncBatchRenorm(
             module.num_features, module.eps, module.momentum, module.affine,
             module.track_running_stats, r_max=module.r_max, d_max=module.d_max,
@@ -544,7 +546,6 @@ def convert_sync(module: nn.Module, process_group=None) -> nn.Module:
 
 _installed = nn.SyncBatchNorm.__dict__["convert_sync_batchnorm"].__func__
 _TORCH_CONVERT_SYNC_BATCHNORM = getattr(_installed, "__wrapped__", _installed)  # re-imports
-_NORMLAB_BATCH_LAYERS = (_BatchStatsNorm,)
 
 
 def convert_sync_batchnorm_keeping_normlab(cls, module: nn.Module, process_group=None):
@@ -558,7 +559,8 @@ def convert_sync_batchnorm_keeping_normlab(cls, module: nn.Module, process_group
     converter, unchanged. The recursion of torch's converter comes back here for every
     child (it calls ``cls.convert_sync_batchnorm``).
     """
-    if isinstance(module, _NORMLAB_BATCH_LAYERS):
+    kind = classify(module)
+    if kind is not None and kind.uses_batch_stats and kind.normlab:
         return convert_sync(module, process_group)
     return _TORCH_CONVERT_SYNC_BATCHNORM(cls, module, process_group)
 

@@ -17,17 +17,14 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, fx, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd
-
-from .nn.activation import NormActivation
-from .nn.alternatives import _TailBatchNorm
-from .nn.batch import _BatchStatsNorm
-from .nn.input_norm import InputNorm
-from .nn.padding import ConstantChannelPad
 
 from ._surgery import (_join, _module_calls, _refuse_torchscript, _set_submodule,
                        _shallow_graph, _split)
+from .fold import fold_after, fold_before
+from .nn.activation import NormActivation
+from .nn.padding import ConstantChannelPad
+from .taxonomy import Tail, classify, eval_affine
 
 __all__ = ["fuse_for_inference", "FuseReport"]
 
@@ -50,33 +47,20 @@ class FuseReport:
         return "\n".join(lines)
 
 
-def _eval_affine(module: nn.Module) -> tuple[Tensor, Tensor] | None:
-    """Per-channel ``(scale, shift)`` (float64) of a norm whose eval mode is affine, else None."""
-    if isinstance(module, (_TailBatchNorm, InputNorm)):
-        return module.inference_affine()
-    if isinstance(module, (_BatchNorm, _BatchStatsNorm)):
-        if getattr(module, "running_mean", None) is None or not module.track_running_stats:
-            return None
-        var = module.running_var.to(torch.float64)
-        scale = torch.rsqrt(var + module.eps)
-        if module.weight is not None:
-            scale = scale * module.weight.to(torch.float64)
-        shift = -module.running_mean.to(torch.float64) * scale
-        if module.bias is not None:
-            shift = shift + module.bias.to(torch.float64)
-        return scale, shift
-    return None
+def _is_input_norm(module: nn.Module) -> bool:
+    kind = classify(module)
+    return kind is not None and kind.tail is Tail.INPUT
 
 
 def _post_norm(module: nn.Module) -> tuple[nn.Module, nn.Module | None] | None:
     """``(norm, what replaces the module after folding)`` for a foldable norm (→ removed) or a
     :class:`NormActivation` around one (→ its activation); ``None`` otherwise."""
-    if isinstance(module, InputNorm):
+    if _is_input_norm(module):
         return None
     if isinstance(module, NormActivation):
         inner = _post_norm(module.norm)
         return (inner[0], module.act) if inner is not None else None
-    return (module, None) if _eval_affine(module) is not None else None
+    return (module, None) if eval_affine(module) is not None else None
 
 
 def _foldable_linear(module: nn.Module) -> bool:
@@ -86,18 +70,16 @@ def _foldable_linear(module: nn.Module) -> bool:
 
 
 def _fold_after(layer: nn.Module, norm: nn.Module) -> bool:
-    """``norm(layer(x))`` → ``layer'(x)``: W' = s·W (per output channel), b' = s·b + t."""
-    affine = _eval_affine(norm)
+    """``norm(layer(x))`` → ``layer'(x)`` in place (:func:`normlab.fold.fold_after`)."""
+    affine = eval_affine(norm)
     out = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
     if affine is None or affine[0].numel() != out:
         return False
     scale, shift = (a.to(layer.weight.device) for a in affine)
     with torch.no_grad():
-        w = layer.weight.to(torch.float64)
-        view = [-1] + [1] * (w.dim() - 1)
-        b = layer.bias.to(torch.float64) if layer.bias is not None else torch.zeros_like(scale)
-        layer.weight.copy_((w * scale.view(view)).to(layer.weight.dtype))
-        new_bias = (b * scale + shift).to(layer.weight.dtype)
+        new_weight, new_bias = fold_after(layer.weight, layer.bias, scale, shift)
+        layer.weight.copy_(new_weight.to(layer.weight.dtype))
+        new_bias = new_bias.to(layer.weight.dtype)
         if layer.bias is None:
             layer.bias = nn.Parameter(new_bias)
         else:
@@ -217,40 +199,22 @@ def _conv_input_padding(conv: _ConvNd) -> list[tuple[int, int]]:
 
 
 def _scale_input_channels(layer: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    r"""``layer(s·x + t)`` → ``layer'(x)`` for per-input-channel ``s``, ``t`` (float64), in place.
-
-    ``W' = W·s`` along the input-channel axis and ``b' = b + Σ_{c, taps} W·t`` per output
-    channel (exact when every output sums over every tap of ``t``: see :func:`_fold_input_norm`).
-    Weight layouts: Linear ``(out, in)``; conv ``(out, in/g, *k)`` (input channel
-    ``⌊o/(out/g)⌋·in/g + j`` for out channel o); transposed conv ``(in, out/g, *k)``.
-    """
-    w = layer.weight.detach().to(torch.float64)
-    if isinstance(layer, nn.Linear):
-        s_w, t_w = scale.view(1, -1), shift.view(1, -1)
-        term = (w * t_w).sum(1)
-    elif layer.transposed:
-        view = [-1] + [1] * (w.dim() - 1)
-        s_w, t_w = scale.view(view), shift.view(view)
-        per_pair = (w * t_w).flatten(2).sum(2)                     # (in, out/g)
-        term = per_pair.view(layer.groups, -1, per_pair.shape[1]).sum(1).reshape(-1)
-    else:
-        out, in_g, g = w.shape[0], w.shape[1], layer.groups
-        view = [out, in_g] + [1] * (w.dim() - 2)
-
-        def per_weight(v: Tensor) -> Tensor:
-            return v.view(g, 1, in_g).expand(g, out // g, in_g).reshape(view)
-
-        s_w, t_w = per_weight(scale), per_weight(shift)
-        term = (w * t_w).flatten(1).sum(1)
+    r"""``layer(s·x + t)`` → ``layer'(x)`` in place (:func:`normlab.fold.fold_before`; exact
+    when every output sums over every tap of ``t``: see :func:`_fold_input_norm`)."""
+    layout = ("linear" if isinstance(layer, nn.Linear)
+              else "conv_transpose" if layer.transposed else "conv")
+    groups = 1 if layout == "linear" else layer.groups
+    new_weight, new_bias = fold_before(layer.weight, layer.bias, scale, shift, layout=layout,
+                                       groups=groups)
     with torch.no_grad():
-        layer.weight.copy_((w * s_w).to(layer.weight.dtype))
+        layer.weight.copy_(new_weight.to(layer.weight.dtype))
         if layer.bias is not None:
-            layer.bias.copy_((layer.bias.detach().to(torch.float64) + term).to(layer.bias.dtype))
-        elif bool((term != 0).any()):
-            layer.bias = nn.Parameter(term.to(layer.weight.dtype))
+            layer.bias.copy_(new_bias.to(layer.bias.dtype))
+        elif bool((new_bias != 0).any()):  # no bias: b' is the shift term alone
+            layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
 
 
-def _fold_input_norm(norm: InputNorm, layer: nn.Module) -> nn.Module | None | str:
+def _fold_input_norm(norm: nn.Module, layer: nn.Module) -> nn.Module | None | str:
     r"""Fold an eval-mode InputNorm ``y = s·x + t`` into the ``layer`` it feeds, exactly.
 
     ``s = γ̂ / sqrt(σ²_run + ε)``, ``t = −μ_run·s``; the norm maps ``x₀ = μ_run`` to 0.
@@ -271,7 +235,7 @@ def _fold_input_norm(norm: InputNorm, layer: nn.Module) -> nn.Module | None | st
     Returns the module that takes the norm's place (``None``: nothing), or why it cannot fold.
     Grouped convs are supported.
     """
-    scale, shift = (a.to(layer.weight.device) for a in norm.inference_affine())
+    scale, shift = (a.to(layer.weight.device) for a in eval_affine(norm))
     fan = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
     if fan != scale.numel():
         return (f"the following {type(layer).__name__} takes {fan} input channels, the "
@@ -307,7 +271,7 @@ def _fold_input_norm(norm: InputNorm, layer: nn.Module) -> nn.Module | None | st
 def _fuse_input_norms(model: nn.Module, report: FuseReport) -> None:
     """Fold every eval-mode InputNorm into the conv/linear that alone receives its output."""
     counts = _use_counts(model)
-    norms = [(p, m) for p, m in model.named_modules() if isinstance(m, InputNorm)]
+    norms = [(p, m) for p, m in model.named_modules() if _is_input_norm(m)]
     for path, norm in norms:
         if counts.get(id(norm), 0) > 1:
             report.kept.append((path, "used at several places in the model"))
@@ -473,6 +437,6 @@ def fuse_for_inference(model: nn.Module, *, return_report: bool = False):
             _fuse_attributes(module, path, report, counts)
     done = {p for p, _ in report.folded} | {p for p, _ in report.kept}
     for path, module in fused.named_modules():
-        if _eval_affine(module) is not None and path not in done:
+        if eval_affine(module) is not None and path not in done:
             report.kept.append((path, "no directly adjacent conv/linear that feeds only it"))
     return (fused, report) if return_report else fused

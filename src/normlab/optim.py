@@ -28,28 +28,17 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.modules.conv import _ConvNd
 
 from .nn.activation import TLU, AffineTLU
-from .nn.alternatives import _AltScaleBatchNorm
-from .nn.batch import _BatchStatsNorm
-from .nn.group import FilteredGroupNorm, FilteredLayerNorm, _FilteredInstanceNorm
-from .nn.input_norm import InputNorm
-from .nn.response import GroupFilterResponseNorm
+from .taxonomy import NORM_TYPES, Tail, classify, is_norm, scale_parameters
 
 __all__ = ["param_groups", "init_norm_", "fan_in_init_", "param_roles", "is_norm_module",
            "NORM_MODULE_TYPES", "ACTIVATION_MODULE_TYPES"]
 
-_TORCH_NORMS: tuple[type, ...] = (_NormBase, nn.GroupNorm, nn.LayerNorm) + (
-    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
-
-#: Module types whose ``weight`` is a normalization scale γ (subclasses included).
-NORM_MODULE_TYPES: tuple[type, ...] = _TORCH_NORMS + (
-    _BatchStatsNorm,            # FilteredBatchNorm*, BatchRenorm*, A1/A2, RBN/IEBN, InputNorm
-    FilteredGroupNorm, FilteredLayerNorm, _FilteredInstanceNorm,
-    GroupFilterResponseNorm,    # FRN*, GFRN, LFRN (their τ, κ, learned ε: no weight decay)
-)
+#: Module types whose ``weight`` is a normalization scale γ (subclasses included): the
+#: classes of :mod:`normlab.taxonomy`.
+NORM_MODULE_TYPES: tuple[type, ...] = NORM_TYPES
 #: Learned activations whose parameters (τ, κ) get no weight decay.
 ACTIVATION_MODULE_TYPES: tuple[type, ...] = (TLU, AffineTLU)
 
@@ -58,14 +47,7 @@ ROLE_DECAY, ROLE_NO_DECAY, ROLE_SCALE = "decay", "no_decay", "norm_scale"
 
 def is_norm_module(module: nn.Module) -> bool:
     """True for a normalization layer of any supported type (torch's or normlab's)."""
-    return isinstance(module, NORM_MODULE_TYPES)
-
-
-def _scale_params(module: nn.Module) -> list[Tensor]:
-    scales = [module.weight] if isinstance(getattr(module, "weight", None), Tensor) else []
-    if isinstance(module, _AltScaleBatchNorm) and module.gamma0 is not None:
-        scales.append(module.gamma0)
-    return scales
+    return is_norm(module)
 
 
 def param_roles(model: nn.Module) -> dict[str, str]:
@@ -85,7 +67,7 @@ def param_roles(model: nn.Module) -> dict[str, str]:
     for mod_name, module in model.named_modules():
         norm = is_norm_module(module)
         special = norm or isinstance(module, ACTIVATION_MODULE_TYPES)
-        scales = {id(p) for p in _scale_params(module)} if norm else set()
+        scales = {id(p) for p in scale_parameters(module)} if norm else set()
         for p_name, param in module.named_parameters(recurse=False):
             if id(param) in seen:
                 continue
@@ -176,10 +158,11 @@ def init_norm_(model: nn.Module, gamma: float = 0.1, *, beta: float = 0.0) -> nn
 
     with torch.no_grad():
         for module in model.modules():
-            if not is_norm_module(module):
+            kind = classify(module)
+            if kind is None:
                 continue
-            value = gamma * module.sigma_act if isinstance(module, InputNorm) else gamma
-            if isinstance(module, InputNorm):
+            value = gamma * module.sigma_act if kind.tail is Tail.INPUT else gamma
+            if kind.tail is Tail.INPUT:
                 module.gamma = gamma
             weight = getattr(module, "weight", None)
             if isinstance(weight, Tensor):
@@ -189,7 +172,7 @@ def init_norm_(model: nn.Module, gamma: float = 0.1, *, beta: float = 0.0) -> nn
             bias = getattr(module, "bias", None)
             if isinstance(bias, Tensor):
                 bias.fill_(float(beta))
-            if isinstance(module, _AltScaleBatchNorm) and module.gamma0 is not None:
+            if kind.tail is Tail.ALT_SCALE and module.gamma0 is not None:
                 module.gamma0.fill_(1.0)
     return model
 

@@ -74,13 +74,9 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .distributed import SyncBatchRenorm, SyncFilteredBatchNorm, _active_group, sync_batch_moments
-from .nn.batch import _BatchStatsNorm
+from .taxonomy import uses_batch_stats
 
 __all__ = ["precise_bn_", "batch_stat_layers", "PopulationStats"]
-
-
-def _is_torch_bn(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._BatchNorm)
 
 
 def batch_stat_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -90,7 +86,7 @@ def batch_stat_layers(model: nn.Module) -> dict[str, nn.Module]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     return {name: m for name, m in model.named_modules()
-            if (_is_torch_bn(m) or isinstance(m, _BatchStatsNorm))
+            if uses_batch_stats(m)
             and getattr(m, "running_mean", None) is not None
             and getattr(m, "running_var", None) is not None}
 
@@ -116,9 +112,7 @@ def _sync_group(module: nn.Module):
 
 def _filter_settings(module: nn.Module) -> tuple[float | None, bool]:
     """(threshold, gaussian_consistent) of a layer; torch's BN has no filter."""
-    if isinstance(module, _BatchStatsNorm):
-        return module.threshold, module.gaussian_consistent
-    return None, False
+    return getattr(module, "threshold", None), bool(getattr(module, "gaussian_consistent", False))
 
 
 def layer_batch_moments(module: nn.Module, x: Tensor) -> F.Moments:
@@ -282,7 +276,7 @@ def precise_bn_(model: nn.Module, batches: Iterable, *, num_batches: int | None 
     bar = None
     if progress and (not dist.is_initialized() or dist.get_rank() == 0):
         try:
-            from tqdm.auto import tqdm
+            from tqdm.auto import tqdm  # lazy: optional dependency (tqdm, for progress=True)
         except ImportError:  # tqdm is an optional dependency (normlab[lab])
             tqdm = None
         if tqdm is not None:

@@ -15,6 +15,7 @@ Extensions add names with :func:`register_norm`.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,9 +44,11 @@ from .nn import (
     NormActivation,
     make_activation,
 )
+from .taxonomy import NormKind, classify
 
 __all__ = ["create_norm", "create_norm_act", "list_norms", "parse_spec", "register_norm",
-           "spec_activation", "NormEntry"]
+           "spec_activation", "NormEntry", "norm_entry", "spec_kind", "uses_batch_stats",
+           "signature_options"]
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,23 @@ class NormEntry:
     description: str
     options: dict[str, Any] = field(default_factory=dict)
     own_activation: str | None = None  # activation the layer applies itself by default
+    layer_type: type | None = None     # the class the factory builds (for images, dim=2)
+
+    @property
+    def kind(self) -> NormKind | None:
+        """The layer's :class:`~normlab.taxonomy.NormKind` (``None``: not a normalization)."""
+        layer_type = self.layer_type
+        if layer_type is None:  # an extension registered without it: build one and look
+            layer = self.factory(8, 2, **self.options)
+            layer_type = type(layer.norm if isinstance(layer, NormActivation) else layer)
+            object.__setattr__(self, "layer_type", layer_type)
+        return classify(layer_type)
+
+    @property
+    def uses_batch_stats(self) -> bool:
+        """Training normalizes with statistics over the batch (needs batches of 2 or more)."""
+        kind = self.kind
+        return kind is not None and kind.uses_batch_stats
 
 
 _REGISTRY: dict[str, NormEntry] = {}
@@ -64,21 +84,49 @@ _REGISTRY: dict[str, NormEntry] = {}
 
 def register_norm(name: str, factory: Callable[..., nn.Module], *, description: str,
                   options: dict[str, Any] | None = None, own_activation: str | None = None,
-                  replace: bool = False) -> None:
+                  layer_type: type | None = None, replace: bool = False) -> None:
     """Add ``name`` to the registry.
 
     Args:
         factory: called as ``factory(num_channels, dim, **options)``; ``dim`` is the number of
             spatial dims of the input (1 for ``(N, C)``/``(N, C, L)``, 2 for images, 3 for
             volumes).
-        options: the accepted option names with their defaults (``act`` is added for all).
+        options: the accepted option names with their defaults (``act`` is added for all);
+            :func:`signature_options` reads them from a layer class.
         own_activation: the activation the layer applies by itself (e.g. ``"tlu"`` for FRN).
+        layer_type: the class ``factory`` builds, for the capabilities (:attr:`NormEntry.kind`,
+            :func:`uses_batch_stats`); without it the first query builds one 8-channel layer.
     """
-    if not name or not name.replace("_", "").replace("-", "").isalnum():
+    if not isinstance(name, str) or not name or \
+            not name.replace("_", "").replace("-", "").isalnum():
         raise ValueError(f"registry names are letters, digits, '-' and '_', got {name!r}")
     if name in _REGISTRY and not replace:
         raise ValueError(f"norm {name!r} is already registered; pass replace=True to override")
-    _REGISTRY[name] = NormEntry(name, factory, description, dict(options or {}), own_activation)
+    if layer_type is not None and not (isinstance(layer_type, type)
+                                       and issubclass(layer_type, nn.Module)):
+        raise TypeError(f"layer_type must be an nn.Module class, got {layer_type!r}")
+    _REGISTRY[name] = NormEntry(name, factory, description, dict(options or {}), own_activation,
+                                layer_type)
+
+
+def norm_entry(spec: str) -> NormEntry:
+    """The :class:`NormEntry` a spec (``"fbn:threshold=3"``) or bare name refers to."""
+    return _REGISTRY[parse_spec(spec)[0]]
+
+
+def spec_kind(spec: str) -> NormKind | None:
+    """The :class:`~normlab.taxonomy.NormKind` of the layer ``spec`` builds (``None``: none)."""
+    return norm_entry(spec).kind
+
+
+def uses_batch_stats(spec: str) -> bool:
+    """True when the layer ``spec`` builds normalizes with batch statistics in training.
+
+    ``"bn"``, ``"fbn"``, ``"brn"``, the revisiting-BN forms and ``"inputnorm"``: a training
+    batch needs at least two values per channel. Asked of the taxonomy, so a registered
+    extension answers too.
+    """
+    return norm_entry(spec).uses_batch_stats
 
 
 def list_norms() -> dict[str, str]:
@@ -206,20 +254,6 @@ def create_norm_act(spec: str, num_channels: int, *, dim: int = 2,
 
 # -- built-in names -------------------------------------------------------------------------
 
-def _by_dim(classes):
-    def pick(dim: int):
-        return classes[dim - 1]
-    return pick
-
-
-_BN = _by_dim((FilteredBatchNorm1d, FilteredBatchNorm2d, FilteredBatchNorm3d))
-_BRN = _by_dim((BatchRenorm1d, BatchRenorm2d, BatchRenorm3d))
-_FRN = _by_dim((FilterResponseNorm1d, FilterResponseNorm2d, FilterResponseNorm3d))
-_ALT = _by_dim((AltScaleBatchNorm1d, AltScaleBatchNorm2d, AltScaleBatchNorm3d))
-_CAL = _by_dim((ScaleCalibratedBatchNorm1d, ScaleCalibratedBatchNorm2d,
-                ScaleCalibratedBatchNorm3d))
-
-
 def default_groups(num_channels: int, preferred: int = 32) -> int:
     """Largest divisor of ``num_channels`` that is at most ``preferred`` (GN's default 32)."""
     return max(g for g in range(1, min(preferred, num_channels) + 1) if num_channels % g == 0)
@@ -236,45 +270,6 @@ def _groups(num_channels: int, groups: int | None) -> int:
     return groups
 
 
-_BN_OPTS = {"eps": 1e-5, "momentum": 0.1, "affine": True, "track_running_stats": True,
-            "gamma_init": 1.0}
-_FILTER_OPTS = {"threshold": 2.0, "gaussian_consistent": False}
-_GN_OPTS = {"groups": None, "eps": 1e-5, "affine": True, "gamma_init": 1.0}
-_FRN_OPTS = {"eps": 1e-6, "learnable_eps": False, "affine": True, "threshold": None,
-             "gaussian_consistent": False, "gamma_init": 1.0}
-_BRN_OPTS = {"eps": 1e-5, "momentum": 0.01, "affine": True, "r_max": 3.0, "d_max": 5.0,
-             "renorm_start": 5000, "r_max_full_at": 40000, "d_max_full_at": 25000,
-             "threshold": None, "gaussian_consistent": False, "gamma_init": 1.0}
-
-
-def _identity(num_channels: int, dim: int) -> nn.Module:
-    return nn.Identity()
-
-
-def _bn(num_channels: int, dim: int, **o) -> nn.Module:
-    return _BN(dim)(num_channels, **o)
-
-
-def _brn(num_channels: int, dim: int, **o) -> nn.Module:
-    return _BRN(dim)(num_channels, **o)
-
-
-def _group_factory(groups_of: Callable[[int, Any], int]):
-    def build(num_channels: int, dim: int, groups: Any = None, **o) -> nn.Module:
-        return FilteredGroupNorm(groups_of(num_channels, groups), num_channels, **o)
-    return build
-
-
-def _frn(num_channels: int, dim: int, **o) -> nn.Module:
-    return _FRN(dim)(num_channels, **o)
-
-
-def _gfrn(groups_of: Callable[[int, Any], int]):
-    def build(num_channels: int, dim: int, groups: Any = None, **o) -> nn.Module:
-        return GroupFilterResponseNorm(groups_of(num_channels, groups), num_channels, **o)
-    return build
-
-
 def _ln_groups(num_channels: int, groups: Any) -> int:
     return 1
 
@@ -283,57 +278,115 @@ def _in_groups(num_channels: int, groups: Any) -> int:
     return num_channels
 
 
+#: Constructor arguments that are never spec options: the channel count and where to put it.
+_NOT_OPTIONS = frozenset({"num_features", "num_channels", "num_groups", "device", "dtype"})
+
+
+def signature_options(cls: type, *, fixed: dict[str, Any] | None = None,
+                      defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A spec's options with their defaults, read from ``cls``'s constructor signature.
+
+    Every argument with a default is an option, except the channel count, ``device``,
+    ``dtype`` and the ``fixed`` ones (the spec sets them: ``"bn"`` is ``threshold=None``);
+    ``defaults`` adds options the factory takes itself (``groups``) and replaces a default
+    where the spec's differs from the class's (``"ffrn"``: ``threshold=2``).
+    """
+    fixed = fixed or {}
+    options = {name: p.default for name, p in inspect.signature(cls).parameters.items()
+               if p.default is not inspect.Parameter.empty and name not in _NOT_OPTIONS
+               and name not in fixed}
+    options.update(defaults or {})
+    return options
+
+
+def _identity(num_channels: int, dim: int) -> nn.Module:
+    return nn.Identity()
+
+
+def _per_dim(classes: tuple[type, type, type], fixed: dict[str, Any]):
+    """``factory(c, dim, **o) = classes[dim - 1](c, **fixed, **o)``."""
+    def build(num_channels: int, dim: int, **o) -> nn.Module:
+        return classes[dim - 1](num_channels, **fixed, **o)
+    return build
+
+
+def _grouped(cls: type, groups_of: Callable[[int, Any], int], fixed: dict[str, Any]):
+    """``factory(c, dim, groups=None, **o) = cls(groups_of(c, groups), c, **fixed, **o)``."""
+    def build(num_channels: int, dim: int, groups: Any = None, **o) -> nn.Module:
+        return cls(groups_of(num_channels, groups), num_channels, **fixed, **o)
+    return build
+
+
+def _spec(name: str, description: str, *, classes: tuple[type, type, type] | None = None,
+          grouped: tuple[type, Callable[[int, Any], int]] | None = None,
+          signature: type | None = None, fixed: dict[str, Any] | None = None,
+          defaults: dict[str, Any] | None = None, own_activation: str | None = None) -> None:
+    """Register a built-in spec: per-dim ``classes`` (1d, 2d, 3d) or a ``grouped``
+    ``(class, groups_of)``; options by :func:`signature_options` over ``signature`` (default:
+    the class; FRN*d take ``**kwargs`` and pass them to :class:`GroupFilterResponseNorm`)."""
+    fixed = dict(fixed or {})
+    if classes is not None:
+        layer_type, factory = classes[1], _per_dim(classes, fixed)
+    else:
+        layer_type, factory = grouped[0], _grouped(grouped[0], grouped[1], fixed)
+    not_options = dict(fixed)
+    if own_activation is not None:  # the layer's own activation is the spec's act= option
+        not_options["activation"] = own_activation
+    options = signature_options(signature or layer_type, fixed=not_options, defaults=defaults)
+    register_norm(name, factory, description=description, options=options,
+                  own_activation=own_activation, layer_type=layer_type)
+
+
 def _register_builtins() -> None:
-    plain = {"threshold": None}
+    bn = (FilteredBatchNorm1d, FilteredBatchNorm2d, FilteredBatchNorm3d)
+    frn = (FilterResponseNorm1d, FilterResponseNorm2d, FilterResponseNorm3d)
+    unfiltered = {"threshold": None, "gaussian_consistent": False}
     register_norm("none", _identity, description="no normalization (identity)")
-    register_norm("bn", lambda c, d, **o: _bn(c, d, threshold=None, **o), options=dict(_BN_OPTS),
-                  description="batch norm (identical to torch.nn.BatchNorm*d)")
-    register_norm("fbn", _bn, options=dict(_BN_OPTS, **_FILTER_OPTS),
-                  description="filtered batch norm: moments ignore |z| > threshold (default 2)")
-    register_norm("brn", _brn, options=dict(_BRN_OPTS),
-                  description="batch renormalization (Ioffe 2017), r/d clipping with warm-up")
-    register_norm("gn", _group_factory(_groups), options=dict(_GN_OPTS, **plain),
-                  description="group norm (groups default: largest divisor of C up to 32)")
-    register_norm("fgn", _group_factory(_groups), options=dict(_GN_OPTS, **_FILTER_OPTS),
-                  description="filtered group norm")
-    ln_opts = {k: v for k, v in _GN_OPTS.items() if k != "groups"}
-    register_norm("ln", _group_factory(_ln_groups), options=dict(ln_opts, **plain),
-                  description="layer norm over (C, *) with per-channel affine (GN, 1 group)")
-    register_norm("fln", _group_factory(_ln_groups), options=dict(ln_opts, **_FILTER_OPTS),
-                  description="filtered layer norm")
-    register_norm("in", _group_factory(_in_groups), options=dict(ln_opts, **plain),
-                  description="instance norm with per-channel affine (GN, C groups)")
-    register_norm("fin", _group_factory(_in_groups), options=dict(ln_opts, **_FILTER_OPTS),
-                  description="filtered instance norm")
-    register_norm("frn", _frn, options=dict(_FRN_OPTS), own_activation="tlu",
-                  description="filter response norm + TLU (act= to change the activation)")
-    register_norm("ffrn", _frn, options=dict(_FRN_OPTS, threshold=2.0), own_activation="tlu",
-                  description="filtered FRN + TLU: nu^2 ignores |x|/nu > threshold")
-    register_norm("gfrn", _gfrn(_groups), options=dict(_FRN_OPTS, groups=None),
-                  own_activation="tlu", description="group FRN (uncentered group norm) + TLU")
-    register_norm("lfrn", _gfrn(_ln_groups), options=dict(_FRN_OPTS), own_activation="tlu",
-                  description="layer FRN (uncentered layer norm) + TLU")
+    _spec("bn", "batch norm (identical to torch.nn.BatchNorm*d)", classes=bn, fixed=unfiltered)
+    _spec("fbn", "filtered batch norm: moments ignore |z| > threshold (default 2)", classes=bn)
+    _spec("brn", "batch renormalization (Ioffe 2017), r/d clipping with warm-up",
+          classes=(BatchRenorm1d, BatchRenorm2d, BatchRenorm3d))
+    for short, groups_of, what, text, extra in (
+            ("g", _groups, "group norm", "group norm (groups default: largest divisor of C up "
+             "to 32)", {"groups": None}),
+            ("l", _ln_groups, "layer norm", "layer norm over (C, *) with per-channel affine "
+             "(GN, 1 group)", {}),
+            ("i", _in_groups, "instance norm", "instance norm with per-channel affine (GN, C "
+             "groups)", {})):
+        grouped = (FilteredGroupNorm, groups_of)
+        # "gn:threshold=2" is accepted (as before); the unfiltered spec has no Gaussian option
+        _spec(f"{short}n", text, grouped=grouped, fixed={"gaussian_consistent": False},
+              defaults=dict(extra, threshold=None))
+        _spec(f"f{short}n", f"filtered {what}", grouped=grouped, defaults=extra)
+    response = {"signature": GroupFilterResponseNorm, "own_activation": "tlu"}
+    _spec("frn", "filter response norm + TLU (act= to change the activation)", classes=frn,
+          **response)
+    _spec("ffrn", "filtered FRN + TLU: nu^2 ignores |x|/nu > threshold", classes=frn,
+          defaults={"threshold": 2.0}, **response)
+    _spec("gfrn", "group FRN (uncentered group norm) + TLU",
+          grouped=(GroupFilterResponseNorm, _groups), defaults={"groups": None}, **response)
+    _spec("lfrn", "layer FRN (uncentered layer norm) + TLU",
+          grouped=(GroupFilterResponseNorm, _ln_groups), **response)
     _register_revisiting_bn()
 
 
 def _register_revisiting_bn() -> None:
     """[DF21]: A1/A2 (eq. 26-27), RBN/IEBN and their - forms (eq. 28-29), InputNorm."""
-    bn_opts = dict(_BN_OPTS, threshold=None, gaussian_consistent=False)
+    alt = (AltScaleBatchNorm1d, AltScaleBatchNorm2d, AltScaleBatchNorm3d)
     for form, eq in (("a1", "y = gamma (xhat + beta), eq. 26"),
                      ("a2", "y = gamma (gamma0 xhat + beta), eq. 27")):
-        register_norm(f"bn_{form}", lambda c, d, _f=form, **o: _ALT(d)(c, form=_f, **o),
-                      options=dict(bn_opts), description=f"BN with scale form {form.upper()}: {eq}")
+        _spec(f"bn_{form}", f"BN with scale form {form.upper()}: {eq}", classes=alt,
+              fixed={"form": form})
+    calibrated = (ScaleCalibratedBatchNorm1d, ScaleCalibratedBatchNorm2d,
+                  ScaleCalibratedBatchNorm3d)
     for name, stats, wb, text in (
             ("rbn", "normalized", 1.0, "RBN scale: y = gamma S xhat + beta, S = sigmoid(w_v GAP(xhat) + w_b)"),
             ("rbn_minus", None, 1.0, "RBN- scale: S = sigmoid(w_b), w_b init 1 (S = 0.731)"),
             ("iebn", "input", -1.0, "IEBN scale: y = gamma S xhat + beta, S = sigmoid(w_v GAP(x) + w_b)"),
             ("iebn_minus", None, -1.0, "IEBN- scale: S = sigmoid(w_b), w_b init -1 (S = 0.269)")):
-        register_norm(name, lambda c, d, _s=stats, **o: _CAL(d)(c, stats=_s, **o),
-                      options=dict(bn_opts, wb_init=wb, wv_init=0.0), description=text)
-    register_norm("inputnorm", lambda c, d, **o: InputNorm(c, **o),
-                  options={"activation": "relu", "gamma": 1.0, "eps": 1e-5, "momentum": 0.1,
-                           "threshold": None},
-                  description="BN-based input normalization: scale sigma_act*gamma, no shift")
+        _spec(name, text, classes=calibrated, fixed={"stats": stats}, defaults={"wb_init": wb})
+    _spec("inputnorm", "BN-based input normalization: scale sigma_act*gamma, no shift",
+          classes=(InputNorm, InputNorm, InputNorm))
 
 
 _register_builtins()

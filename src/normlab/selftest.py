@@ -16,6 +16,8 @@ import argparse
 from collections import defaultdict
 
 import torch
+from normlab.kernels import check, cpu
+from normlab.kernels.check import CASES
 
 __all__ = ["register", "main", "format_table"]
 
@@ -32,8 +34,6 @@ def _devices(choice: str | None) -> list[str]:
 
 
 def format_table(results) -> str:
-    from normlab.kernels.check import CASES
-
     rows: dict[tuple, dict] = defaultdict(dict)
     for r in results:
         rows[r.path, r.layer, str(r.dtype).replace("torch.", ""), r.layout][r.case] = r
@@ -57,8 +57,6 @@ def format_table(results) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from normlab.kernels import check, cpu
-
     cases = ("normal",) if args.quick else check.CASES
     failed = total = 0
     for device in _devices(args.device):

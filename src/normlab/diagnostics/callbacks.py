@@ -28,9 +28,10 @@ from torch import Tensor, nn
 
 from .. import functional as F
 from ..lab.callbacks import Callback, TrainState
+from .io import write_csv, write_json
+from .plots import plot_band_history, plot_consistency, plot_gradient_factor, plot_landscape
 from .recorder import find_norm_layers, is_paused, norm_kind, norm_parts, paused
 from .stats import DEFAULT_QUANTILES, DEFAULT_SIGMAS, band_name
-from .io import write_csv, write_json
 
 __all__ = [
     "BandTracker",
@@ -177,7 +178,6 @@ class BandTracker(_HookedCallback):
     def write_artifacts(self, out_dir: Path) -> list[Path]:
         if not self.history:
             return []
-        from .plots import plot_band_history
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -268,7 +268,6 @@ class MomentConsistency(_HookedCallback):
     def write_artifacts(self, out_dir: Path) -> list[Path]:
         if not self.history:
             return []
-        from .plots import plot_consistency
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -319,7 +318,6 @@ class LossLandscape(Callback):
     def write_artifacts(self, out_dir: Path) -> list[Path]:
         if not self.history:
             return []
-        from .plots import plot_landscape
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -439,7 +437,6 @@ class GradientFactorTracker(_HookedCallback):
     def write_artifacts(self, out_dir: Path) -> list[Path]:
         if not self.history:
             return []
-        from .plots import plot_gradient_factor
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

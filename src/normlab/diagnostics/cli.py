@@ -17,6 +17,7 @@ import re
 import warnings
 import zipfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -24,6 +25,9 @@ import torch
 from torch import nn
 
 from .._checks import check_out_dir, float_range, int_range, resolve_device
+from .recorder import ActivationRecorder
+from .report import write_recorder_report
+from .shape import distribution_shapes
 
 __all__ = ["register", "run_inspect", "load_factory", "load_checkpoint", "load_inputs"]
 
@@ -223,6 +227,7 @@ def _run_config(config: dict[str, Any]):
     if not config or "data" not in config or "model" not in config:
         return None
     try:
+        # lazy: import cycle (lab imports diagnostics); only to rebuild a lab run
         from ..lab.train import RunConfig
 
         return RunConfig.from_dict(config)
@@ -249,6 +254,7 @@ def load_inputs(args: argparse.Namespace, run_config=None) -> tuple[torch.Tensor
         if run_config is None:
             raise ValueError("give --data NAME (or a .pt file), or a --checkpoint that stores "
                              "the lab's run config")
+        # lazy: import cycle (lab imports diagnostics); only to rebuild a lab run
         from ..lab.train import load_data
 
         return _split_tensors(load_data(run_config), args.split)
@@ -258,6 +264,7 @@ def load_inputs(args: argparse.Namespace, run_config=None) -> tuple[torch.Tensor
         return x, y, {"num_classes": int(y.max()) + 1 if y is not None else None,
                       "in_channels": x.shape[1], "image_size": x.shape[-1] if x.dim() == 4
                       else None}
+    # lazy: import cycle (lab imports diagnostics); only to rebuild a lab run
     from ..lab.data import load_dataset
 
     splits = load_dataset(args.data, limit=args.limit, input_norm=args.input_norm)
@@ -277,8 +284,7 @@ def _build(args: argparse.Namespace, info: dict[str, Any], state: dict[str, torc
         model = load_factory(args.factory, kwargs)
         desc = args.factory
     elif run_config is not None and not args.model:
-        from types import SimpleNamespace
-
+        # lazy: import cycle (lab imports diagnostics); only to rebuild a lab run
         from ..lab.train import build
 
         model = build(run_config, SimpleNamespace(**info))
@@ -287,6 +293,7 @@ def _build(args: argparse.Namespace, info: dict[str, Any], state: dict[str, torc
         name = args.model or config.get("model")
         if not name:
             raise ValueError("give --model NAME (a lab model) or --factory module:function")
+        # lazy: import cycle (lab imports diagnostics); only to rebuild a lab run
         from ..lab.models import build_model
 
         norm = args.norm or config.get("norm") or "bn"
@@ -319,10 +326,6 @@ def _build(args: argparse.Namespace, info: dict[str, Any], state: dict[str, torc
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from .recorder import ActivationRecorder
-    from .report import write_recorder_report
-    from .shape import distribution_shapes
-
     device = resolve_device(args.device)
     check_out_dir(args.out)
     state, config = load_checkpoint(args.checkpoint) if args.checkpoint else ({}, {})

@@ -17,6 +17,10 @@ from pathlib import Path
 import torch
 
 from ..lab.callbacks import Callback, TrainState
+from .callbacks import default_callbacks
+from .plots import plot_layer_bands
+from .recorder import ActivationRecorder
+from .report import write_recorder_report
 
 
 class _KeepModel(Callback):
@@ -29,11 +33,8 @@ class _KeepModel(Callback):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..lab.data import load_dataset
-    from ..lab.train import RunConfig, train_run
-    from .callbacks import default_callbacks
-    from .recorder import ActivationRecorder
-    from .report import write_recorder_report
+    from ..lab.data import load_dataset  # lazy: import cycle (lab imports diagnostics)
+    from ..lab.train import RunConfig, train_run  # lazy: import cycle (lab imports diagnostics)
 
     p = argparse.ArgumentParser(prog="python -m normlab.diagnostics.demo", description=__doc__)
     p.add_argument("--out", default="docs/images")
@@ -63,7 +64,6 @@ def main(argv: list[str] | None = None) -> int:
             model(x[start:start + 500])
     title = (f"LeNet-5 + {args.norm}, MNIST (5,000 images, eval mode), "
              f"test acc {result.test_acc:.1f}%")
-    from .plots import plot_layer_bands
 
     out.mkdir(parents=True, exist_ok=True)
     png = plot_layer_bands(rec.summary(), out / f"diagnostics_lenet5_{args.norm}_bands.png", title=title)

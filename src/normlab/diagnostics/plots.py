@@ -30,8 +30,9 @@ DARK = "#5a0000"
 
 
 def _figure(width: float, height: float):
+    # lazy: optional dependency (matplotlib)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy: optional dependency (matplotlib)
 
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)

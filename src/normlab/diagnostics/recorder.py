@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import functional as F
+from ..taxonomy import classify
 from .stats import (
     DEFAULT_QUANTILES,
     DEFAULT_SIGMAS,
@@ -62,34 +63,13 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------------------
-# Layer classification (imports of normlab.nn stay lazy-free: nn is below diagnostics)
+# Layer classification: normlab.taxonomy's families
 # ---------------------------------------------------------------------------------------
-from ..nn.batch import _BatchRenorm, _BatchStatsNorm  # noqa: E402
-from ..nn.group import FilteredGroupNorm, FilteredLayerNorm, _FilteredInstanceNorm  # noqa: E402
-from ..nn.response import GroupFilterResponseNorm  # noqa: E402
-
-_TorchBN = nn.modules.batchnorm._BatchNorm
-_TorchIN = nn.modules.instancenorm._InstanceNorm
-_TorchRMS = getattr(nn, "RMSNorm", None)
-
-
 def norm_kind(module: nn.Module) -> str | None:
-    """``"batch" | "renorm" | "group" | "layer" | "rms" | "instance" | "frn"`` or ``None``."""
-    if isinstance(module, _BatchRenorm):
-        return "renorm"
-    if isinstance(module, (_TorchBN, _BatchStatsNorm)):
-        return "batch"
-    if isinstance(module, GroupFilterResponseNorm):
-        return "frn"
-    if isinstance(module, (nn.GroupNorm, FilteredGroupNorm)):
-        return "group"
-    if isinstance(module, (nn.LayerNorm, FilteredLayerNorm)):
-        return "layer"
-    if _TorchRMS is not None and isinstance(module, _TorchRMS):
-        return "rms"
-    if isinstance(module, (_TorchIN, _FilteredInstanceNorm)):
-        return "instance"
-    return None
+    """``"batch" | "renorm" | "group" | "layer" | "rms" | "instance" | "frn"`` or ``None``
+    (the :class:`~normlab.taxonomy.Family` of :func:`normlab.taxonomy.classify`)."""
+    kind = classify(module)
+    return kind.family.value if kind is not None else None
 
 
 def find_norm_layers(model: nn.Module) -> dict[str, nn.Module]:

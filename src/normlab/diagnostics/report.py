@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .io import write_csv, write_json
+from .plots import plot_channel_density, plot_distribution_shapes, plot_layer_bands
 from .recorder import ActivationRecorder
 from .stats import gaussian_tail_probability
 
@@ -92,8 +93,6 @@ def write_recorder_report(recorder: ActivationRecorder, out_dir: str | Path, *,
                           shapes: dict[str, Any] | None = None) -> list[Path]:
     """Write ``summary.json``, ``bands.csv``, ``layer_bands.png``, channel densities
     (``channel_<layer>_<c>.png`` + ``.json``), optional distribution shapes and ``summary.md``."""
-    from .plots import plot_channel_density, plot_distribution_shapes, plot_layer_bands
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     summary = recorder.summary()

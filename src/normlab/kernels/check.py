@@ -74,7 +74,7 @@ class CheckResult:
 
 
 def _ops(path: str) -> tuple[Callable, Callable]:
-    from . import ops
+    from . import ops  # lazy: import cycle (kernels/__init__ and ops import check)
     if path == "cpu":
         return torch.ops.normlab.normalize.default, torch.ops.normlab.normalize_backward.default
     fwd, bwd = ops.triton_ops()
@@ -129,7 +129,7 @@ def _inputs(spec: NormSpec, case: str, dtype: torch.dtype, seed: int = 0):
 
 
 def _run(fwd, bwd, x, gz, params, spec: NormSpec, dtype, layout, device):
-    from .ops import spec_args
+    from .ops import spec_args  # lazy: import cycle (kernels/__init__ and ops import check)
     w, b, tau, kappa = params
     pdtype = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
     w, b, tau, kappa = (p.to(device=device, dtype=pdtype) for p in (w, b, tau, kappa))
@@ -195,8 +195,9 @@ def run_check(path: str, layer: str, spec: NormSpec, dtype: torch.dtype, layout:
 
 def _reference_ops() -> tuple[Callable, Callable]:
     """The ops' contract in torch ops (:mod:`analytic`), in the input's precision."""
+    # lazy: import cycle (kernels/__init__ and ops import check)
     from .layout import canonical_view
-    from .ops import plan_of, spec_of
+    from .ops import plan_of, spec_of  # lazy: import cycle (kernels/__init__ and ops import check)
 
     def fwd(x, w, b, e, tau, kappa, *config):
         spec = spec_of(*config)
@@ -256,12 +257,13 @@ def paths_on(device: str) -> list[str]:
     """The fused paths available on a device type (``"cpu"`` or ``"cuda"``)."""
     if device == "cpu":
         return ["cpu"] if cpu.available() else []
-    from . import ops
+    from . import ops  # lazy: import cycle (kernels/__init__ and ops import check)
     return ["triton"] if torch.cuda.is_available() and ops.triton_ops() is not None else []
 
 
 def run_selftest(device: str = "cpu", *, cases=CASES) -> list[CheckResult]:
     """Every fused path on ``device`` × family × dtype × layout × case (module docstring)."""
+    # lazy: import cycle (kernels/__init__ and ops import check)
     from .ops import CPU_DTYPES, TRITON_DTYPES
     results = []
     for path in paths_on(device):

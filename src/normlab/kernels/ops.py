@@ -441,7 +441,7 @@ def triton_ops() -> tuple | None:
     global _TRITON
     if _TRITON is not None:
         return _TRITON
-    from . import triton_kernels as TK
+    from . import triton_kernels as TK  # lazy: optional dependency (triton)
     if not TK.available():
         return None
 

@@ -36,6 +36,7 @@ import ast
 import importlib.util
 import itertools
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -128,7 +129,7 @@ def _check_block(func: str, body: list, defined: set[str], reducers: set[str]) -
 # ---- step 1: record the launches (torch) ------------------------------------------------
 
 def _describe(value):
-    import torch
+    import torch  # lazy: step 2 runs under a triton without torch
     if isinstance(value, torch.Tensor):
         return {"tensor": str(value.dtype).removeprefix("torch.")}
     if isinstance(value, (bool, int, float)):
@@ -183,10 +184,10 @@ def _configs(flags: tuple, n_layouts: int, full: bool, acts: tuple = (None,),
 def _bn_calls(full: bool):
     """Thunks calling the batch-norm launch helpers (forward, backward with and without
     ∂ℓ/∂x) on NCHW and channels_last (N, C, L) tensors."""
-    import torch
+    import torch  # lazy: step 2 runs under a triton without torch
 
-    from . import triton_kernels as TK
-    from .analytic import RunningStats
+    from . import triton_kernels as TK  # lazy: step 2 runs under a triton without torch
+    from .analytic import RunningStats  # lazy: step 2 runs under a triton without torch
 
     def tensor(layout, dtype):
         if layout == 0:
@@ -215,10 +216,10 @@ def _rows_calls(full: bool):
     """Thunks calling the rows launch helpers: GN contiguous, GN channels_last (tiles along
     the group's channels), IN channels_last (several rows per program), LN (one position
     per channel)."""
-    import torch
+    import torch  # lazy: step 2 runs under a triton without torch
 
-    from . import triton_kernels as TK
-    from .layout import plan
+    from . import triton_kernels as TK  # lazy: step 2 runs under a triton without torch
+    from .layout import plan  # lazy: step 2 runs under a triton without torch
 
     def layout_case(layout, dtype):
         x = torch.zeros(2, 12, 3, 5, dtype=dtype)
@@ -256,9 +257,9 @@ def _rows_calls(full: bool):
 def launch_matrix(full: bool = False) -> list[dict]:
     """Every distinct launch the helpers make over :func:`_configs`; a record's ``core``
     says it came from a float32 all-flags-on configuration."""
-    from unittest import mock
+    from unittest import mock  # lazy: step 1 only (mock of the launcher)
 
-    from . import triton_kernels as TK
+    from . import triton_kernels as TK  # lazy: step 2 runs under a triton without torch
 
     records: dict[str, dict] = {}
     core = False
@@ -309,9 +310,9 @@ class _StandIn:
 def nvidia_backend_available() -> str | None:
     """None if triton can compile for CUDA here, else the reason."""
     try:
-        from triton.backends import backends
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import make_backend
+        from triton.backends import backends  # lazy: optional dependency (triton)
+        from triton.backends.compiler import GPUTarget  # lazy: optional dependency (triton)
+        from triton.compiler import make_backend  # lazy: optional dependency (triton)
     except Exception as exc:  # noqa: BLE001
         return f"triton not importable: {exc}"
     if "nvidia" not in backends:
@@ -325,9 +326,10 @@ def nvidia_backend_available() -> str | None:
 
 def compile_one(kernels, record: dict, capability: int) -> str | None:
     """Compile one recorded launch for ``sm_<capability>``; None or the error text."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    import triton  # lazy: optional dependency (triton)
+    from triton.backends.compiler import GPUTarget  # lazy: optional dependency (triton)
+    from triton.compiler import ASTSource, make_backend  # lazy: optional dependency (triton)
+    # lazy: optional dependency (triton)
     from triton.runtime.jit import create_function_from_signature
 
     fn = getattr(kernels, record["kernel"])
@@ -368,7 +370,6 @@ def compile_launches(records: list[dict], capabilities, jobs: int = 1, core_only
     if jobs <= 1:
         kernels = _load_source()
         return [(r, cc, compile_one(kernels, r, cc)) for r, cc in todo]
-    import multiprocessing
     with multiprocessing.get_context("spawn").Pool(jobs) as pool:
         return pool.map(_compile_worker, todo, chunksize=4)
 
@@ -379,7 +380,7 @@ def _report(results) -> int:
         constexprs = {k: v for k, v in r["args"].items() if k.isupper()}
         tensors = sorted({v["tensor"] for v in r["args"].values() if isinstance(v, dict)})
         print(f"FAIL sm_{cc} {r['kernel']} {constexprs} {tensors}: {err}")
-    import triton
+    import triton  # lazy: optional dependency (triton)
     print(f"AOT triton {triton.__version__}: {len(results) - len(failed)} compiled, "
           f"{len(failed)} failed")
     return 1 if failed else 0

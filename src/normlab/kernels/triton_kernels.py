@@ -43,6 +43,7 @@ from typing import NamedTuple
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import functional as F
 from .layout import Plan, canonical_param
@@ -79,7 +80,6 @@ def _kernels():
 def _tracing() -> bool:
     """Whether torch is tracing this call (dynamo, or a dispatch mode such as the fake /
     functional tensor modes under which a triton_op is traced)."""
-    from torch.utils._python_dispatch import _get_current_dispatch_mode
     return torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None
 
 

@@ -13,17 +13,28 @@ The Python API behind it is :func:`run_plan` (train what is missing of a
 from __future__ import annotations
 
 import argparse
+import multiprocessing as mp
 import os
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
-from .._checks import check_out_dir, check_output_file, int_range, nonneg_float, \
-    one_line_errors, positive_float
+import torch
+
+from .. import list_norms, parse_spec
+from .._checks import (check_out_dir, check_output_file, int_range, nonneg_float, one_line_errors,
+                       positive_float)
+from ..distributed import cleanup, setup_from_env
+from ..registry import _parse_value
+from .data import list_datasets
+from .models import list_models
 from .presets import PRESETS, Plan, make_plan, preset_doc
-from .train import (AUGMENTS, INPUT_NORM_MODES, PROBES, SCHEDULES, CheckpointError, RunConfig,
-                    resolve_device, train_run)
+from .report import compute_results, format_table, load_plan, render_report
+from .store import RunStore
+from .train import (AUGMENTS, CheckpointError, INPUT_NORM_MODES, PROBES, RunConfig, SCHEDULES,
+                    build, load_data, resolve_device, train_run)
 
 __all__ = ["register", "run_plan", "compare", "DEFAULT_OUT"]
 
@@ -51,6 +62,7 @@ def _callbacks(config: RunConfig, diagnose: bool, seed: int = 1) -> list:
     if not diagnose:
         return []
     try:
+        # lazy: import cycle (diagnostics imports lab); only for --diagnose
         from ..diagnostics.callbacks import default_callbacks
     except ImportError as error:
         raise ValueError(f"--diagnose needs normlab.diagnostics ({error})") from error
@@ -61,8 +73,6 @@ def _one_run(config_dict: dict[str, Any], seed: int, out_dir: str, device: str,
              diagnose: bool, distributed: Any = None, write: bool = True,
              save_checkpoint: bool = False) -> dict[str, Any]:
     """Train one (config, seed) and store it; runs in the main process or a worker."""
-    from .store import RunStore
-
     config = RunConfig.from_dict(config_dict)
     h = config.config_hash()
     artifacts = Path(out_dir) / "artifacts" / f"{h}-seed{seed}" if diagnose else None
@@ -78,8 +88,6 @@ def _one_run(config_dict: dict[str, Any], seed: int, out_dir: str, device: str,
 
 
 def _worker_init(threads: int) -> None:
-    import torch
-
     torch.set_num_threads(threads)
 
 
@@ -100,8 +108,6 @@ def run_plan(plan: Plan, out_dir: str | Path, *, jobs: int = 1, device: str = "a
 
     Returns ``{"total", "skipped", "ran"}``.
     """
-    from .store import RunStore
-
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs must be an int >= 1, got {jobs!r}")
     is_main = distributed is None or getattr(distributed, "is_main", True)
@@ -127,7 +133,7 @@ def run_plan(plan: Plan, out_dir: str | Path, *, jobs: int = 1, device: str = "a
 
     bar = None
     if progress and is_main:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # lazy: optional dependency (tqdm)
 
         bar = tqdm(total=len(unique), desc=f"{plan.name}: runs", unit="run", file=sys.stderr)
 
@@ -142,17 +148,12 @@ def run_plan(plan: Plan, out_dir: str | Path, *, jobs: int = 1, device: str = "a
     try:
         if jobs == 1:
             if threads:
-                import torch
-
                 torch.set_num_threads(threads)
             for v, s in unique:
                 info = _one_run(v.config.to_dict(), s, str(out_dir), device, diagnose,
                                 distributed, write=is_main, save_checkpoint=save_checkpoints)
                 done(v, s, info)
         else:
-            import multiprocessing as mp
-            from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-
             per = threads or max(1, cpu // jobs)
             with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                      initializer=_worker_init, initargs=(per,)) as pool:
@@ -188,8 +189,6 @@ def compare(preset: str = "default", out_dir: str | Path | None = None, *, jobs:
     counts = run_plan(plan, out, jobs=jobs, device=device, progress=progress, diagnose=diagnose,
                       save_checkpoints=save_checkpoints)
     if report:
-        from .report import render_report
-
         render_report(out, plan=plan)
     return plan, counts
 
@@ -212,7 +211,6 @@ def _key_values(text: str) -> tuple[str, Any]:
     key, eq, value = text.partition("=")
     if not eq or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    from ..registry import _parse_value
 
     return key.strip(), _parse_value(value)
 
@@ -281,10 +279,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _check_names(configs: list[RunConfig]) -> None:
     """Fail fast, with one line, on unknown dataset, model or norm names."""
-    from .. import parse_spec
-    from .data import list_datasets
-    from .models import list_models
-
     datasets, models = list_datasets(), list_models()
     for c in configs:
         if c.data not in datasets:
@@ -300,10 +294,6 @@ def check_plan(configs: list[RunConfig]) -> None:
     dataset is loaded — the runs reuse it), spec values, placements and model options (each
     distinct model is built once and run on two training images). A plan that passes cannot
     fail half-way on its input."""
-    import torch
-
-    from .train import build, load_data
-
     _check_names(configs)
     for config in configs:
         fields = {k: v for k, v in config.to_dict().items() if k in _BUILD_FIELDS}
@@ -334,8 +324,6 @@ _BUILD_FIELDS = ("data", "data_root", "data_options", "limit", "input_norm", "mo
 def _claim(plan: Plan, out_dir: str | Path):
     """The store of ``out_dir`` (checked: a writable folder, an intact database), claimed for
     ``plan`` (see :func:`_plan_conflict`)."""
-    from .store import RunStore
-
     check_out_dir(out_dir)
     store = RunStore(out_dir)
     store.claim_meta("plan", plan.to_dict(), lambda old: _plan_conflict(old, plan, out_dir))
@@ -368,17 +356,11 @@ def _plan_conflict(old: dict[str, Any], plan: Plan, out_dir: str | Path) -> str 
 def _distributed(args: argparse.Namespace):
     if not (args.sync_stats or int(os.environ.get("WORLD_SIZE", "1")) > 1):
         return None
-    try:
-        from ..distributed import setup_from_env
-    except ImportError as error:
-        raise ValueError(f"--sync-stats / torchrun needs normlab.distributed ({error})") from error
     return setup_from_env(getattr(args, "device", None))
 
 
 def _cleanup(ctx) -> None:
     if ctx is not None:
-        from ..distributed import cleanup
-
         cleanup()
 
 
@@ -389,8 +371,6 @@ def _multi_process(args: argparse.Namespace) -> bool:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .report import compute_results, format_table, render_report
-
     plan = make_plan(args.preset, seeds=args.seeds, norms=args.norms,
                      batch_sizes=args.batch_sizes, baseline=args.baseline, smoke=args.smoke,
                      scale=args.scale, **_overrides(args))
@@ -418,7 +398,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
         return 0
     elapsed = time.perf_counter() - start
     written = render_report(out, plots=not args.no_plots, plan=plan)
-    from .store import RunStore
 
     print(format_table(compute_results(plan, RunStore(out, readonly=True)), markdown=False))
     print(f"\n{counts['ran']} runs trained, {counts['skipped']} already finished "
@@ -427,8 +406,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .store import RunStore
-
     fields = dict(_overrides(args), norm=args.norm, batch_size=args.batch_size)
     config = RunConfig.from_dict(dict(RunConfig().to_dict(), **fields))
     if not _multi_process(args):
@@ -484,9 +461,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import compute_results, format_table, load_plan, render_report
-    from .store import RunStore
-
     folder = Path(args.dir)
     if not folder.exists():
         raise FileNotFoundError(f"no such folder {args.dir!r}")
@@ -517,10 +491,6 @@ def _can_write(folder: Path) -> bool:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .. import list_norms
-    from .data import list_datasets
-    from .models import list_models
-
     sections = [("norms (registry specs, e.g. fbn:threshold=3)", list_norms()),
                 ("models", list_models()), ("datasets", list_datasets()),
                 ("presets (normlab compare --preset NAME)",

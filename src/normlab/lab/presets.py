@@ -29,6 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .. import parse_spec
+from .data import dataset_needs_root
 from .train import RunConfig, iter_seeds
 
 __all__ = ["Variant", "Plan", "Preset", "PaperScale", "PRESETS", "SCALES", "list_presets",
@@ -629,7 +631,6 @@ def make_plan(preset: str = "default", *, seeds: int | list[int] | None = None,
         if preset != "default":
             raise ValueError(f"--norms replaces the methods of the default comparison; preset "
                              f"{preset!r} fixes its own methods (drop --norms or --preset)")
-        from .. import parse_spec
 
         for spec in norms:
             parse_spec(spec)  # fail early with the registry's message
@@ -706,8 +707,6 @@ def _merged(*layers: dict[str, Any]) -> dict[str, Any]:
 
 
 def _needs_root(data: str) -> bool:
-    from .data import dataset_needs_root
-
     return dataset_needs_root(data)
 
 

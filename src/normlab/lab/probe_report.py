@@ -137,10 +137,10 @@ def probe_plots(plan: Plan, runs, label_of, out: Path) -> dict[str, Path]:
     shape = _records(plan, runs, label_of, "shape")
     if not (pct or shape):
         return written
-    import matplotlib
+    import matplotlib  # lazy: optional dependency (matplotlib)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: optional dependency (matplotlib)
 
     if pct:
         fig, axes = plt.subplots(1, len(pct), figsize=(4.5 * len(pct), 3.6), squeeze=False,

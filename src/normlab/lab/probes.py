@@ -33,7 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..precise_bn import batch_stat_layers
 from .callbacks import Callback, TrainState
+from .models import MLP
 
 __all__ = ["InputPercentiles", "ShapeTrace", "make_probe", "PERCENTILES"]
 
@@ -43,8 +45,6 @@ PERCENTILES = (15.0, 50.0, 85.0)
 def _hidden_blocks(model: nn.Module) -> nn.Sequential:
     """The ``hidden`` blocks of an :class:`~normlab.lab.models.MLP` (also inside the online
     input norm's ``nn.Sequential``)."""
-    from .models import MLP
-
     for m in model.modules():
         if isinstance(m, MLP):
             return m.hidden
@@ -54,8 +54,6 @@ def _hidden_blocks(model: nn.Module) -> nn.Sequential:
 
 def _probe_copy(model: nn.Module) -> nn.Module:
     """A copy in eval mode with its batch-statistics layers in training mode."""
-    from ..precise_bn import batch_stat_layers
-
     twin = copy.deepcopy(model).eval()
     for m in batch_stat_layers(twin).values():
         m.train()
@@ -153,6 +151,7 @@ def _per_unit_shape(values: Tensor) -> dict[str, float]:
     """Median over units of skewness and excess kurtosis, mean fraction of exact zeros;
     ``values`` is ``(N, units)``. Units with zero variance give NaN moments and are left out
     of the medians (counted in ``constant_units``)."""
+    # lazy: import cycle (diagnostics imports lab)
     from ..diagnostics.stats import excess_kurtosis, skewness
 
     skews, kurts = [], []

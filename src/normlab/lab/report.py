@@ -35,7 +35,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .presets import Plan
+from .probe_report import probe_markdown, probe_plots
 from .stats import PairedTest, Summary, paired_ttest, summarize
 from .store import RunStore
 
@@ -247,7 +250,6 @@ def render_report(out_dir: str | Path, *, plots: bool = True, plan: Plan | None 
 
     if plots:
         written.update(_plots(plan, rows, runs, label_of, out))
-        from .probe_report import probe_plots
 
         written.update(probe_plots(plan, runs, label_of, out))
 
@@ -283,7 +285,6 @@ def render_report(out_dir: str | Path, *, plots: bool = True, plan: Plan | None 
     for score, score_rows in extra_rows.items():
         md += [f"## Paired test at a fixed point: {score_title(score)}", "",
                format_table(score_rows, markdown=True), ""]
-    from .probe_report import probe_markdown
 
     md += probe_markdown(plan, runs, label_of)
     md.append("## Configurations\n")
@@ -319,11 +320,10 @@ def _seed_text(seeds: list[int]) -> str:
 
 
 def _plots(plan: Plan, rows: list[ResultRow], runs, label_of, out: Path) -> dict[str, Path]:
-    import matplotlib
+    import matplotlib  # lazy: optional dependency (matplotlib)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
+    import matplotlib.pyplot as plt  # lazy: optional dependency (matplotlib)
 
     written: dict[str, Path] = {}
     groups = plan.groups

@@ -13,6 +13,7 @@ computed by ``scipy.stats.ttest_rel(a, b, alternative="greater")``. A method is
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -76,9 +77,8 @@ def paired_ttest(method: Mapping[int, float], baseline: Mapping[int, float], *,
     spread = math.sqrt(sum((d - mean_d) ** 2 for d in diffs) / (n - 1))
     if spread <= 1e-9 * max(1.0, abs(mean_d)):  # all differences equal: t is undefined
         return PairedTest(math.nan, math.nan, n, False)
-    import warnings
 
-    from scipy import stats
+    from scipy import stats  # lazy: optional dependency (scipy)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)

@@ -60,7 +60,17 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import __version__
+from .._checks import check_output_file, resolve_device as check
+from ..distributed import DistContext, shard_indices, unwrap, wrap_ddp
+from ..nn.input_norm import with_input_norm
+from ..optim import init_norm_, param_groups
+from ..precise_bn import batch_stat_layers, precise_bn_
+from ..registry import uses_batch_stats
 from .callbacks import Callback, TrainState
+from .data import load_dataset
+from .models import build_model
+from .probes import make_probe
 
 __all__ = ["RunConfig", "RunResult", "seed_value", "seed_everything", "train_run",
            "resolve_device", "cosine_lr_factor", "lr_factor", "augment_batch", "save_checkpoint",
@@ -91,8 +101,6 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``"auto"``/None → CUDA when available, else CPU; ``"cpu"``, ``"cuda"``, ``"cuda:N"``;
     anything else (``"tpu"``, ``"meta"``, a GPU that is not there) is a one-line
     ``ValueError``."""
-    from .._checks import resolve_device as check
-
     return check(device)
 
 
@@ -162,7 +170,7 @@ class RunConfig:
                 raise ValueError(f"{name} must be one of {shown}, got {value!r}")
         if self.precise_bn is not None:
             positive("precise_bn", self.precise_bn)
-        if self.batch_size < 2 and self.norm.split(":")[0] in ("bn", "fbn", "brn"):
+        if self.batch_size < 2 and uses_batch_stats(self.norm):
             raise ValueError(f"batch_size {self.batch_size} is too small for batch statistics "
                              f"({self.norm!r}); use at least 2")
 
@@ -259,8 +267,6 @@ def augment_batch(x: torch.Tensor, mode: str, generator: torch.Generator,
 
 def versions() -> dict[str, str]:
     """Versions of what shapes a result: normlab, torch, numpy, Python, platform."""
-    from .. import __version__
-
     return {"normlab": __version__, "torch": torch.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "platform": platform.platform(terse=True)}
 
@@ -272,8 +278,6 @@ _DATA_CACHE: dict[str, Any] = {}
 
 def load_data(config: RunConfig):
     """The dataset of ``config`` (cached per process: all runs of a comparison share it)."""
-    from .data import load_dataset
-
     data_norm = "none" if config.input_norm == "online" else config.input_norm
     key = json.dumps([config.data, config.data_root, data_norm, config.limit,
                       list(config.data_options)], sort_keys=True, default=str)
@@ -287,18 +291,12 @@ def load_data(config: RunConfig):
 
 def build(config: RunConfig, data) -> nn.Module:
     """The model of ``config`` for ``data``, with γ init and the online input norm applied."""
-    from .models import build_model
-
     model = build_model(config.model, norm=config.norm, num_classes=data.num_classes,
                         in_channels=data.in_channels, image_size=data.image_size,
                         placement=config.placement, **dict(config.model_options))
     if config.gamma is not None:
-        from ..optim import init_norm_
-
         init_norm_(model, gamma=config.gamma)
     if config.input_norm == "online":
-        from ..nn.input_norm import with_input_norm
-
         model = with_input_norm(model, data.in_channels, gamma=config.gamma or 1.0)
     return model
 
@@ -306,8 +304,6 @@ def build(config: RunConfig, data) -> nn.Module:
 def make_param_groups(model: nn.Module, config: RunConfig) -> list[dict[str, Any]]:
     """SGD parameter groups via :func:`normlab.param_groups` (no decay on norm parameters and
     biases; γ's lr divided by c)."""
-    from ..optim import param_groups
-
     return param_groups(model, lr=config.lr, weight_decay=config.weight_decay,
                         gamma_lr_divisor=config.gamma_lr_divisor)
 
@@ -360,7 +356,7 @@ def _autocast(device: torch.device, amp: bool):
 
 def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | None = None,
               callbacks: Sequence[Callback] = (), progress: bool = False,
-              distributed: Any = None, artifacts_dir: str | Path | None = None,
+              distributed: DistContext | None = None, artifacts_dir: str | Path | None = None,
               on_epoch: Callable[[dict[str, float]], None] | None = None,
               checkpoint_path: str | Path | None = None,
               on_result: Callable[[RunResult], None] | None = None) -> RunResult:
@@ -393,8 +389,6 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
     dev = distributed.device if distributed is not None else resolve_device(device)
     rank, world = _rank_world(distributed)
     if checkpoint_path is not None and rank == 0:
-        from .._checks import check_output_file
-
         checkpoint_path = check_output_file(checkpoint_path, "checkpoint")
     if config.amp and dev.type == "cpu" and not _cpu_bf16_ok():
         raise ValueError("--amp on CPU needs bfloat16 support; drop --amp")
@@ -402,24 +396,18 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
     data = load_data(config)
     seed_everything(seed_value(seed))
     model = build(config, data)
-    if distributed is not None and config.sync_stats:
-        from ..distributed import convert_sync
-
-        model = convert_sync(model)
-    model = model.to(dev)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if distributed is not None:  # convert_sync (with sync_stats), move, DDP for > 1 process
+        train_model = wrap_ddp(model, distributed, sync_stats=config.sync_stats)
+        model = unwrap(train_model)
+    else:
+        train_model = model = model.to(dev)
     optimizer = torch.optim.SGD(make_param_groups(model, config), lr=config.lr,
                                 momentum=config.momentum)
     for group in optimizer.param_groups:
         group.setdefault("initial_lr", group["lr"])
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    train_model = model
-    if distributed is not None and getattr(distributed, "world_size", 1) > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        ids = [dev.index] if dev.type == "cuda" else None
-        train_model = DistributedDataParallel(model, device_ids=ids)
     scaler = torch.amp.GradScaler("cuda") if (config.amp and dev.type == "cuda") else None
 
     x_train, y_train = data.train.tensors
@@ -438,13 +426,11 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
 
     probes = []
     if config.probe is not None:
-        from .probes import make_probe
-
         probes = [make_probe(config.probe, model, x_test, total_steps=total_steps,
                              channels_last=config.channels_last)]
         callbacks = list(callbacks) + probes
     augment_gen = torch.Generator().manual_seed(seed_value(seed) + 2)
-    precise_batches = (_precise_bn_batches(len(y_train), config, seed, rank, world)
+    precise_batches = (_precise_bn_batches(len(y_train), config, seed, distributed)
                        if config.precise_bn else None)
     state = TrainState(model=model, optimizer=optimizer, loss_fn=nn.functional.cross_entropy,
                        device=dev, config=config.to_dict())
@@ -454,7 +440,7 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
     epochs: list[dict[str, float]] = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # lazy: optional dependency (tqdm, for --progress)
 
         bar = tqdm(total=len(eval_at), desc=f"{config.norm} seed {seed}", unit="epoch",
                    leave=False)
@@ -465,8 +451,7 @@ def train_run(config: RunConfig, seed: int = 1, *, device: str | torch.device | 
         for idx in _batches(len(y_train), config.batch_size, generator):
             if step >= total_steps:
                 break
-            if world > 1:
-                idx = idx[rank::world]
+            idx = _share(idx, distributed)
             xb = _to(augment_batch(x_train[idx], config.augment, augment_gen), dev,
                      config.channels_last)
             yb = y_train[idx].to(dev)
@@ -573,15 +558,24 @@ class CheckpointError(OSError):
         return str(self.strerror)
 
 
-def _precise_bn_batches(n: int, config: RunConfig, seed: int, rank: int, world: int
-                        ) -> list[torch.Tensor]:
+def _share(idx: torch.Tensor, distributed: DistContext | None) -> torch.Tensor:
+    """This process's rows of one global batch under torchrun (every rank takes every
+    world-th index, :func:`normlab.distributed.shard_indices` without padding); DDP averages
+    the gradients, so the global batch is ``config.batch_size`` as in one process."""
+    if distributed is None or distributed.world_size == 1:
+        return idx
+    return idx[shard_indices(len(idx), distributed, pad=False)]
+
+
+def _precise_bn_batches(n: int, config: RunConfig, seed: int,
+                        distributed: DistContext | None) -> list[torch.Tensor]:
     """``config.precise_bn`` index batches of the training split at the training batch size,
     from passes shuffled by their own generator (this process's shard under torchrun)."""
     generator = torch.Generator().manual_seed(seed_value(seed) + 1)
     out: list[torch.Tensor] = []
     while len(out) < config.precise_bn:
         out += _batches(n, config.batch_size, generator)
-    return [idx[rank::world] if world > 1 else idx for idx in out[:config.precise_bn]]
+    return [_share(idx, distributed) for idx in out[:config.precise_bn]]
 
 
 @contextlib.contextmanager
@@ -593,7 +587,6 @@ def _precise_statistics(model: nn.Module, config: RunConfig, batches, x_train: t
     if not config.precise_bn:
         yield
         return
-    from ..precise_bn import batch_stat_layers, precise_bn_
 
     layers = batch_stat_layers(model)
     saved = {name: (m.running_mean.clone(), m.running_var.clone()) for name, m in layers.items()}
@@ -674,10 +667,10 @@ def _choose_epoch(epochs: list[dict[str, float]]) -> int:
     return chosen
 
 
-def _rank_world(distributed: Any) -> tuple[int, int]:
+def _rank_world(distributed: DistContext | None) -> tuple[int, int]:
     if distributed is None:
         return 0, 1
-    return int(getattr(distributed, "rank", 0)), int(getattr(distributed, "world_size", 1))
+    return distributed.rank, distributed.world_size
 
 
 def _cpu_bf16_ok() -> bool:

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
+from ..fold import eval_scale_shift
 from ._common import channel_view
 from .batch import _BatchStatsNorm, flat_view
 
@@ -86,13 +87,8 @@ class _TailBatchNorm(_BatchStatsNorm):
         """
         if not self.track_running_stats:
             return None
-        w, b = self.effective_affine()
-        c = self.num_features
-        w = torch.ones(c, dtype=torch.float64) if w is None else w.to(torch.float64)
-        b = torch.zeros(c, dtype=torch.float64) if b is None else b.to(torch.float64)
-        scale = w.cpu() / torch.sqrt(self.running_var.to(torch.float64).cpu() + self.eps)
-        shift = b.cpu() - self.running_mean.to(torch.float64).cpu() * scale
-        return scale, shift
+        return eval_scale_shift(self.running_mean, self.running_var, self.eps,
+                                *self.effective_affine())
 
 
 class _AltScaleBatchNorm(_TailBatchNorm):

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, fx, nn
 
+from ..fold import eval_scale_shift
 from ._common import check_positive_int
 from .batch import _FilteredBatchNorm
 
@@ -204,9 +205,7 @@ class InputNorm(_FilteredBatchNorm):
     @torch.no_grad()
     def inference_affine(self) -> tuple[Tensor, Tensor]:
         """``(scale, shift)`` per channel with ``eval_output = scale·x + shift`` (float64)."""
-        var = self.running_var.to(torch.float64)
-        scale = self.weight.to(torch.float64) / torch.sqrt(var + self.eps)
-        return scale, -self.running_mean.to(torch.float64) * scale
+        return eval_scale_shift(self.running_mean, self.running_var, self.eps, self.weight)
 
 
 def standardize_channels(name: str, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
