@@ -57,7 +57,7 @@ from torch import Tensor, nn
 
 from . import functional as F
 from .nn._common import channel_view, check_input
-from .nn.batch import _BatchRenorm, _FilteredBatchNorm
+from .nn.batch import _BatchRenorm, _FilteredBatchNorm, renorm_factors
 from .taxonomy import Family, Tail, classify
 
 __all__ = [
@@ -380,11 +380,7 @@ class SyncFilteredBatchNorm(_FilteredBatchNorm):
         group = _active_group(self) if self.training else None
         if group is None:
             return super().forward(x)
-        check_input(self, x, self._allowed_dims, self.num_features)
-        factor = self._averaging_factor()
-        xv = _flat_view(x)
-        stats = sync_batch_moments(xv, self.threshold, eps=self.eps,
-                                   gaussian_consistent=self.gaussian_consistent, group=group)
+        xv, stats, factor = _global_moments(self, x, group)
         y = _sync_normalize(self, x, self.weight, self.bias, stats, xv, group)
         self._update_running_stats(F.Moments(stats.mean, stats.var, stats.count), factor)
         return y
@@ -424,18 +420,11 @@ class SyncBatchRenorm(_BatchRenorm):
         group = _active_group(self) if self.training else None
         if group is None:
             return super().forward(x)
-        check_input(self, x, self._allowed_dims, self.num_features)
-        factor = self._averaging_factor()
+        xv, stats, factor = _global_moments(self, x, group)  # the step is counted first
         r_max, d_max = self.current_limits()
-        xv = _flat_view(x)
-        stats = sync_batch_moments(xv, self.threshold, eps=self.eps,
-                                   gaussian_consistent=self.gaussian_consistent, group=group)
         with torch.no_grad():  # r, d as in BatchRenorm*d.forward, from the global moments
-            sigma_batch = (stats.var + self.eps).sqrt()
-            sigma_run = (self.running_var.to(sigma_batch.dtype) + self.eps).sqrt()
-            r = (sigma_batch / sigma_run).clamp(1.0 / r_max, r_max)
-            d = ((stats.mean - self.running_mean.to(sigma_batch.dtype)) / sigma_run)
-            d = d.clamp(-d_max, d_max)
+            r, d = renorm_factors(stats.mean, stats.var, self.running_mean, self.running_var,
+                                  self.eps, r_max, d_max)
         weight = self.weight if self.weight is not None else torch.ones_like(r)
         bias = self.bias if self.bias is not None else torch.zeros_like(r)
         weight_eff = weight * r.to(weight.dtype)
@@ -443,6 +432,17 @@ class SyncBatchRenorm(_BatchRenorm):
         y = _sync_normalize(self, x, weight_eff, bias_eff, stats, xv, group)
         self._update_running_stats(F.Moments(stats.mean, stats.var, stats.count), factor)
         return y
+
+
+def _global_moments(layer, x: Tensor, group):
+    """``(x as (N, C, L), the (filtered) moments of the global batch, the averaging factor)``
+    after the input checks: the common start of the synchronized forwards."""
+    check_input(layer, x, layer._allowed_dims, layer.num_features)
+    factor = layer._averaging_factor()
+    xv = _flat_view(x)
+    stats = sync_batch_moments(xv, layer.threshold, eps=layer.eps,
+                               gaussian_consistent=layer.gaussian_consistent, group=group)
+    return xv, stats, factor
 
 
 def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:

@@ -96,6 +96,15 @@ def _triple(values: tuple[float, float, float], *, percent_last: bool = False) -
     return f"{a:.2f} / {b:.2f} / {c:.2f}"
 
 
+def save_figure(plt, fig, out: Path, name: str, written: dict[str, Path]) -> None:
+    """Lay out ``fig``, write it to ``out/name`` (90 dpi), close it and record it in
+    ``written`` — how every picture of the lab report is saved."""
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=90)
+    plt.close(fig)
+    written[name] = out / name
+
+
 def probe_markdown(plan: Plan, runs, label_of) -> list[str]:
     """Markdown sections for the probes present in the store (empty list if none)."""
     md: list[str] = []
@@ -156,10 +165,7 @@ def probe_plots(plan: Plan, runs, label_of, out: Path) -> dict[str, Path]:
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel(f"unit 0 of hidden layer {pct[0][1][0][1].get('layer', '')}")
         axes[0][0].legend(fontsize=7, title="percentile (seed 1 bold)", title_fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "percentiles.png", dpi=90)
-        plt.close(fig)
-        written["percentiles.png"] = out / "percentiles.png"
+        save_figure(plt, fig, out, "percentiles.png", written)
 
     if shape:
         layers = sorted(shape[0][1][0][1]["layers"], key=int)
@@ -185,8 +191,5 @@ def probe_plots(plan: Plan, runs, label_of, out: Path) -> dict[str, Path]:
                     if si == len(stats) - 1:
                         ax.set_xlabel("evaluation (0 = initialization)")
         axes[0][0].legend(fontsize=6)
-        fig.tight_layout()
-        fig.savefig(out / "shape.png", dpi=90)
-        plt.close(fig)
-        written["shape.png"] = out / "shape.png"
+        save_figure(plt, fig, out, "shape.png", written)
     return written

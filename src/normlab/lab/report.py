@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 
 from .presets import Plan
-from .probe_report import probe_markdown, probe_plots
+from .probe_report import probe_markdown, probe_plots, save_figure
 from .stats import PairedTest, Summary, paired_ttest, summarize
 from .store import RunStore
 
@@ -358,10 +358,7 @@ def _plots(plan: Plan, rows: list[ResultRow], runs, label_of, out: Path) -> dict
             ax.set_ylabel("accuracy (%)")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=90)
-    plt.close(fig)
-    written["curves.png"] = out / "curves.png"
+    save_figure(plt, fig, out, "curves.png", written)
 
     # final accuracy with error bars
     fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(rows) + 2), 4))
@@ -382,10 +379,7 @@ def _plots(plan: Plan, rows: list[ResultRow], runs, label_of, out: Path) -> dict
     ax.set_title("final test accuracy, mean ± std\n(gray: baseline; red: significantly better, "
                  "p < 0.05)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "final.png", dpi=90)
-    plt.close(fig)
-    written["final.png"] = out / "final.png"
+    save_figure(plt, fig, out, "final.png", written)
 
     # accuracy vs batch size
     sizes = sorted({r.batch_size for r in rows})
@@ -410,8 +404,5 @@ def _plots(plan: Plan, rows: list[ResultRow], runs, label_of, out: Path) -> dict
         ax.set_title("accuracy vs batch size (mean ± std)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "batch_size.png", dpi=90)
-        plt.close(fig)
-        written["batch_size.png"] = out / "batch_size.png"
+        save_figure(plt, fig, out, "batch_size.png", written)
     return written
