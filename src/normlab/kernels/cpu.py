@@ -343,8 +343,9 @@ def build_error() -> str | None:
     return _error
 
 
-def _ptr(t: Tensor | None):
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
+def _ptr(t: Tensor | None) -> int | None:
+    """A tensor's data pointer as the kernels take it (``None``: NULL)."""
+    return None if t is None else t.data_ptr()
 
 
 # storage dtype of x / y / ∂ℓ/∂y / ∂ℓ/∂x → suffix of the C kernels (bf16 ones compute in float)
@@ -377,7 +378,7 @@ _trace: list | None = None
 
 def _call(lib, name: str, *args) -> None:
     if _trace is not None:
-        _trace.append((name, args[0].value, args[1].value if "bwd" in name else None))
+        _trace.append((name, args[0], args[1] if "bwd" in name else None))
     getattr(lib, name)(*args)
 
 
@@ -399,7 +400,18 @@ def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
 def _vector(p: Tensor | None, pl: Plan, dtype: torch.dtype) -> Tensor | None:
     """A parameter as the kernels' contiguous ``(G·Cg,)`` vector in the kernel dtype."""
     v = canonical_param(p, pl)
-    return None if v is None else v.to(dtype)
+    return v if v is None or v.dtype == dtype else v.to(dtype)
+
+
+_ZEROS: dict[tuple[int, torch.dtype], Tensor] = {}
+
+
+def _zeros(n: int, dtype: torch.dtype) -> Tensor:
+    """A read-only vector of ``n`` zeros (ReLU's τ), made once per size and dtype."""
+    z = _ZEROS.get((n, dtype))
+    if z is None:
+        z = _ZEROS[n, dtype] = torch.zeros(n, dtype=dtype)
+    return z
 
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
@@ -469,7 +481,7 @@ def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, center
     sdt = _storage_dtype(x.dtype)  # x's own dtype; float32 for float16
     w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
     if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
-        t = torch.zeros(pl.g * pl.cg, dtype=kdt)
+        t = _zeros(pl.g * pl.cg, kdt)
     xk = x if x.dtype == sdt else _as_kernel_input(x, x, pl, sdt)  # a float32 copy for float16
     y = _empty_as(x, pl, sdt)
     nsets = pl.g if pl.kind == "channel" else pl.n * pl.g
@@ -511,7 +523,7 @@ def backward(x, grad_y, weight, bias, eps_extra, tau, akappa, stats, pl: Plan, t
     kdt = stats.dtype
     w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
     if act == ACT_CODES["tlu"] and t is None:
-        t = torch.zeros(pl.g * pl.cg, dtype=kdt)
+        t = _zeros(pl.g * pl.cg, kdt)
     sdt = _storage_dtype(x.dtype)
     xk = x if x.dtype == sdt else _as_kernel_input(x, x, pl, sdt)
     dz = _as_kernel_input(grad_y, x, pl, sdt)  # ∂ℓ/∂z in x's layout and storage dtype
