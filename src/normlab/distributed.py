@@ -377,10 +377,10 @@ class SyncFilteredBatchNorm(_FilteredBatchNorm):
         self.process_group = _check_process_group(process_group)
 
     def forward(self, x: Tensor) -> Tensor:
-        group = _active_group(self) if self.training else None
-        if group is None:
+        synced = _global_moments(self, x)
+        if synced is None:  # evaluation, or no process group: the layer's own forward
             return super().forward(x)
-        xv, stats, factor = _global_moments(self, x, group)
+        xv, stats, factor, group = synced
         y = _sync_normalize(self, x, self.weight, self.bias, stats, xv, group)
         self._update_running_stats(F.Moments(stats.mean, stats.var, stats.count), factor)
         return y
@@ -417,10 +417,10 @@ class SyncBatchRenorm(_BatchRenorm):
         self.process_group = _check_process_group(process_group)
 
     def forward(self, x: Tensor) -> Tensor:
-        group = _active_group(self) if self.training else None
-        if group is None:
+        synced = _global_moments(self, x)
+        if synced is None:  # evaluation, or no process group: the layer's own forward
             return super().forward(x)
-        xv, stats, factor = _global_moments(self, x, group)  # the step is counted first
+        xv, stats, factor, group = synced  # the step is counted first
         r_max, d_max = self.current_limits()
         with torch.no_grad():  # r, d as in BatchRenorm*d.forward, from the global moments
             r, d = renorm_factors(stats.mean, stats.var, self.running_mean, self.running_var,
@@ -434,15 +434,19 @@ class SyncBatchRenorm(_BatchRenorm):
         return y
 
 
-def _global_moments(layer, x: Tensor, group):
-    """``(x as (N, C, L), the (filtered) moments of the global batch, the averaging factor)``
-    after the input checks: the common start of the synchronized forwards."""
+def _global_moments(layer, x: Tensor):
+    """``(x as (N, C, L), the (filtered) moments of the global batch, the averaging factor,
+    the process group)`` after the input checks — the common start of the synchronized
+    forwards; ``None`` when the layer is not training in a process group."""
+    group = _active_group(layer) if layer.training else None
+    if group is None:
+        return None
     check_input(layer, x, layer._allowed_dims, layer.num_features)
     factor = layer._averaging_factor()
     xv = _flat_view(x)
     stats = sync_batch_moments(xv, layer.threshold, eps=layer.eps,
                                gaussian_consistent=layer.gaussian_consistent, group=group)
-    return xv, stats, factor
+    return xv, stats, factor, group
 
 
 def _copy_state(src: nn.Module, dst: nn.Module) -> nn.Module:

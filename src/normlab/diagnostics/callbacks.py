@@ -176,14 +176,7 @@ class BandTracker(_HookedCallback):
         super().on_batch_end(state)
 
     def write_artifacts(self, out_dir: Path) -> list[Path]:
-        if not self.history:
-            return []
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return [write_json(self.history, out_dir / "diag_band_history.json"),
-                write_csv(self.history, out_dir / "diag_band_history.csv"),
-                plot_band_history(self.history, out_dir / "diag_band_history.png")]
+        return _write_history(self.history, out_dir, "diag_band_history", plot_band_history)
 
 
 # ---------------------------------------------------------------------------------------
@@ -435,14 +428,8 @@ class GradientFactorTracker(_HookedCallback):
             self.history.append(row)
 
     def write_artifacts(self, out_dir: Path) -> list[Path]:
-        if not self.history:
-            return []
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        return [write_json(self.history, out_dir / "diag_gradient_factor.json"),
-                write_csv(self.history, out_dir / "diag_gradient_factor.csv"),
-                plot_gradient_factor(self.history, out_dir / "diag_gradient_factor.png")]
+        return _write_history(self.history, out_dir, "diag_gradient_factor",
+                              plot_gradient_factor)
 
 
 # ---------------------------------------------------------------------------------------
@@ -484,3 +471,15 @@ def default_callbacks(config: dict | None = None) -> list[Callback]:
     if "gradient_factor" in names:
         out.append(GradientFactorTracker(layers, every))
     return out
+
+
+def _write_history(history: list[dict[str, Any]], out_dir: Path, stem: str, plot) -> list[Path]:
+    """``stem``.json, .csv and .png (``plot(history, path)``) of a callback's per-step rows
+    in ``out_dir`` (created); nothing without rows."""
+    if not history:
+        return []
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return [write_json(history, out_dir / f"{stem}.json"),
+            write_csv(history, out_dir / f"{stem}.csv"),
+            plot(history, out_dir / f"{stem}.png")]

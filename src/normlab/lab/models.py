@@ -434,7 +434,28 @@ class ResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-class PreActBlock(nn.Module):
+class _PreActUnit(nn.Module):
+    """What both pre-activation blocks share: the first norm-act feeds the residual branch
+    (:meth:`residual`) and, when the shape changes, the 1×1 projection shortcut."""
+
+    shortcut: nn.Module | None
+
+    def residual(self, out: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @staticmethod
+    def projection(c_in: int, c_out: int, stride: int) -> nn.Module | None:
+        """The shortcut: identity (``None``) or a 1×1 convolution with the block's stride."""
+        return (None if stride == 1 and c_in == c_out
+                else _conv(c_in, c_out, 1, stride=stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.norm1(x)
+        skip = x if self.shortcut is None else self.shortcut(out)
+        return self.residual(out) + skip
+
+
+class PreActBlock(_PreActUnit):
     """Pre-activation (ResNetV2) basic block: ``x + conv(act(norm(conv(act(norm(x))))))``.
 
     He et al. 2016b; [SK20] trains ResNetV2 with FRN+TLU in place of every BN+ReLU.
@@ -447,17 +468,13 @@ class PreActBlock(nn.Module):
         self.conv1 = _conv(c_in, planes, 3, stride=stride, bias=bias)
         self.norm2 = _norm_act(norm, planes)
         self.conv2 = _conv(planes, planes, 3, bias=bias)
-        self.shortcut = (None if stride == 1 and c_in == planes
-                         else _conv(c_in, planes, 1, stride=stride, bias=False))
+        self.shortcut = self.projection(c_in, planes, stride)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.norm1(x)
-        skip = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv2(self.norm2(self.conv1(out)))
-        return out + skip
+    def residual(self, out: torch.Tensor) -> torch.Tensor:
+        return self.conv2(self.norm2(self.conv1(out)))
 
 
-class PreActBottleneck(nn.Module):
+class PreActBottleneck(_PreActUnit):
     """Pre-activation bottleneck (ResNetV2-50, He et al. 2016b): norm-act → 1×1 → norm-act →
     3×3 (stride) → norm-act → 1×1 (×4 channels), added to the (projected) input."""
 
@@ -473,14 +490,10 @@ class PreActBottleneck(nn.Module):
         self.conv2 = _conv(planes, planes, 3, stride=stride, bias=bias)
         self.norm3 = _norm_act(norm, planes)
         self.conv3 = _conv(planes, c_out, 1, bias=bias)
-        self.shortcut = (None if stride == 1 and c_in == c_out
-                         else _conv(c_in, c_out, 1, stride=stride, bias=False))
+        self.shortcut = self.projection(c_in, c_out, stride)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.norm1(x)
-        skip = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv3(self.norm3(self.conv2(self.norm2(self.conv1(out)))))
-        return out + skip
+    def residual(self, out: torch.Tensor) -> torch.Tensor:
+        return self.conv3(self.norm3(self.conv2(self.norm2(self.conv1(out)))))
 
 
 class PreActResNet(nn.Module):
