@@ -168,3 +168,18 @@ def test_a_subclass_with_its_own_forward_keeps_it(sync, monkeypatch):
     x = _input(torch.float64, False)
     y = block(x)
     assert calls == [sync] and (y >= 0).all()
+
+
+def test_zero_size_batch_as_torch():
+    """An empty batch through the fused block: an empty output and gradient, running
+    statistics untouched, the batch counted — as torch's BatchNorm2d followed by ReLU."""
+    block, torch_block = _block("fbn", "relu"), nn.Sequential(nn.BatchNorm2d(5), nn.ReLU())
+    block, torch_block = block.double(), torch_block.double()
+    x = torch.randn(0, 5, 4, 3, dtype=torch.float64, requires_grad=True)
+    before = block.norm.running_mean.clone(), block.norm.running_var.clone()
+    y = block(x)
+    y.sum().backward()
+    assert y.shape == torch_block(x).shape == x.shape and x.grad.shape == x.shape
+    assert torch.equal(block.norm.running_mean, before[0])
+    assert torch.equal(block.norm.running_var, before[1])
+    assert block.norm.num_batches_tracked == torch_block[0].num_batches_tracked == 1
