@@ -4,6 +4,8 @@
      LD, ST  conversions S → T and T → S
      FABS    |·| in T
      SFX     the name suffix (_f32, _f64, _bf16)
+     NEXTAFTER, TMAX  nextafter and the largest finite value in T
+   (undefined again at the end of this file)
    (no include guard: included three times on purpose).
 
    Notation (see kernels/analytic.py): plain moments μ0, σ0² (centered) or 0, ν²
@@ -997,3 +999,13 @@ void SFX(rowc_bwd)(const S *x, const S *dz, S *dx, const T *w, const T *b, const
 
 #undef KEEP
 #undef XM
+
+/* the parameters of this inclusion: the next one defines its own */
+#undef S
+#undef T
+#undef LD
+#undef ST
+#undef FABS
+#undef NEXTAFTER
+#undef TMAX
+#undef SFX

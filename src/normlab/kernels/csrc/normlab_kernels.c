@@ -168,15 +168,7 @@ void bf16_convert(const uint16_t *h, float *hf, const float *f, uint16_t *fh, in
 #define NEXTAFTER nextafterf
 #define TMAX FLT_MAX
 #define SFX(name) name##_f32
-#include "normlab_body.h"
-#undef S
-#undef T
-#undef LD
-#undef ST
-#undef FABS
-#undef NEXTAFTER
-#undef TMAX
-#undef SFX
+#include "normlab_body.h"   /* undefines its parameters at its end */
 
 #define S double
 #define T double
@@ -186,15 +178,7 @@ void bf16_convert(const uint16_t *h, float *hf, const float *f, uint16_t *fh, in
 #define NEXTAFTER nextafter
 #define TMAX DBL_MAX
 #define SFX(name) name##_f64
-#include "normlab_body.h"
-#undef S
-#undef T
-#undef LD
-#undef ST
-#undef FABS
-#undef NEXTAFTER
-#undef TMAX
-#undef SFX
+#include "normlab_body.h"   /* undefines its parameters at its end */
 
 #define S uint16_t
 #define T float
@@ -204,12 +188,4 @@ void bf16_convert(const uint16_t *h, float *hf, const float *f, uint16_t *fh, in
 #define NEXTAFTER nextafterf
 #define TMAX FLT_MAX
 #define SFX(name) name##_bf16
-#include "normlab_body.h"
-#undef S
-#undef T
-#undef LD
-#undef ST
-#undef FABS
-#undef NEXTAFTER
-#undef TMAX
-#undef SFX
+#include "normlab_body.h"   /* undefines its parameters at its end */
