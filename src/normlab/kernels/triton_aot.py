@@ -240,7 +240,7 @@ def _rows_calls(full: bool):
         params = [torch.ones(pshape, dtype=pd) if flag else None
                   for flag in (on["weight"], on["bias"], act >= 1, act == 2)]
         pl = plan(x, params, dims)
-        x = TK._as_viewable(x, pl)  # as FusedNormTriton does
+        x = TK._as_viewable(x, pl)  # as TK.forward does
         w, b, t, k = (TK.canonical_param(q, pl) for q in params)
         epsx = torch.zeros((), dtype=torch.float32) if on["eps_extra"] else None
         thr = 2.0 if on["threshold"] else None
