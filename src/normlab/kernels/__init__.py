@@ -8,7 +8,10 @@ implementation by backend, device and dtype:
   fused C/OpenMP kernels (:mod:`normlab.kernels.cpu`, built at first use; skipped if no
   compiler is available): float32/float64, bfloat16 (stored as is, float32 arithmetic),
   float16 (upcast around the float32 kernels); contiguous or channels_last views (other
-  strides are copied to contiguous first); ``y`` and ``∂ℓ/∂x`` keep ``x``'s strides.
+  strides are copied to contiguous first); ``y`` and ``∂ℓ/∂x`` keep ``x``'s strides. In
+  plain eager mode (:func:`normlab.kernels.eager.applies`) the same kernels are called
+  without the op's dispatch, and the batch-norm kernel updates the running averages itself
+  (:mod:`normlab.kernels.eager`).
 * ``"triton"`` – the ``normlab::normalize_triton`` op (``torch.library.triton_op``) running
   the Triton kernels (:mod:`normlab.kernels.triton_kernels`) on CUDA tensors:
   float32/float16/bfloat16, any strides. The first call of each (family, dtype, layout) in
@@ -40,7 +43,7 @@ import torch
 from torch import Tensor
 
 from .. import functional as F
-from . import check, cpu, ops
+from . import check, cpu, eager, ops
 from .analytic import (
     NormalizeAffineFunction,
     composite_forward,
@@ -233,17 +236,23 @@ def normalize(
     else:
         act_after = (path == "triton" and spec.reduction is Reduction.CHANNEL
                      and spec.activation is not Activation.NONE)
-        args = ops.spec_args(spec)
-        if act_after:  # the Triton batch-norm kernels fuse no activation: apply it after
-            args = (*args[:-1], int(Activation.NONE))
-        if path == "cpu":
-            if not x.is_contiguous() and ops.plan_of(x, spec).layout == "strided":
-                x = x.contiguous()
-            op = torch.ops.normlab.normalize.default
+        if path == "cpu" and not x.is_contiguous() and ops.plan_of(x, spec).layout == "strided":
+            x = x.contiguous()
+        if path == "cpu" and x.numel() and eager.applies(x, (weight, bias, eps_extra, tau,
+                                                              kappa)):
+            # plain eager mode: the same kernels without the op's dispatch (see there)
+            y, stats, updated = eager.normalize(x, weight, bias, eps_extra, tau, kappa, spec,
+                                                running)
+            if updated:  # by the kernel
+                running = None
         else:
-            op = torch.ops.normlab.normalize_triton.default
-        y, stats = op(x, weight, bias, eps_extra, None if act_after else tau,
-                      None if act_after else kappa, *args)
+            args = ops.spec_args(spec)
+            if act_after:  # the Triton batch-norm kernels fuse no activation: apply it after
+                args = (*args[:-1], int(Activation.NONE))
+            op = (torch.ops.normlab.normalize.default if path == "cpu"
+                  else torch.ops.normlab.normalize_triton.default)
+            y, stats = op(x, weight, bias, eps_extra, None if act_after else tau,
+                          None if act_after else kappa, *args)
         moments = _moments(stats, x, spec)
         if act_after:
             shape = (1, -1) + (1,) * (x.dim() - 2)  # batch norm: per-channel τ, κ

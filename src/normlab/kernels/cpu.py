@@ -399,8 +399,10 @@ def _kernel_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _vector(p: Tensor | None, pl: Plan, dtype: torch.dtype) -> Tensor | None:
     """A parameter as the kernels' contiguous ``(G·Cg,)`` vector in the kernel dtype."""
+    if p is None:
+        return None
     v = canonical_param(p, pl)
-    return v if v is None or v.dtype == dtype else v.to(dtype)
+    return v if v.dtype == dtype else v.to(dtype)
 
 
 _ZEROS: dict[tuple[int, torch.dtype], Tensor] = {}
@@ -416,14 +418,16 @@ def _zeros(n: int, dtype: torch.dtype) -> Tensor:
 
 def _same_layout(a: Tensor, b: Tensor) -> bool:
     """Same shape and the same strides on every axis longer than 1."""
-    return a.shape == b.shape and all(
-        n == 1 or sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()))
+    sa, sb = a.stride(), b.stride()
+    return a.shape == b.shape and (sa == sb or all(
+        n == 1 or i == j for n, i, j in zip(a.shape, sa, sb)))
 
 
 def _empty_as(x: Tensor, pl: Plan, dtype: torch.dtype) -> Tensor:
-    """An uninitialized tensor shaped like ``x`` in the plan's memory layout."""
+    """An uninitialized tensor shaped like ``x`` in the plan's memory layout (``empty_like``:
+    the cheapest allocation from Python)."""
     if pl.layout == "contiguous":
-        return torch.empty(x.shape, dtype=dtype)
+        return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
     return torch.empty_strided(x.shape, x.stride(), dtype=dtype)  # x's (dense) NHWC strides
 
 
@@ -441,11 +445,10 @@ def _work(pl: Plan, nt: int) -> Tensor | None:
     return torch.empty((nt + 1) * _WORK_PER * pl.g * pl.cg, dtype=torch.float64)
 
 
-def _row_pointers(t: Tensor) -> list[int]:
+def _row_pointers(t: Tensor) -> tuple[int, ...]:
     """Addresses of the rows of a contiguous 2-D tensor (no view tensors: cheaper per call)."""
-    step = t.stride(0) * t.element_size()
-    base = t.data_ptr()
-    return [base + i * step for i in range(t.shape[0])]
+    rows, step, base = t.shape[0], t.shape[1] * t.element_size(), t.data_ptr()
+    return tuple(range(base, base + rows * step, step)) if step else (base,) * rows
 
 
 def _filter_args(threshold, gaussian_consistent) -> tuple[float, float]:
@@ -456,8 +459,35 @@ def _filter_args(threshold, gaussian_consistent) -> tuple[float, float]:
     return thr, kap
 
 
+def running_supported(running, pl: Plan, kdt: torch.dtype) -> bool:
+    """Whether the batch-norm kernels can update ``running`` (a
+    :class:`~normlab.kernels.analytic.RunningStats`) themselves: per-channel statistics, and
+    contiguous buffers of the kernel dtype with one value per channel."""
+    return pl.kind == "channel" and _buffer_ok(running.mean, pl.g, kdt) and _buffer_ok(
+        running.var, pl.g, kdt)
+
+
+def _buffer_ok(t: Tensor, n: int, dtype: torch.dtype) -> bool:
+    return (type(t) in _PLAIN_TENSORS and t.dtype == dtype and t.is_contiguous()
+            and t.numel() == n and t.device.type == "cpu")
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+
+
+def _running_args(running, pl: Plan, kdt: torch.dtype) -> tuple:
+    """The kernels' ``(running mean, running var, factor)`` arguments: NULL without ``running``
+    (the ops are functional: the dispatcher updates the buffers from the statistics)."""
+    if running is None:
+        return None, None, 0.0
+    if not running_supported(running, pl, kdt):
+        raise ValueError("the fused CPU kernels update only contiguous per-channel running "
+                         "averages of the kernel dtype; update them from the statistics")
+    return _ptr(running.mean), _ptr(running.var), float(running.factor)
+
+
 def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, centered, eps,
-            gaussian_consistent, act):
+            gaussian_consistent, act, running=None):
     """``z = act(γ · normalize(x) + β)`` with (filtered) statistics, one fused C call.
 
     The CPU body of the ``normlab::normalize`` op (:mod:`normlab.kernels.ops`); same math as
@@ -470,6 +500,11 @@ def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, center
     the ``(STATS_ROWS, sets)`` statistics block in the kernel dtype (float32 for half x):
     rows 0–5 mean0, var0, mean, var, rstd, count (the op's contract), 6–7 the low parts of
     the two means (what keeps the backward exact when |μ|/σ is large).
+
+    ``running`` (batch norm, :func:`running_supported`): a
+    :class:`~normlab.kernels.analytic.RunningStats` the kernel updates from the statistics
+    (``mean ← mean + a (μ′ − mean)``, ``var ← var + a (σ′² M/(M − 1) − var)`` in double);
+    ``None``: the buffers are the caller's to update (the ops are functional).
     """
     if pl.layout not in ("contiguous", "channels_last"):
         raise ValueError(f"the fused CPU kernels need x contiguous or channels_last, got "
@@ -479,7 +514,8 @@ def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, center
     thr, kap = _filter_args(threshold, gaussian_consistent)
     kdt = _kernel_dtype(x.dtype)  # statistics and parameter vectors (float32 for half x)
     sdt = _storage_dtype(x.dtype)  # x's own dtype; float32 for float16
-    w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
+    w, b, t, k = _vector(weight, pl, kdt), _vector(bias, pl, kdt), _vector(tau, pl, kdt), \
+        _vector(akappa, pl, kdt)
     if act == ACT_CODES["tlu"] and t is None:  # ReLU: TLU with τ = 0
         t = _zeros(pl.g * pl.cg, kdt)
     xk = x if x.dtype == sdt else _as_kernel_input(x, x, pl, sdt)  # a float32 copy for float16
@@ -489,7 +525,7 @@ def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, center
     nt = _threads(x)
     work = _work(pl, nt)
     sfx = _sfx(sdt)
-    run = (None, None, 0.0)  # running averages: updated by the dispatcher (a functional op)
+    run = _running_args(running, pl, kdt)
     if pl.kind == "channel" and pl.layout == "contiguous":
         _call(lib, f"bn_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
               pl.n, pl.g, pl.l, int(centered), eps_total, thr, kap, act, _ptr(stats), *run, nt)
@@ -505,23 +541,27 @@ def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, center
         _call(lib, f"rowc_fwd_{sfx}", _ptr(xk), _ptr(y), _ptr(w), _ptr(b), _ptr(t), _ptr(k),
               pl.n, pl.g, pl.cg, pl.l, int(centered), eps_total, thr, kap, act, _ptr(stats),
               _ptr(work), nt)
+    if running is not None:  # written through pointers: tell autograd, as an in-place op would
+        torch._C._increment_version((running.mean, running.var))  # (autograd.graph's own call)
     return (y if y.dtype == x.dtype else y.to(x.dtype)), stats  # float16: cast back
 
 
 def backward(x, grad_y, weight, bias, eps_extra, tau, akappa, stats, pl: Plan, threshold,
-             centered, eps, gaussian_consistent, act, need_dx):
+             centered, eps, gaussian_consistent, act, need_dx, need_gxhat=True):
     """The fused backward of :func:`forward` (body of ``normlab::normalize_backward``).
 
     ``stats`` is the block :func:`forward` returned. Returns ``(dx, sums, gxhat)``:
     ``∂ℓ/∂x`` in x's dtype and strides (``None`` unless ``need_dx``); per parameter
     ``Σ∂ℓ/∂y``, ``Σ∂ℓ/∂y·x̂`` (and for rows ``∂ℓ/∂τ``, ``∂ℓ/∂κ``) as a ``(2, C)`` or
-    ``(4, G·Cg)`` tensor; ``Σ γ∂ℓ/∂y·x̂`` per set.
+    ``(4, G·Cg)`` tensor; ``Σ γ∂ℓ/∂y·x̂`` per set (batch norm: ``None`` unless
+    ``need_gxhat``; only ε's gradient uses it).
     """
     lib = _load()
     eps_total = eps + (float(eps_extra) if eps_extra is not None else 0.0)
     thr, kap = _filter_args(threshold, gaussian_consistent)
     kdt = stats.dtype
-    w, b, t, k = (_vector(p, pl, kdt) for p in (weight, bias, tau, akappa))
+    w, b, t, k = _vector(weight, pl, kdt), _vector(bias, pl, kdt), _vector(tau, pl, kdt), \
+        _vector(akappa, pl, kdt)
     if act == ACT_CODES["tlu"] and t is None:
         t = _zeros(pl.g * pl.cg, kdt)
     sdt = _storage_dtype(x.dtype)
@@ -535,7 +575,7 @@ def backward(x, grad_y, weight, bias, eps_extra, tau, akappa, stats, pl: Plan, t
     if pl.kind == "channel":
         # Σdy, Σdy·x̂ (and with an activation Σdτ, Σdκ): 2 or 4 rows, as the op's contract
         sums = torch.empty(2 if act == ACT_CODES["none"] else 4, pl.g, dtype=kdt)
-        per_channel = (*_row_pointers(sums), None, None)[:4]
+        per_channel = (_row_pointers(sums) + (None, None))[:4]
         if pl.layout == "contiguous":
             _call(lib, f"bn_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
                   _ptr(t), _ptr(k), pl.n, pl.g, pl.l, int(centered), eps_total, thr, kap, act,
@@ -544,7 +584,10 @@ def backward(x, grad_y, weight, bias, eps_extra, tau, akappa, stats, pl: Plan, t
             _call(lib, f"bnc_bwd_{sfx}", _ptr(xk), _ptr(dz), _ptr(dx), _ptr(w), _ptr(b),
                   _ptr(t), _ptr(k), pl.n, pl.g, pl.l, int(centered), eps_total, thr, kap, act,
                   st, *per_channel, _ptr(work), nt)
-        s_gxhat = sums[1] * w if w is not None else sums[1].clone()  # an output of its own
+        if need_gxhat:
+            s_gxhat = sums[1] * w if w is not None else sums[1].clone()  # an output of its own
+        else:
+            s_gxhat = None
     else:
         rows = pl.n * pl.g
         buf = torch.empty(4, rows * pl.cg, dtype=kdt)
