@@ -91,7 +91,8 @@ def _steps(module, name, dtype, channels_last, watch):
     return out
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16],
+                         ids=["f32", "f64", "bf16"])
 @pytest.mark.parametrize("name,channels_last", [
     *((name, False) for name in sorted(MODULES)),
     *((name, True) for name in sorted(MODULES) if name != "fbn1d"),  # 2-D input: one layout
@@ -112,7 +113,9 @@ def test_eager_call_equals_the_op(name, dtype, channels_last, monkeypatch):
             assert torch.equal(gp[k], gp2[k]), k
     # running averages: the kernel updates them in double, the op path by a float lerp
     for (k, a), b in zip(direct.state_dict().items(), through_op.state_dict().values()):
-        tol = 0 if a.dtype == torch.int64 else (2e-7 if dtype == torch.float32 else 1e-15)
+        # (bfloat16 buffers: updated from the statistics on both paths, so equal)
+        tol = {torch.int64: 0, torch.float32: 2e-7, torch.float64: 1e-15, torch.bfloat16: 0}[
+            a.dtype]
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=k)
 
 
@@ -199,3 +202,23 @@ def test_activation_checkpointing_through_the_eager_call():
     ref(x).square().sum().backward()
     for p, q in zip(block.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+
+
+@pytest.mark.parametrize("name", ["fbn+relu", "brn", "frn"])
+def test_bfloat16_input_through_a_float32_module(name):
+    """Mixed precision: bfloat16 activations, float32 parameters and running buffers (which
+    the kernel updates, in its float32 arithmetic) — equal to the op path."""
+    direct, through_op = _module(name, torch.float32), _module(name, torch.float32)
+    for seed in range(2):
+        x = _input(name, torch.bfloat16, seed=seed)
+        y = direct(x)
+        with _Watch():
+            y2 = through_op(x)
+        assert y.dtype == torch.bfloat16 and torch.equal(y, y2)
+        g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
+        gx = torch.autograd.grad(y, [x, *direct.parameters()], g)
+        gx2 = torch.autograd.grad(y2, [x, *through_op.parameters()], g)
+        for a, b in zip(gx, gx2):
+            assert torch.equal(a, b)
+    for (k, a), b in zip(direct.state_dict().items(), through_op.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=2e-7, atol=0, msg=k)
