@@ -105,10 +105,7 @@ def normalize(x: Tensor, weight, bias, eps_extra, tau, kappa, spec: NormSpec,
     pl = _plan(x, spec)
     if running is not None and not cpu.running_supported(running, pl,
                                                          cpu._kernel_dtype(x.dtype)):
-        running = None
-        updated = False
-    else:
-        updated = running is not None
+        running = None  # left to the caller
     if torch.is_grad_enabled() and torch._C._any_requires_grad(x, weight, bias, eps_extra,
                                                                 tau, kappa):
         z, stats = _EagerNormalize.apply(x, weight, bias, eps_extra, tau, kappa, spec, pl,
@@ -116,4 +113,4 @@ def normalize(x: Tensor, weight, bias, eps_extra, tau, kappa, spec: NormSpec,
     else:
         z, stats = cpu.forward(x, weight, bias, eps_extra, tau, kappa, pl,
                                *ops._kernel_args(spec), running=running)
-    return z, stats, updated
+    return z, stats, running is not None
