@@ -161,6 +161,7 @@ def test_double_backward_through_the_eager_call(name):
     def f(x, *ps):
         return torch.func.functional_call(m, dict(zip(dict(m.named_parameters()), ps)), (x,))
 
+    assert type(f(x, *params).grad_fn).__name__ == "_EagerNormalizeBackward"
     torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-7, rtol=1e-5)
     torch.autograd.gradgradcheck(f, (x, *params), eps=1e-6, atol=1e-6, rtol=1e-4)
 
@@ -188,6 +189,9 @@ def test_inference_mode_and_no_grad_update_the_running_averages_like_the_op():
     with torch.no_grad(), _Watch():
         yb = b(x)
     assert torch.equal(ya, yb)
+    assert a.num_batches_tracked == b.num_batches_tracked == 1
+    assert a.running_mean.abs().sum() > 0  # moved from its initial zeros
+    torch.testing.assert_close(a.running_mean, b.running_mean, rtol=2e-7, atol=1e-9)
     torch.testing.assert_close(a.running_var, b.running_var, rtol=2e-7, atol=0)
 
 

@@ -447,8 +447,8 @@ def _work(pl: Plan, nt: int) -> Tensor | None:
 
 def _row_pointers(t: Tensor) -> tuple[int, ...]:
     """Addresses of the rows of a contiguous 2-D tensor (no view tensors: cheaper per call)."""
-    rows, step, base = t.shape[0], t.shape[1] * t.element_size(), t.data_ptr()
-    return tuple(range(base, base + rows * step, step)) if step else (base,) * rows
+    step, base = t.stride(0) * t.element_size(), t.data_ptr()
+    return tuple(base + i * step for i in range(t.shape[0]))
 
 
 def _filter_args(threshold, gaussian_consistent) -> tuple[float, float]:
@@ -468,11 +468,12 @@ def running_supported(running, pl: Plan, kdt: torch.dtype) -> bool:
 
 
 def _buffer_ok(t: Tensor, n: int, dtype: torch.dtype) -> bool:
-    return (type(t) in _PLAIN_TENSORS and t.dtype == dtype and t.is_contiguous()
+    return (type(t) in PLAIN_TENSORS and t.dtype == dtype and t.is_contiguous()
             and t.numel() == n and t.device.type == "cpu")
 
 
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
+#: tensors with storage of their own (not fake, functional or other subclasses)
+PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 def _running_args(running, pl: Plan, kdt: torch.dtype) -> tuple:

@@ -27,8 +27,6 @@ from .spec import NormSpec
 
 __all__ = ["applies", "normalize"]
 
-_PLAIN = (Tensor, torch.nn.Parameter)
-
 
 def _plain(t: Tensor) -> bool:
     """A tensor with storage of its own: not a subclass (fake, functional, DTensor, ...),
@@ -49,7 +47,7 @@ def applies(x: Tensor, params: tuple[Tensor | None, ...]) -> bool:
     """Whether the call on ``x`` (a CPU tensor the C kernels take) with ``params`` may skip
     the op: plain tensors, and nothing traces, transforms or records the call."""
     return (_unwatched() and _plain(x)  # is_compiling first: dynamo folds it, reads no further
-            and all(p is None or type(p) in _PLAIN for p in params))
+            and all(p is None or type(p) in cpu.PLAIN_TENSORS for p in params))
 
 
 _PLANS: dict[tuple, Plan] = {}
