@@ -200,6 +200,30 @@ def test_torch_convert_sync_batchnorm_unchanged_for_torch_layers():
     assert type(nn.SyncBatchNorm.convert_sync_batchnorm(nn.BatchNorm1d(3))) is nn.SyncBatchNorm
 
 
+def test_timm_converter_routing_without_timm():
+    """The routing normlab installs into timm's ``norm_act`` module, on a stand-in for it
+    (timm itself is an optional test dependency, absent in CI): normlab's batch layers go to
+    ``normlab.convert_sync``, everything else to timm's own converter."""
+    import types
+
+    from normlab import distributed
+
+    seen = []
+
+    def timm_convert(module, process_group=None):  # timm's converter: a module function
+        seen.append(type(module).__name__)
+        return module
+
+    norm_act = types.SimpleNamespace(convert_sync_batchnorm=timm_convert)
+    distributed._keep_normlab_in_timm(norm_act)
+    routed = norm_act.convert_sync_batchnorm
+    assert routed.__wrapped__ is timm_convert
+    assert type(routed(normlab.FilteredBatchNorm2d(4))) is SyncFilteredBatchNorm
+    assert type(routed(normlab.BatchRenorm2d(4))) is SyncBatchRenorm
+    plain = nn.BatchNorm2d(4)
+    assert routed(plain) is plain and seen == ["BatchNorm2d"]
+
+
 # -- isinstance(m, _BatchNorm) patterns ----------------------------------------------------
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -563,10 +563,16 @@ def convert_sync_batchnorm_keeping_normlab(cls, module: nn.Module, process_group
     converter, unchanged. The recursion of torch's converter comes back here for every
     child (it calls ``cls.convert_sync_batchnorm``).
     """
-    kind = classify(module)
-    if kind is not None and kind.uses_batch_stats and kind.normlab:
+    if _is_normlab_batch_layer(module):
         return convert_sync(module, process_group)
     return _TORCH_CONVERT_SYNC_BATCHNORM(cls, module, process_group)
+
+
+def _is_normlab_batch_layer(module: nn.Module) -> bool:
+    """A normlab layer normalizing with batch statistics (what the converters hand to
+    :func:`convert_sync` instead of the framework's own)."""
+    kind = classify(module)
+    return kind is not None and kind.uses_batch_stats and kind.normlab
 
 
 convert_sync_batchnorm_keeping_normlab.__wrapped__ = _TORCH_CONVERT_SYNC_BATCHNORM
@@ -588,7 +594,7 @@ def _keep_normlab_in_timm(norm_act) -> None:
 
     @functools.wraps(timm_convert)
     def convert_sync_batchnorm(module, process_group=None):
-        if isinstance(module, _NORMLAB_BATCH_LAYERS):
+        if _is_normlab_batch_layer(module):
             return convert_sync(module, process_group)
         return timm_convert(module, process_group)
 
