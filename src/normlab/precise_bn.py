@@ -63,7 +63,6 @@ module's ``training`` flag are as before the call.
 
 from __future__ import annotations
 
-import math
 import warnings
 from itertools import islice
 from typing import Any, Iterable
@@ -73,7 +72,13 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import functional as F
-from .distributed import SyncBatchRenorm, SyncFilteredBatchNorm, _active_group, sync_batch_moments
+from .distributed import (
+    SyncBatchRenorm,
+    SyncFilteredBatchNorm,
+    _active_group,
+    _flat_view,
+    sync_batch_moments,
+)
 from .taxonomy import uses_batch_stats
 
 __all__ = ["precise_bn_", "batch_stat_layers", "PopulationStats"]
@@ -120,7 +125,7 @@ def layer_batch_moments(module: nn.Module, x: Tensor) -> F.Moments:
     count)`` of shape ``(C,)`` — filtered moments and kept count M for filtered layers, the
     global batch's for a synchronizing layer."""
     threshold, gaussian = _filter_settings(module)
-    xv = x.detach().reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))
+    xv = _flat_view(x.detach())
     group = _sync_group(module)
     if group is not None:
         s = sync_batch_moments(xv, threshold, eps=module.eps, gaussian_consistent=gaussian,

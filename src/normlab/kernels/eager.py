@@ -80,15 +80,15 @@ class _EagerNormalize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_z, _grad_stats):
-        backward_op = ops.normalize_backward
         if _plain(grad_z) and _unwatched():
             pl, kernel_args = ctx.pl, ops._kernel_args(ctx.spec)
 
             def backward_op(x, grad_z, weight, bias, eps_extra, tau, kappa, stats, *args):
                 return cpu.backward(x, grad_z, weight, bias, eps_extra, tau, kappa, stats, pl,
                                     *kernel_args, args[-1], need_gxhat=eps_extra is not None)
-        # else (vmap over the backward: batched gradients, jacobian(vectorize=True); a
-        # mode watching it): the backward op, which has the vmap rules
+        else:  # vmap over the backward (batched gradients, jacobian(vectorize=True)) or a
+            # mode watching it: the backward op, which has the vmap rules
+            backward_op = ops.normalize_backward
         grads = ops._backward(backward_op, ctx, grad_z, ctx.saved_tensors,
                               ops.spec_args(ctx.spec))
         return (*grads, None, None, None)

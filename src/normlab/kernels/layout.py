@@ -29,8 +29,7 @@ from typing import NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Plan", "plan", "canonical_plan", "canonical_view", "canonical_param",
-           "param_grad"]
+__all__ = ["Plan", "plan", "canonical_plan", "canonical_view", "canonical_param"]
 
 
 class Plan(NamedTuple):
@@ -174,12 +173,3 @@ def canonical_param(p: Tensor | None, pl: Plan) -> Tensor | None:
     if p.shape == pl.param_shape and p.is_contiguous():
         return p.view(-1)  # a module's (C,) parameter viewed: no copy
     return p.expand(pl.param_shape).reshape(-1).contiguous()
-
-
-def param_grad(grad: Tensor, p: Tensor, pl: Plan) -> Tensor:
-    """Reduce a canonical ``(G * Cg,)`` gradient back to the parameter's own shape."""
-    grad = grad.reshape(pl.param_shape)
-    dims = tuple(i for i, (a, b) in enumerate(zip(grad.shape, p.shape)) if b == 1 and a != 1)
-    if dims:
-        grad = grad.sum(dim=dims, keepdim=True)
-    return grad.reshape(p.shape).to(p.dtype)

@@ -651,7 +651,7 @@ def make_plan(preset: str = "default", *, seeds: int | list[int] | None = None,
     # smoke values of keys a method sets apply to that method only (below)
     base = _merged(p.base, paper.base if paper else {},
                    {k: v for k, v in smoke_changes.items() if k not in method_keys}, overrides)
-    if paper and base.get("data_root") is None and _needs_root(base["data"]):
+    if paper and base.get("data_root") is None and dataset_needs_root(base["data"]):
         raise ValueError(f"--scale paper for {preset!r} reads {base['data']} ({paper.source}); "
                          f"give its folder with --data-root DIR")
     preset_sizes = paper.batch_sizes if paper and paper.batch_sizes else p.batch_sizes
@@ -704,10 +704,6 @@ def _merged(*layers: dict[str, Any]) -> dict[str, Any]:
             else:
                 out[key] = value
     return out
-
-
-def _needs_root(data: str) -> bool:
-    return dataset_needs_root(data)
 
 
 def preset_doc(name: str) -> str:
