@@ -250,8 +250,7 @@ class SyncNormalizeAffineFunction(torch.autograd.Function):
             w = weight.to(rstd.dtype).reshape(1, -1) if weight is not None else None
             sums = sums * w if w is not None else sums.clone()  # Σ g, Σ g x̂ with g = γ ∂ℓ/∂y
             dist.all_reduce(sums, group=group)
-            kappa = F.truncated_normal_variance_factor(threshold) if (
-                gaussian_consistent and threshold is not None) else 1.0
+            kappa = F.variance_factor(threshold, gaussian_consistent)
             m = count.view(1, -1, 1)
             proj = xhat * (sums[1].view(1, -1, 1) / (kappa * m)) + sums[0].view(1, -1, 1) / m
             if threshold is not None:

@@ -34,6 +34,7 @@ __all__ = [
     "filter_mask",
     "filtered_moments",
     "truncated_normal_variance_factor",
+    "variance_factor",
     "normalize",
     "normalized_moments_reference",
     "tlu",
@@ -113,6 +114,14 @@ def truncated_normal_variance_factor(threshold: float) -> float:
     phi = math.exp(-0.5 * t * t) / math.sqrt(2.0 * math.pi)
     big_phi_centered = math.erf(t / math.sqrt(2.0))  # 2Φ(T) − 1
     return 1.0 - 2.0 * t * phi / big_phi_centered
+
+
+def variance_factor(threshold: float | None, gaussian_consistent: bool) -> float:
+    """What the filtered variance is divided by: κ(T) (:func:`truncated_normal_variance_factor`)
+    when ``gaussian_consistent`` and a filter is on, else 1."""
+    if gaussian_consistent and threshold is not None:
+        return truncated_normal_variance_factor(threshold)
+    return 1.0
 
 
 def filter_mask(x: Tensor, plain: Moments, threshold: float, eps: float | Tensor) -> Tensor:

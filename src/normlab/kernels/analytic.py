@@ -191,8 +191,7 @@ def _input_grad(g, xhat, rstd, xs, mean0, var0, count, dims, threshold, centered
     """``∂ℓ/∂x = r (g − f/M Σ g − f x̂/(κM) Σ g x̂)`` (module docstring; no mean term when
     uncentered) in the statistics dtype."""
     sum_g_xhat = (g * xhat).sum(dim=dims, keepdim=True)
-    kappa = F.truncated_normal_variance_factor(threshold) if (
-        gaussian_consistent and threshold is not None) else 1.0
+    kappa = F.variance_factor(threshold, gaussian_consistent)
     if threshold is None:
         keep = None
         m = float(math.prod([xs.shape[d] for d in dims]))

@@ -454,9 +454,7 @@ def _row_pointers(t: Tensor) -> tuple[int, ...]:
 def _filter_args(threshold, gaussian_consistent) -> tuple[float, float]:
     """The kernels' threshold (≤ 0: no filter) and variance factor κ."""
     thr = -1.0 if threshold is None else float(threshold)
-    kap = (F.truncated_normal_variance_factor(threshold)
-           if gaussian_consistent and threshold is not None else 1.0)
-    return thr, kap
+    return thr, F.variance_factor(threshold, gaussian_consistent)
 
 
 def running_supported(running, pl: Plan, kdt: torch.dtype) -> bool:

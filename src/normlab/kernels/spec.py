@@ -126,9 +126,7 @@ class NormSpec:
     @property
     def variance_factor(self) -> float:
         """κ(T) for Gaussian-consistent filtered variances, else 1."""
-        if self.gaussian_consistent and self.filtered:
-            return F.truncated_normal_variance_factor(self.threshold)
-        return 1.0
+        return F.variance_factor(self.optional_threshold, self.gaussian_consistent)
 
     @property
     def dims(self) -> tuple[int, ...]:

@@ -369,8 +369,7 @@ def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, center
     runs one program per row, with the TLU / affine TLU fused. Returns ``(y, stats)``, stats
     ``(STATS_ROWS, sets)`` float32 (rows 0–5 as the op's contract, the rest private).
     """
-    kap = (F.truncated_normal_variance_factor(threshold)
-           if gaussian_consistent and threshold is not None else 1.0)
+    kap = F.variance_factor(threshold, gaussian_consistent)
     w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
     if pl.kind == "channel":
         if act != ACT_CODES["none"]:
@@ -386,8 +385,7 @@ def forward(x, weight, bias, eps_extra, tau, akappa, pl: Plan, threshold, center
 def backward(x, grad_y, weight, bias, eps_extra, tau, akappa, stats, pl: Plan, threshold,
              centered, eps, gaussian_consistent, act, need_dx):
     """Triton twin of :func:`normlab.kernels.cpu.backward`: ``(dx or None, sums, gxhat)``."""
-    kap = (F.truncated_normal_variance_factor(threshold)
-           if gaussian_consistent and threshold is not None else 1.0)
+    kap = F.variance_factor(threshold, gaussian_consistent)
     if pl.kind == "rows":
         x = _as_viewable(x, pl)
     w, b, t, k = (canonical_param(p, pl) for p in (weight, bias, tau, akappa))
