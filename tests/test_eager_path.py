@@ -41,6 +41,24 @@ class _OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.fixture
+def eager_calls(monkeypatch):
+    """One entry per eager call, in order: whether its kernel updated the running averages
+    (``None``: the call did not return)."""
+    updated = []
+    real = eager.normalize
+
+    def spy(*args):
+        updated.append(None)  # entered; a checkpoint's recomputation may stop inside the call
+        i = len(updated) - 1
+        out = real(*args)
+        updated[i] = out[2]
+        return out
+
+    monkeypatch.setattr(eager, "normalize", spy)
+    return updated
+
+
 MODULES = {
     "fbn2d": lambda: normlab.FilteredBatchNorm2d(5, threshold=1.5),
     "fbn1d": lambda: normlab.FilteredBatchNorm1d(5, threshold=1.5),
@@ -97,15 +115,15 @@ def _steps(module, name, dtype, channels_last, watch):
     *((name, False) for name in sorted(MODULES)),
     *((name, True) for name in sorted(MODULES) if name != "fbn1d"),  # 2-D input: one layout
 ])
-def test_eager_call_equals_the_op(name, dtype, channels_last, monkeypatch):
-    calls = []
-    real = eager.normalize
-    monkeypatch.setattr(eager, "normalize", lambda *a: calls.append(1) or real(*a))
+def test_eager_call_equals_the_op(name, dtype, channels_last, eager_calls):
     direct, through_op = _module(name, dtype), _module(name, dtype)
     got = _steps(direct, name, dtype, channels_last, watch=False)
-    assert len(calls) == 3, "the eager call did not run"
+    # the kernel updates float32/float64 running buffers; bfloat16 ones, and layers without
+    # running averages (filtered GN, FRN), are left to the dispatcher
+    kernel_updates = name not in ("fgn", "frn") and dtype != torch.bfloat16
+    assert eager_calls == [kernel_updates] * 3, "the eager call did not run as expected"
     want = _steps(through_op, name, dtype, channels_last, watch=True)
-    assert len(calls) == 3, "a function mode must send the call through the op"
+    assert len(eager_calls) == 3, "a function mode must send the call through the op"
     for (y, gx, gp), (y2, gx2, gp2) in zip(got, want):
         assert torch.equal(y, y2)
         assert torch.equal(gx, gx2)
@@ -119,7 +137,7 @@ def test_eager_call_equals_the_op(name, dtype, channels_last, monkeypatch):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=k)
 
 
-def test_kernel_updates_the_running_averages_and_bumps_their_version():
+def test_kernel_updates_the_running_averages_and_bumps_their_version(eager_calls):
     m = normlab.FilteredBatchNorm2d(5, threshold=1.5, momentum=0.25)
     x = _input("fbn2d", torch.float32).detach()
     versions = m.running_mean._version, m.running_var._version
@@ -134,9 +152,10 @@ def test_kernel_updates_the_running_averages_and_bumps_their_version():
     torch.testing.assert_close(m.running_mean, expect_mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(m.running_var, expect_var, rtol=1e-6, atol=1e-7)
     assert m.running_mean._version > versions[0] and m.running_var._version > versions[1]
+    assert eager_calls == [False, True]  # the statistics alone; then the layer, by the kernel
 
 
-def test_buffers_the_kernel_cannot_take_are_updated_from_the_statistics():
+def test_buffers_the_kernel_cannot_take_are_updated_from_the_statistics(eager_calls):
     """bfloat16 buffers next to float32 statistics: updated as on the op path."""
     m = normlab.FilteredBatchNorm2d(5, threshold=1.5)
     m.running_mean = m.running_mean.bfloat16()
@@ -149,6 +168,7 @@ def test_buffers_the_kernel_cannot_take_are_updated_from_the_statistics():
     assert torch.equal(m.running_mean, ref.running_mean)
     assert torch.equal(m.running_var, ref.running_var)
     assert m.running_mean.abs().sum() > 0
+    assert eager_calls == [False]  # the eager call ran and left the buffers to the dispatcher
 
 
 @pytest.mark.parametrize("name", ["fbn+relu", "frn"])
@@ -195,7 +215,7 @@ def test_inference_mode_and_no_grad_update_the_running_averages_like_the_op():
     torch.testing.assert_close(a.running_var, b.running_var, rtol=2e-7, atol=0)
 
 
-def test_activation_checkpointing_through_the_eager_call():
+def test_activation_checkpointing_through_the_eager_call(eager_calls):
     torch.manual_seed(0)
     block = nn.Sequential(nn.Conv2d(3, 5, 3), NormActivation(normlab.FilteredBatchNorm2d(5),
                                                              nn.ReLU()))
@@ -206,10 +226,13 @@ def test_activation_checkpointing_through_the_eager_call():
     ref(x).square().sum().backward()
     for p, q in zip(block.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad, q.grad)
+    # the checkpointed forward; its recomputation, which checkpoint stops once the tensors
+    # backward needs are saved (inside the call); the reference
+    assert eager_calls == [True, None, True]
 
 
 @pytest.mark.parametrize("name", ["fbn+relu", "brn", "frn"])
-def test_bfloat16_input_through_a_float32_module(name):
+def test_bfloat16_input_through_a_float32_module(name, eager_calls):
     """Mixed precision: bfloat16 activations, float32 parameters and running buffers (which
     the kernel updates, in its float32 arithmetic) — equal to the op path."""
     direct, through_op = _module(name, torch.float32), _module(name, torch.float32)
@@ -226,3 +249,4 @@ def test_bfloat16_input_through_a_float32_module(name):
             assert torch.equal(a, b)
     for (k, a), b in zip(direct.state_dict().items(), through_op.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=2e-7, atol=0, msg=k)
+    assert eager_calls == [name != "frn"] * 2  # float32 buffers: updated by the kernel
