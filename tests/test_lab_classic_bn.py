@@ -49,18 +49,29 @@ def test_constant_schedule_keeps_the_rate_after_the_ramp():
 
 
 def test_augmentation_flips_and_crops_windows_of_the_padded_image():
-    x = torch.arange(4 * 2 * 5 * 5, dtype=torch.float32).reshape(4, 2, 5, 5)
-    flipped = augment_batch(x, "flip", torch.Generator().manual_seed(0))
-    for a, b in zip(x, flipped):
-        assert torch.equal(a, b) or torch.equal(a.flip(-1), b)
+    """Each image is the window of the zero-padded image at the drawn offset, flipped where
+    the drawn coin says so — the draws replayed from the same generator, the windows cut
+    by slicing; and the draws do move and flip images."""
+    x = torch.arange(16 * 2 * 5 * 5, dtype=torch.float32).reshape(16, 2, 5, 5)
     assert augment_batch(x, "none", torch.Generator()) is x
-    crops = augment_batch(x, "crop-flip", torch.Generator().manual_seed(1), pad=2)
-    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
-    for img, out in zip(padded, crops):
-        windows = [img[:, i:i + 5, j:j + 5] for i in range(5) for j in range(5)]
-        assert any(torch.equal(out, w) or torch.equal(out, w.flip(-1)) for w in windows)
-    again = augment_batch(x, "crop-flip", torch.Generator().manual_seed(1), pad=2)
-    assert torch.equal(crops, again)
+    for mode, pad in (("flip", 0), ("crop-flip", 2)):
+        got = augment_batch(x, mode, torch.Generator().manual_seed(1), pad=pad)
+        replay = torch.Generator().manual_seed(1)
+        if mode == "crop-flip":
+            dy = torch.randint(0, 2 * pad + 1, (16,), generator=replay)
+            dx = torch.randint(0, 2 * pad + 1, (16,), generator=replay)
+        else:
+            dy = dx = torch.zeros(16, dtype=torch.long)
+        flip = torch.rand(16, generator=replay) < 0.5
+        padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
+        for k in range(16):
+            window = padded[k, :, dy[k]:dy[k] + 5, dx[k]:dx[k] + 5]
+            assert torch.equal(got[k], window.flip(-1) if flip[k] else window), (mode, k)
+        assert 0 < int(flip.sum()) < 16  # some images flipped, some not
+        if mode == "crop-flip":
+            assert bool(((dy != pad) | (dx != pad)).any())  # some crops off centre
+        assert torch.equal(got, augment_batch(x, mode, torch.Generator().manual_seed(1),
+                                              pad=pad))
 
 
 def test_precise_bn_evaluation_trains_identically_and_keeps_algorithm_2_statistics(tmp_path):
