@@ -88,13 +88,26 @@ def test_fused_call_reaches_the_kernel_with_the_activation(monkeypatch):
     assert seen == [kernels.Activation.RELU]
 
 
-def test_float32_fused_kernel_equals_float64_on_outliers():
+def _kernel_calls(monkeypatch) -> list:
+    """The C kernel calls made from now on (kernel name, ...), for proof the fused path ran."""
+    from normlab.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("no fused CPU kernels")
+    calls = []
+    monkeypatch.setattr(cpu, "_trace", calls)
+    return calls
+
+
+def test_float32_fused_kernel_equals_float64_on_outliers(monkeypatch):
     """The C kernels with the activation fused keep the exactness rule (outliers up to 1e6)."""
     x = torch.randn(16, 5, 8, 8, generator=torch.Generator().manual_seed(3))
     x[0, 0, 0, 0] = 1e6
     for channels_last in (False, True):
         xx = x.to(memory_format=torch.channels_last) if channels_last else x
+        calls = _kernel_calls(monkeypatch)
         y32 = _block("fbn", "relu", torch.float32)(xx)
+        assert [c[0] for c in calls] == [("bnc" if channels_last else "bn") + "_fwd_f32"]
         y64 = _block("fbn", "relu", torch.float64)(xx.double())
         keep = torch.ones_like(y64, dtype=torch.bool)
         keep[0, 0, 0, 0] = False
@@ -102,10 +115,12 @@ def test_float32_fused_kernel_equals_float64_on_outliers():
         assert err < 1e-5, (channels_last, err)
 
 
-def test_nan_stays_visible_through_the_fused_relu():
+def test_nan_stays_visible_through_the_fused_relu(monkeypatch):
     x = _input(torch.float32, False)
     x[2, 3, 1, 1] = float("nan")
+    calls = _kernel_calls(monkeypatch)
     y = _block("fbn", "relu", torch.float32)(x)
+    assert [c[0] for c in calls] == ["bn_fwd_f32"]  # the fused C kernel made this output
     assert y[:, 3].isnan().all() and not y[:, [0, 1, 2, 4]].isnan().any()
 
 
@@ -145,8 +160,18 @@ def test_fx_compile_and_export_see_one_call():
     traced = torch.fx.symbolic_trace(copy.deepcopy(block))
     assert not any(n.op == "call_module" and n.target == "act" for n in traced.graph.nodes)
     torch.testing.assert_close(traced(x), reference(x))
-    compiled = torch.compile(copy.deepcopy(block), backend="aot_eager", fullgraph=True)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return torch._dynamo.backends.debugging.aot_eager(gm, example_inputs)
+
+    compiled = torch.compile(copy.deepcopy(block), backend=record, fullgraph=True)
     torch.testing.assert_close(compiled(x), copy.deepcopy(block)(x))
+    assert len(graphs) == 1
+    compiled_targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert compiled_targets.count("normlab.normalize.default") == 1
+    assert not any("relu" in t for t in compiled_targets), compiled_targets
     exported = torch.export.export(copy.deepcopy(block), (x,))
     targets = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
     assert any("normlab.normalize" in t for t in targets)
