@@ -130,11 +130,25 @@ def test_inductor_compiles_the_fused_ops():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), normlab.FilteredBatchNorm2d(4, threshold=2.0),
                           nn.ReLU(), nn.Conv2d(4, 4, 3), normlab.FilterResponseNorm2d(4))
     reference = copy.deepcopy(model)
-    compiled = torch.compile(model, fullgraph=True)
+    graphs = []
+
+    def inductor(gm, example_inputs):  # inductor, recording the graph it compiles
+        from torch._inductor.compile_fx import compile_fx
+
+        graphs.append(gm)
+        return compile_fx(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=inductor, fullgraph=True)
     for seed in (1, 2):
         got, want = step(model, batch(seed), compiled), step(reference, batch(seed))
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[1], want[1], rtol=1e-4, atol=1e-5)
+        for k in want[2]:
+            torch.testing.assert_close(got[2][k], want[2][k], rtol=1e-4, atol=1e-4, msg=k)
+    assert len(graphs) == 1
+    targets = [str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"]
+    if cpu.available():  # the fused ops, not the reference path
+        assert targets.count("normlab.normalize.default") == 2, targets
     for k, v in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=1e-6, atol=1e-6)
 
