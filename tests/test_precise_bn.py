@@ -190,7 +190,7 @@ def test_equals_torch_update_bn_and_the_layers_cumulative_average():
     torch.testing.assert_close(fbn.running_var, cumulative.running_var, atol=ATOL, rtol=0)
 
 
-def test_modes_parameters_rng_and_batch_forms():
+def test_modes_parameters_and_batch_forms():
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5),
                           nn.Linear(4, 4), normlab.FilteredBatchNorm1d(4)).double()
     model.train()
