@@ -64,11 +64,12 @@ from torch import Tensor
 from .. import functional as F
 from . import _cpu_source
 from .layout import Plan, canonical_param
+from .spec import KERNEL_ACT_CODES
 
 __all__ = ["available", "library_path", "forward", "backward", "ACT_CODES", "build_error",
            "STATS_ROWS"]
 
-ACT_CODES = {"none": 0, "tlu": 1, "relu": 1, "affine_tlu": 2}
+ACT_CODES = KERNEL_ACT_CODES  # the kernels' act argument (spec.py)
 _FLAG_SETS = (
     ["-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"],
     ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", "-shared", "-fPIC"],

@@ -66,6 +66,11 @@ class Activation(enum.IntEnum):
         return self.name.lower()
 
 
+#: the C and Triton kernels' ``act`` argument per activation label: 0 none, 1 ``max(y, τ)``
+#: (ReLU is TLU with τ = 0), 2 ``max(y, κy + τ)``
+KERNEL_ACT_CODES = {"none": 0, "tlu": 1, "relu": 1, "affine_tlu": 2}
+
+
 @dataclass(frozen=True, slots=True)
 class NormSpec:
     """``z = act(γ · normalize(x) + β)`` with the statistics this spec names.

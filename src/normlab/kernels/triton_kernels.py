@@ -47,12 +47,13 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .. import functional as F
 from .layout import Plan, canonical_param
+from .spec import KERNEL_ACT_CODES
 
 __all__ = ["available", "forward", "backward", "ACT_CODES",
            "BNView", "BNLaunch", "bn_launch", "RowsView", "RowsLaunch", "Rows1Launch",
            "rows_launch", "STATS_ROWS"]
 
-ACT_CODES = {"none": 0, "tlu": 1, "relu": 1, "affine_tlu": 2}
+ACT_CODES = KERNEL_ACT_CODES  # the kernels' act argument (spec.py)
 STATS_ROWS = 11  # rows of the statistics buffer; 0–5: mean0, var0, mean, var, rstd, count
 
 try:  # Triton is optional: without it (or with a broken install) the reference path runs
