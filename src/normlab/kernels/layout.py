@@ -40,7 +40,6 @@ class Plan(NamedTuple):
     l: int                    # BN: L; rows: positions per channel
     param_shape: tuple        # shape a canonical (G*Cg,) parameter is viewed as to broadcast
     stats_shape: tuple        # keepdim shape of the statistics
-    dims: tuple = ()          # the reduced axes of x, as given to normalize_affine
     layout: str = "contiguous"  # memory order of x: "contiguous", "channels_last" or "strided"
 
 
@@ -99,7 +98,7 @@ def plan(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...], *,
                                   or p.shape[1] not in (1, shape[1])):
                 return None
         return Plan("channel", shape[0], shape[1], 1, shape[2], (1, shape[1], 1),
-                    (1, shape[1], 1), dims, _layout(x, shape[0], shape[1], 1, shape[2]))
+                    (1, shape[1], 1), _layout(x, shape[0], shape[1], 1, shape[2]))
     split = nd - len(dims)
     if split < 1 or dims != tuple(range(split, nd)):
         return None
@@ -120,7 +119,7 @@ def plan(x: Tensor, params: Sequence[Tensor | None], dims: tuple[int, ...], *,
     n, g, cg, l = _rows_geometry(shape, split, j, m)
     param_shape = (1,) * j + tuple(shape[j:m]) + (1,) * (nd - m)
     stats_shape = tuple(shape[:split]) + (1,) * (nd - split)
-    return Plan("rows", n, g, cg, l, param_shape, stats_shape, dims, layout)
+    return Plan("rows", n, g, cg, l, param_shape, stats_shape, layout)
 
 
 def _nc_layout(x: Tensor, c: int, l: int) -> str:
@@ -152,8 +151,8 @@ def canonical_plan(x: Tensor, channel: bool, groups: int = 1) -> Plan:
     l = math.prod(x.shape[2:])
     layout = _nc_layout(x, c, l)
     if channel:
-        return Plan("channel", n, c, 1, l, (c,), (c,), (0, 2), layout)
-    return Plan("rows", n, groups, c // groups, l, (c,), (n, groups), (2, 3), layout)
+        return Plan("channel", n, c, 1, l, (c,), (c,), layout)
+    return Plan("rows", n, groups, c // groups, l, (c,), (n, groups), layout)
 
 
 def canonical_view(x: Tensor, pl: Plan) -> Tensor:
