@@ -33,7 +33,6 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, nn
 
-from ..fold import eval_scale_shift
 from ._common import channel_view
 from .batch import _BatchStatsNorm, flat_view
 
@@ -85,10 +84,9 @@ class _TailBatchNorm(_BatchStatsNorm):
         ``None`` when eval mode is not a fixed affine map (no running stats, or instance
         statistics as in RBN/IEBN).
         """
-        if not self.track_running_stats:
-            return None
-        return eval_scale_shift(self.running_mean, self.running_var, self.eps,
-                                *self.effective_affine())
+        from ..taxonomy import eval_affine  # lazy: taxonomy imports this module
+
+        return eval_affine(self)
 
 
 class _AltScaleBatchNorm(_TailBatchNorm):
@@ -219,12 +217,6 @@ class _ScaleCalibratedBatchNorm(_TailBatchNorm):
                                "with instance statistics S depends on the sample")
         s = torch.sigmoid(self.calib_bias)
         return (s if self.weight is None else self.weight * s), self.bias
-
-    @torch.no_grad()
-    def inference_affine(self) -> tuple[Tensor, Tensor] | None:
-        if self.stats is not None:
-            return None
-        return super().inference_affine()
 
     def forward(self, x: Tensor) -> Tensor:
         self._check(x)

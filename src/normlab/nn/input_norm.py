@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as TF
 from torch import Tensor, fx, nn
 
-from ..fold import eval_scale_shift
 from ._common import check_positive_int
 from .batch import _FilteredBatchNorm
 
@@ -205,7 +204,9 @@ class InputNorm(_FilteredBatchNorm):
     @torch.no_grad()
     def inference_affine(self) -> tuple[Tensor, Tensor]:
         """``(scale, shift)`` per channel with ``eval_output = scale·x + shift`` (float64)."""
-        return eval_scale_shift(self.running_mean, self.running_var, self.eps, self.weight)
+        from ..taxonomy import eval_affine  # lazy: taxonomy imports this module
+
+        return eval_affine(self)
 
 
 def standardize_channels(name: str, x: Tensor, mean: Tensor, std: Tensor) -> Tensor:
