@@ -20,14 +20,14 @@ from .presets import Plan
 __all__ = ["probe_plots", "probe_markdown"]
 
 
-def _records(plan: Plan, runs, label_of, name: str) -> list[tuple[Any, list[tuple[int, dict]]]]:
+def _records(plan: Plan, runs, name: str) -> list[tuple[Any, list[tuple[int, dict]]]]:
     """``[(variant, [(seed, record), ...]), ...]`` for the variants whose runs hold probe
     ``name``, in plan order."""
     out = []
     for v in plan.variants:
+        config_hash = v.config.config_hash()
         recs = sorted((r.seed, r.extra["probe"][name]) for r in runs
-                      if r.config_hash == v.config.config_hash()
-                      and name in r.extra.get("probe", {}))
+                      if r.config_hash == config_hash and name in r.extra.get("probe", {}))
         if recs:
             out.append((v, recs))
     return out
@@ -49,12 +49,12 @@ def _at(record: dict, key: str, fraction: float, unit: int = 0) -> float:
     return record[key][i][unit]
 
 
-def percentile_rows(plan: Plan, runs, label_of) -> list[dict[str, Any]]:
+def percentile_rows(plan: Plan, runs) -> list[dict[str, Any]]:
     """Per method: the mean over seeds of the 15/50/85th percentiles (unit 0) at the start,
     10 %, 50 % and the end of training, and the shift of the median from 10 % to the end in
     units of the final 15–85 spread, averaged over the recorded units and seeds."""
     rows = []
-    for v, recs in _records(plan, runs, label_of, "percentiles"):
+    for v, recs in _records(plan, runs, "percentiles"):
         row: dict[str, Any] = {"method": _title(v)}
         for frac in (0.0, 0.1, 0.5, 1.0):
             row[frac] = tuple(_mean([_at(r, f"p{q}", frac) for _, r in recs])
@@ -70,11 +70,11 @@ def percentile_rows(plan: Plan, runs, label_of) -> list[dict[str, Any]]:
     return rows
 
 
-def shape_rows(plan: Plan, runs, label_of) -> list[dict[str, Any]]:
+def shape_rows(plan: Plan, runs) -> list[dict[str, Any]]:
     """Per method and hidden layer: mean over seeds of (skewness, excess kurtosis, zero
     fraction) of Wu + b and u at step 0, after the first evaluation and at the last."""
     rows = []
-    for v, recs in _records(plan, runs, label_of, "shape"):
+    for v, recs in _records(plan, runs, "shape"):
         layers = sorted(recs[0][1]["layers"], key=int)
         for layer in layers:
             row: dict[str, Any] = {"method": _title(v), "layer": int(layer)}
@@ -105,10 +105,10 @@ def save_figure(plt, fig, out: Path, name: str, written: dict[str, Path]) -> Non
     written[name] = out / name
 
 
-def probe_markdown(plan: Plan, runs, label_of) -> list[str]:
+def probe_markdown(plan: Plan, runs) -> list[str]:
     """Markdown sections for the probes present in the store (empty list if none)."""
     md: list[str] = []
-    rows = percentile_rows(plan, runs, label_of)
+    rows = percentile_rows(plan, runs)
     if rows:
         md += ["## Input of a sigmoid over training ([IS15] Fig. 1(b, c))", "",
                "15th / 50th / 85th percentiles of the input of unit 0 of the last hidden "
@@ -122,7 +122,7 @@ def probe_markdown(plan: Plan, runs, label_of) -> list[str]:
                                                         (0.0, 0.1, 0.5, 1.0))
                       + f" | {r['shift']:.2f} |")
         md.append("")
-    rows = shape_rows(plan, runs, label_of)
+    rows = shape_rows(plan, runs)
     if rows:
         md += ["## Shape of Wu + b and u (the question of [IS15] §3.2)", "",
                "Per hidden layer, skewness / excess kurtosis / fraction of exact zeros, each "
@@ -139,11 +139,11 @@ def probe_markdown(plan: Plan, runs, label_of) -> list[str]:
     return md
 
 
-def probe_plots(plan: Plan, runs, label_of, out: Path) -> dict[str, Path]:
+def probe_plots(plan: Plan, runs, out: Path) -> dict[str, Path]:
     """Write ``percentiles.png`` and/or ``shape.png`` when the runs hold those probes."""
     written: dict[str, Path] = {}
-    pct = _records(plan, runs, label_of, "percentiles")
-    shape = _records(plan, runs, label_of, "shape")
+    pct = _records(plan, runs, "percentiles")
+    shape = _records(plan, runs, "shape")
     if not (pct or shape):
         return written
     import matplotlib  # lazy: optional dependency (matplotlib)

@@ -251,7 +251,7 @@ def render_report(out_dir: str | Path, *, plots: bool = True, plan: Plan | None 
     if plots:
         written.update(_plots(plan, rows, runs, label_of, out))
 
-        written.update(probe_plots(plan, runs, label_of, out))
+        written.update(probe_plots(plan, runs, out))
 
     total = len(plan.variants) * len(plan.seeds)
     done = sum(r.summary.n for r in rows)
@@ -286,7 +286,7 @@ def render_report(out_dir: str | Path, *, plots: bool = True, plan: Plan | None 
         md += [f"## Paired test at a fixed point: {score_title(score)}", "",
                format_table(score_rows, markdown=True), ""]
 
-    md += probe_markdown(plan, runs, label_of)
+    md += probe_markdown(plan, runs)
     md.append("## Configurations\n")
     md.append("| group | method | norm | γ | c | batch | other settings | config hash |")
     md.append("|---|---|---|---|---|---|---|---|")
