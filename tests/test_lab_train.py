@@ -147,3 +147,18 @@ def test_config_hash_and_validation():
         RunConfig.from_dict({"nrom": "bn"})
     with pytest.raises(ValueError, match="seed .* must be an int >= 1, got 0"):
         train_run(RunConfig(**TINY), 0)
+
+
+def test_later_fields_are_left_out_exactly_at_their_defaults():
+    """A field added after stores existed is omitted from the hashed dict at the value old
+    configurations implicitly had — which must be the field's default, or an old store's
+    configuration would read back as another run."""
+    from dataclasses import fields
+
+    from normlab.lab.train import _LATER_FIELDS
+
+    defaults = {f.name: f.default for f in fields(RunConfig)}
+    assert {k: defaults[k] for k in _LATER_FIELDS} == _LATER_FIELDS
+    config = RunConfig(norm="bn")
+    assert not set(_LATER_FIELDS) & set(config.to_dict())
+    assert RunConfig.from_dict(config.to_dict()) == config
