@@ -26,6 +26,7 @@ Initialization follows [DF21] (§4): convolution weights Kaiming-normal
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import OrderedDict
 from typing import Any, Callable
@@ -626,10 +627,6 @@ def _mobilenet(norm, num_classes, in_channels, image_size, placement, width=1.0)
     return MobileNetV2(norm, num_classes, in_channels, width)
 
 
-def _mlp(norm, num_classes, in_channels, image_size, placement, **options):
-    return MLP(norm, num_classes, in_channels, image_size, placement, **options)
-
-
 _MODELS: dict[str, tuple[Callable[..., nn.Module], str, tuple[str, ...]]] = {
     "lenet5": (LeNet5, "LeNet-5 (ReLU, max-pool); placement all|none|conv|fc|conv1|conv2|fc1|"
                "fc2|last", tuple(LENET_PLACEMENTS)),
@@ -649,7 +646,7 @@ _MODELS: dict[str, tuple[Callable[..., nn.Module], str, tuple[str, ...]]] = {
     "preact_resnet50": (_preact(PreActBottleneck, (3, 4, 6, 3), "preact_resnet50"),
                         "pre-activation ResNet-50 (ResNetV2-50, the model of [SK20])",
                         ("all",)),
-    "mlp": (_mlp, "fully connected net ([IS15] Fig. 1: 3 x 100 sigmoid units); placement "
+    "mlp": (MLP, "fully connected net ([IS15] Fig. 1: 3 x 100 sigmoid units); placement "
             "pre|post|none; options depth, hidden, activation, dropout, init_scale",
             MLP_PLACEMENTS),
 }
@@ -660,22 +657,16 @@ def list_models() -> dict[str, str]:
     return {name: description for name, (_, description, _) in _MODELS.items()}
 
 
-#: Options each model accepts, with their defaults.
-_WIDTH = {"width": 1.0}
-_STEM = {"width": 1.0, "stem": "cifar"}
-_MODEL_OPTIONS: dict[str, dict[str, Any]] = {
-    "mlp": {"depth": 3, "hidden": 100, "activation": "sigmoid", "dropout": 0.0,
-            "init_scale": 1.0},
-    "lenet5": _WIDTH, "alexnet": _WIDTH, "vgg": _WIDTH, "mobilenetv2": _WIDTH,
-    "resnet18": _STEM, "resnet34": _STEM, "resnet50": _STEM, "preact_resnet18": _STEM,
-    "preact_resnet50": _STEM,
-}
+#: what every model factory takes besides its options
+_BUILD_ARGS = ("norm", "num_classes", "in_channels", "image_size", "placement")
 
 
 def model_options(name: str) -> dict[str, Any]:
-    """The options model ``name`` accepts (``--model-option K=V``), with their defaults."""
-    _entry(name)
-    return dict(_MODEL_OPTIONS[name.lower()])
+    """The options model ``name`` accepts (``--model-option K=V``), with their defaults: the
+    keyword parameters of its factory beyond :data:`_BUILD_ARGS`."""
+    factory = _entry(name)[0]
+    return {p.name: p.default for p in inspect.signature(factory).parameters.values()
+            if p.name not in _BUILD_ARGS}
 
 
 def model_placements(name: str) -> tuple[str, ...]:
@@ -712,7 +703,7 @@ def build_model(name: str, *, norm: str = "bn", num_classes: int = 10, in_channe
                        ("image_size", image_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{key} must be a positive int, got {value!r}")
-    valid = _MODEL_OPTIONS[name]
+    valid = model_options(name)
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(f"unknown option(s) {', '.join(map(repr, unknown))} for model "
